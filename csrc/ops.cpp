@@ -1,0 +1,55 @@
+// Schemas of the fusedecode custom ops and the Python module fusedecode._C (build facts only: the
+// ops themselves are reached through torch.ops.fusedecode).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <string>
+
+#ifndef FUSEDECODE_TORCH_VERSION
+#define FUSEDECODE_TORCH_VERSION "unknown"
+#endif
+#ifndef FUSEDECODE_CUDA_VERSION
+#define FUSEDECODE_CUDA_VERSION ""
+#endif
+#ifndef FUSEDECODE_CUDA_ARCHS
+#define FUSEDECODE_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(fusedecode, m) {
+  m.def(
+      "logit_stats(Tensor logits, Tensor? temperature, float temperature_scalar, Tensor? token_ids, int topk) -> "
+      "(Tensor logsumexp, Tensor entropy, Tensor varentropy, Tensor self_certainty, Tensor max_logprob, "
+      "Tensor argmax, Tensor token_logprob, Tensor topk_confidence)");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["torch_version"] = std::string(FUSEDECODE_TORCH_VERSION);
+#ifdef FUSEDECODE_WITH_CUDA
+  info["with_cuda"] = true;
+  info["cuda_version"] = std::string(FUSEDECODE_CUDA_VERSION);
+  info["cuda_archs"] = std::string(FUSEDECODE_CUDA_ARCHS);
+#else
+  info["with_cuda"] = false;
+  info["cuda_version"] = pybind11::none();
+  info["cuda_archs"] = std::string("");
+#endif
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  info["cpu_simd"] = std::string("x86-64 baseline + x86-64-v3 (AVX2/FMA) clones");
+#elif defined(__aarch64__)
+  info["cpu_simd"] = std::string("aarch64 NEON");
+#else
+  info["cpu_simd"] = std::string("generic vector extensions");
+#endif
+  info["compiler"] = std::string(__VERSION__);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fusedecode native extension: build facts; the ops live in torch.ops.fusedecode";
+  m.def("build_info", &build_info, "How this extension was built (torch, CUDA, archs, CPU SIMD)");
+}

@@ -1,0 +1,39 @@
+"""Shared fixtures. Nothing here touches CUDA at import time.
+
+Random inputs are fresh on every run; the seed is printed in the header and can be replayed with
+FUSEDECODE_TEST_SEED=<seed>. Each test derives its own generator from the seed and its node id, so
+results do not depend on test order.
+"""
+
+import os
+import random
+import zlib
+
+import pytest
+import torch
+
+_SEED = int(os.environ.get("FUSEDECODE_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return (f"fusedecode test seed: {_SEED} (replay with FUSEDECODE_TEST_SEED={_SEED}); "
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
+
+
+@pytest.fixture
+def generator(request):
+    """A CPU torch.Generator seeded from the run seed and this test's id."""
+    g = torch.Generator()
+    g.manual_seed(_SEED ^ zlib.crc32(request.node.nodeid.encode()))
+    return g
+
+
+def cuda_available():
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not cuda_available():
+            item.add_marker(skip_cuda)

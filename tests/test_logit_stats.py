@@ -1,0 +1,178 @@
+"""logit_stats on every backend against the float64 torch reference (DESIGN section 3)."""
+
+import math
+
+import pytest
+import torch
+
+import fusedecode
+from helpers import BACKEND_CASES, poison, random_logits, require_backend, run_and_check
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(params=BACKEND_CASES)
+def target(request):
+    device, backend = request.param
+    require_backend(device, backend)
+    return device, backend
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 1), (4, 100), (2, 3, 1000), (5, 4099), (3, 32000), (2, 151936)])
+def test_random_shapes(target, shape, dtype, generator):
+    device, backend = target
+    logits = random_logits(shape, generator, dtype, device=device)
+    run_and_check(logits, backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_large_vocab_few_rows(target, dtype, generator):
+    # One and two rows of V = 256k: the split-vocab paths of every fused backend.
+    device, backend = target
+    for rows in (1, 2):
+        run_and_check(random_logits((rows, 256000), generator, dtype, device=device), backend, topk=8)
+
+
+@pytest.mark.parametrize("scale,offset", [(0.01, 0.0), (1.0, 0.0), (8.0, 0.0), (30.0, 0.0), (2.0, 40.0), (2.0, -40.0)])
+def test_value_ranges(target, scale, offset, generator):
+    device, backend = target
+    logits = random_logits((6, 5000), generator, scale=scale, offset=offset, device=device)
+    run_and_check(logits, backend, topk=5)
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.7, 1.0, 2.5])
+def test_scalar_temperature(target, temperature, generator):
+    device, backend = target
+    logits = random_logits((4, 3000), generator, device=device)
+    run_and_check(logits, backend, temperature=temperature, topk=3)
+
+
+def test_per_row_temperature(target, generator):
+    device, backend = target
+    logits = random_logits((2, 3, 2000), generator, dtype=torch.bfloat16, device=device)
+    temperature = (torch.rand((2, 3), generator=generator) * 2 + 0.1).to(device)
+    run_and_check(logits, backend, temperature=temperature, topk=4)
+
+
+def test_masked_entries(target, generator):
+    device, backend = target
+    logits = random_logits((6, 3001), generator, device=device)
+    keep = torch.rand((6, 3001), generator=generator) < 0.3
+    logits = torch.where(keep.to(device), logits, torch.full_like(logits, -math.inf))
+    logits[1, :] = -math.inf
+    logits[1, 5] = 2.0  # a single finite entry: entropy 0
+    logits[2, 100:] = -math.inf  # top-k style: only the first 100 survive
+    token_ids = torch.randint(0, 3001, (6,), generator=generator).to(device)
+    stats = run_and_check(logits, backend, token_ids=token_ids, topk=64)
+    assert stats.entropy[1].item() == pytest.approx(0.0, abs=1e-6)
+    assert stats.argmax[1].item() == 5
+
+
+def test_token_on_masked_entry_is_minus_inf(target, generator):
+    device, backend = target
+    logits = random_logits((2, 500), generator, device=device)
+    logits[:, 7] = -math.inf
+    stats = run_and_check(logits, backend, token_ids=torch.tensor([7, 8], device=device))
+    assert stats.token_logprob[0].item() == -math.inf
+    assert math.isfinite(stats.token_logprob[1].item())
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "all_masked"])
+def test_bad_rows_give_nan_and_leave_others_alone(target, kind, generator):
+    device, backend = target
+    logits = random_logits((4, 2500), generator, device=device)
+    poison(logits, 2, kind)
+    stats = run_and_check(logits, backend, token_ids=torch.tensor([0, 1, 2, 3], device=device), topk=5)
+    assert stats.argmax[2].item() == -1
+    assert all(math.isnan(getattr(stats, f)[2].item()) for f in ("logsumexp", "entropy", "topk_confidence"))
+    assert stats.argmax[[0, 1, 3]].ge(0).all()
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 200000), (3, 70000)])
+def test_nan_in_split_rows(target, rows, vocab, generator):
+    device, backend = target
+    logits = random_logits((rows, vocab), generator, device=device)
+    logits[0, vocab - 3] = math.nan
+    run_and_check(logits, backend, topk=2)
+
+
+def test_ties_go_to_lowest_index(target, generator):
+    device, backend = target
+    vocab = 40000
+    logits = random_logits((4, vocab), generator, device=device)
+    logits[0] = 1.5  # all equal
+    logits[1, [123, 30000, 39999]] = 50.0
+    logits[2, [vocab - 1]] = 50.0
+    logits[3, :] = -math.inf
+    logits[3, [17, 35000]] = 0.0
+    stats = run_and_check(logits, backend, topk=3)
+    assert stats.argmax.tolist() == [0, 123, vocab - 1, 17]
+
+
+def test_uniform_and_spike_numerics(target, generator):
+    # Near-uniform rows with one spike: varentropy is small while E[d]^2 is not (cancellation risk).
+    device, backend = target
+    logits = torch.zeros((4, 152000), device=device)
+    logits += random_logits((4, 152000), generator, scale=1e-3, device=device)
+    logits[0, 5] = 5.0
+    logits[1, 77777] = 8.0
+    logits[2, 100] = 3.0
+    run_and_check(logits, backend, topk=16)
+
+
+@pytest.mark.parametrize("topk", [1, 2, 5, 20, 63, 64])
+def test_topk(target, topk, generator):
+    device, backend = target
+    logits = random_logits((3, 9000), generator, dtype=torch.bfloat16, device=device)
+    logits[1, 10:] = -math.inf  # k > n uses n
+    run_and_check(logits, backend, topk=topk)
+
+
+def test_topk_ascending_rows(target):
+    # Sorted rows push every element through the running top-k (worst case for filtered top-k).
+    device, backend = target
+    logits = torch.linspace(-10, 10, 20000, device=device).repeat(2, 1)
+    logits[1] = logits[1].flip(0)
+    run_and_check(logits, backend, topk=64)
+
+
+def test_non_contiguous_views(target, generator):
+    device, backend = target
+    base = random_logits((4, 6, 1030), generator, device=device)
+    run_and_check(base[:, ::2, :], backend, topk=2)          # strided middle dim
+    run_and_check(base.transpose(0, 1), backend)              # [T, B, V] from [B, T, V]
+    run_and_check(base[..., 3:1027], backend, topk=2)         # last dim starts off a 16-byte boundary
+    run_and_check(base[:, -1, :], backend)                    # the last position of every sequence
+    four_d = random_logits((2, 3, 4, 257), generator, device=device).permute(2, 0, 1, 3)
+    run_and_check(four_d, backend)                            # needs a copy: three stride groups
+    half = random_logits((5, 1001), generator, dtype=torch.float16, device=device)
+    run_and_check(half[1:], backend)                          # odd row stride
+
+
+def test_shapes_of_outputs(target, generator):
+    device, backend = target
+    logits = random_logits((2, 3, 50), generator, device=device)
+    stats = fusedecode.logit_stats(logits, backend=backend, token_ids=torch.zeros((2, 3), dtype=torch.int32,
+                                                                                  device=device), topk=2)
+    for field in stats:
+        assert field.shape == (2, 3)
+        assert field.device.type == torch.device(device).type
+    stats = fusedecode.logit_stats(logits, backend=backend)
+    assert stats.token_logprob is None and stats.topk_confidence is None
+
+
+def test_empty_rows(target):
+    device, backend = target
+    stats = fusedecode.logit_stats(torch.zeros((0, 10), device=device), backend=backend, topk=3)
+    assert stats.entropy.shape == (0,) and stats.topk_confidence.shape == (0,)
+
+
+def test_repeatable(target, generator):
+    device, backend = target
+    logits = random_logits((3, 70000), generator, dtype=torch.bfloat16, device=device)
+    first = fusedecode.logit_stats(logits, backend=backend, topk=7)
+    second = fusedecode.logit_stats(logits, backend=backend, topk=7)
+    assert first.token_logprob is None
+    for a, b in zip(first[:6] + (first.topk_confidence,), second[:6] + (second.topk_confidence,)):
+        assert torch.equal(a, b)

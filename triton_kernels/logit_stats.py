@@ -1,0 +1,343 @@
+"""Triton kernels of ``logit_stats``: one pass over each row of logits.
+
+Math (DESIGN section 3), per row with ``z = x / T`` over the finite entries F (``n = |F|``):
+
+    logsumexp      = M + log S                  M = max z, S = sum exp(z - M)
+    entropy        = log S - (E_p[z] - M)
+    varentropy     = Var_p[z]
+    self_certainty = log S - (mean_F z - M) - log n
+    max_logprob    = -log S
+    topk_conf      = logsumexp - mean of the k largest z   (DeepConf: -(1/k) sum of top-k log p)
+
+A program walks its row (or a slice of it) in blocks of ``BLOCK`` lanes. Every lane keeps
+exp-weighted sums ``s0 = sum 2^d, s1 = sum d 2^d, s2 = sum d^2 2^d`` with ``d = (x - m) * log2(e) / T``
+relative to the program's running max ``m``; when a block raises ``m`` all lanes are rescaled once.
+At the end the lanes are combined with Chan's weighted-variance formula, which avoids the
+cancellation of ``E[d^2] - E[d]^2`` over a whole row. For few rows, ``_partial_kernel`` reduces vocab
+slices to mergeable states and ``_merge_kernel`` combines them (the same state as
+``csrc/include/fusedecode/stats_state.h``). With ``WITH_TOPK`` each program keeps its
+``TOPK_PAD`` (k rounded up to a power of two) largest raw logits, touching them only for blocks
+whose max beats the current smallest kept value.
+
+Masked entries (-inf) carry no probability; NaN or +inf poison the row's sums, and the row's float
+outputs become NaN with argmax -1. Row offsets are int64.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _topk_absorb(top, values, N: tl.constexpr, TOPK_PAD: tl.constexpr):
+    """Merge ``values`` ([N]) into ``top``, the TOPK_PAD largest values seen (unsorted, -inf padded).
+
+    Moves the largest remaining candidate into the slot of the smallest kept value until no
+    candidate beats it: as many steps as values enter, which after a few blocks is usually none.
+    """
+    slots = tl.arange(0, TOPK_PAD)
+    positions = tl.arange(0, N)
+    threshold = tl.min(top, axis=0)
+    candidates = tl.where(values > threshold, values, -float("inf"))
+    best = tl.max(candidates, axis=0)
+    while best > threshold:
+        top = tl.where(slots == tl.argmin(top, axis=0), best, top)
+        candidates = tl.where(positions == tl.argmax(candidates, axis=0), -float("inf"), candidates)
+        threshold = tl.min(top, axis=0)
+        best = tl.max(candidates, axis=0)
+    return top
+
+
+@triton.jit
+def _accumulate(row_ptr, start, end, scale2, BLOCK: tl.constexpr, WITH_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
+    lanes = tl.arange(0, BLOCK)
+    running_max = -float("inf")
+    s0 = tl.zeros([BLOCK], dtype=tl.float32)
+    s1 = tl.zeros([BLOCK], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK], dtype=tl.float32)
+    sum_x = tl.zeros([BLOCK], dtype=tl.float32)
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    best_x = tl.full([BLOCK], -float("inf"), dtype=tl.float32)
+    best_index = tl.zeros([BLOCK], dtype=tl.int32)
+    top = tl.full([TOPK_PAD], -float("inf"), dtype=tl.float32)
+    for block_start in range(start, end, BLOCK):
+        index = block_start + lanes
+        x = tl.load(row_ptr + index, mask=index < end, other=-float("inf")).to(tl.float32)
+        block_max = tl.max(x, axis=0)
+        if block_max > running_max:
+            # Move every lane's sums to the new reference: d' = d + delta, weights scale by 2^delta.
+            delta = (running_max - block_max) * scale2
+            rescale = tl.exp2(delta)
+            started = s0 != 0  # keeps NaN (a poisoned lane) poisoned
+            s2 = tl.where(started, rescale * (s2 + delta * (2.0 * s1 + delta * s0)), 0.0)
+            s1 = tl.where(started, rescale * (s1 + delta * s0), 0.0)
+            s0 = tl.where(started, rescale * s0, 0.0)
+            running_max = block_max
+        finite = x != -float("inf")  # NaN counts as finite here so that it poisons the sums
+        d2 = tl.where(finite, x * scale2 - running_max * scale2, 0.0)
+        e = tl.where(finite, tl.exp2(d2), 0.0)
+        de = d2 * e
+        s0 += e
+        s1 += de
+        s2 += de * d2
+        sum_x += tl.where(finite, x, 0.0)
+        count += finite.to(tl.int32)
+        better = x > best_x
+        best_x = tl.where(better, x, best_x)
+        best_index = tl.where(better, index, best_index)
+        if WITH_TOPK:
+            if block_max > tl.min(top, axis=0):
+                top = _topk_absorb(top, x, BLOCK, TOPK_PAD)
+
+    # Combine lanes (all relative to running_max) with Chan's formula.
+    weight = tl.sum(s0, axis=0)
+    lane_mean = tl.where(s0 > 0, s1 / s0, 0.0)
+    mean2 = tl.sum(s1, axis=0) / weight
+    lane_var = tl.where(s0 > 0, s2 / s0 - lane_mean * lane_mean, 0.0)
+    centred = lane_mean - mean2
+    var2 = tl.sum(s0 * (lane_var + centred * centred), axis=0) / weight
+    n = tl.sum(count, axis=0)
+    max_x = tl.max(best_x, axis=0)
+    argmax = tl.min(tl.where(best_x == max_x, best_index, 2147483647), axis=0)
+    total_x = tl.sum(sum_x, axis=0)
+    return running_max, weight, mean2, var2, total_x, n, max_x, argmax, top
+
+
+@triton.jit
+def _to_state(running_max, weight, mean2, var2, total_x, n, inv_t):
+    """Raw lane sums -> (ref, sum_exp, wmean, wvar, umean) in natural-log units, as stats_state.h."""
+    poisoned = (weight != weight) | (running_max == float("inf"))
+    ref = running_max * inv_t
+    sum_exp = tl.where(poisoned, float("nan"), weight)
+    wmean = LN2 * mean2
+    wvar = LN2 * LN2 * tl.maximum(var2, 0.0)
+    umean = (total_x / tl.maximum(n, 1).to(tl.float32) - running_max) * inv_t
+    return ref, sum_exp, wmean, wvar, umean
+
+
+@triton.jit
+def _finalize_store(row, row_ptr, vocab, t, inv_t, ref, sum_exp, wmean, wvar, umean, n, argmax, top, topk,
+                    token_ptr, lse_ptr, entropy_ptr, varentropy_ptr, certainty_ptr, max_logprob_ptr, argmax_ptr,
+                    token_logprob_ptr, topk_ptr, HAS_TOKEN: tl.constexpr, WITH_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
+    valid = (t > 0) & (t < float("inf")) & (n > 0) & (sum_exp == sum_exp)
+    log_s = tl.log(sum_exp)
+    lse = ref + log_s
+    nan = float("nan")
+    tl.store(lse_ptr + row, tl.where(valid, lse, nan))
+    tl.store(entropy_ptr + row, tl.where(valid, log_s - wmean, nan))
+    tl.store(varentropy_ptr + row, tl.where(valid, wvar, nan))
+    tl.store(certainty_ptr + row, tl.where(valid, log_s - umean - tl.log(tl.maximum(n, 1).to(tl.float32)), nan))
+    tl.store(max_logprob_ptr + row, tl.where(valid, -log_s, nan))
+    tl.store(argmax_ptr + row, tl.where(valid, argmax, -1).to(tl.int64))
+    if HAS_TOKEN:
+        token = tl.load(token_ptr + row)
+        in_range = (token >= 0) & (token < vocab)
+        x_token = tl.load(row_ptr + tl.where(in_range, token, 0)).to(tl.float32)
+        tl.store(token_logprob_ptr + row, tl.where(valid & in_range, x_token * inv_t - lse, nan))
+    if WITH_TOPK:
+        keep = tl.minimum(topk, n)
+        positions = tl.arange(0, TOPK_PAD)
+        ranked = tl.sort(top, descending=True)
+        top_sum = tl.sum(tl.where(positions < keep, ranked, 0.0), axis=0)
+        confidence = lse - inv_t * top_sum / tl.maximum(keep, 1).to(tl.float32)
+        tl.store(topk_ptr + row, tl.where(valid, confidence, nan))
+
+
+@triton.jit
+def _row_pointer(logits_ptr, row, inner_size, outer_stride, inner_stride):
+    return logits_ptr + (row // inner_size) * outer_stride + (row % inner_size) * inner_stride
+
+
+@triton.jit
+def _row_temperature(temperature_ptr, temperature, row, HAS_TEMPERATURE: tl.constexpr):
+    if HAS_TEMPERATURE:
+        t = tl.load(temperature_ptr + row)
+    else:
+        t = temperature
+    return t
+
+
+@triton.jit
+def _row_kernel(logits_ptr, inner_size, outer_stride, inner_stride, vocab, temperature_ptr, temperature, token_ptr,
+                topk, lse_ptr, entropy_ptr, varentropy_ptr, certainty_ptr, max_logprob_ptr, argmax_ptr,
+                token_logprob_ptr, topk_ptr, HAS_TEMPERATURE: tl.constexpr, HAS_TOKEN: tl.constexpr,
+                WITH_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = _row_pointer(logits_ptr, row, inner_size, outer_stride, inner_stride)
+    t = _row_temperature(temperature_ptr, temperature, row, HAS_TEMPERATURE)
+    inv_t = 1.0 / t
+    running_max, weight, mean2, var2, total_x, n, max_x, argmax, top = _accumulate(
+        row_ptr, 0, vocab, inv_t * LOG2E, BLOCK, WITH_TOPK, TOPK_PAD)
+    ref, sum_exp, wmean, wvar, umean = _to_state(running_max, weight, mean2, var2, total_x, n, inv_t)
+    _finalize_store(row, row_ptr, vocab, t, inv_t, ref, sum_exp, wmean, wvar, umean, n, argmax, top, topk,
+                    token_ptr, lse_ptr, entropy_ptr, varentropy_ptr, certainty_ptr, max_logprob_ptr, argmax_ptr,
+                    token_logprob_ptr, topk_ptr, HAS_TOKEN, WITH_TOPK, TOPK_PAD)
+
+
+@triton.jit
+def _partial_kernel(logits_ptr, inner_size, outer_stride, inner_stride, vocab, temperature_ptr, temperature,
+                    slice_len, splits, state_ptr, count_ptr, argmax_ws_ptr, top_ws_ptr,
+                    HAS_TEMPERATURE: tl.constexpr, WITH_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """Program (row, split) reduces vocab[split * slice_len, ...) to a mergeable state."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    row_ptr = _row_pointer(logits_ptr, row, inner_size, outer_stride, inner_stride)
+    t = _row_temperature(temperature_ptr, temperature, row, HAS_TEMPERATURE)
+    inv_t = 1.0 / t
+    start = split * slice_len
+    end = tl.minimum(start + slice_len, vocab)
+    running_max, weight, mean2, var2, total_x, n, max_x, argmax, top = _accumulate(
+        row_ptr, start, end, inv_t * LOG2E, BLOCK, WITH_TOPK, TOPK_PAD)
+    ref, sum_exp, wmean, wvar, umean = _to_state(running_max, weight, mean2, var2, total_x, n, inv_t)
+    slot = row * splits + split
+    # Six float fields per slot: ref, sum_exp, wmean, wvar, umean, max_x.
+    tl.store(state_ptr + slot * 6 + 0, ref)
+    tl.store(state_ptr + slot * 6 + 1, sum_exp)
+    tl.store(state_ptr + slot * 6 + 2, wmean)
+    tl.store(state_ptr + slot * 6 + 3, wvar)
+    tl.store(state_ptr + slot * 6 + 4, umean)
+    tl.store(state_ptr + slot * 6 + 5, max_x)
+    tl.store(count_ptr + slot, n)
+    tl.store(argmax_ws_ptr + slot, argmax)
+    if WITH_TOPK:
+        tl.store(top_ws_ptr + slot * TOPK_PAD + tl.arange(0, TOPK_PAD), top)
+
+
+@triton.jit
+def _merge_kernel(logits_ptr, inner_size, outer_stride, inner_stride, vocab, temperature_ptr, temperature, token_ptr,
+                  topk, splits, state_ptr, count_ptr, argmax_ws_ptr, top_ws_ptr, lse_ptr, entropy_ptr,
+                  varentropy_ptr, certainty_ptr, max_logprob_ptr, argmax_ptr, token_logprob_ptr, topk_ptr,
+                  HAS_TEMPERATURE: tl.constexpr, HAS_TOKEN: tl.constexpr, WITH_TOPK: tl.constexpr,
+                  TOPK_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """One program per row merges its slices' states (Chan's formula over the slices)."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = _row_pointer(logits_ptr, row, inner_size, outer_stride, inner_stride)
+    t = _row_temperature(temperature_ptr, temperature, row, HAS_TEMPERATURE)
+    inv_t = 1.0 / t
+    s = tl.arange(0, SPLITS_PAD)
+    in_row = s < splits
+    slot = row * splits + s
+    n_s = tl.load(count_ptr + slot, mask=in_row, other=0)
+    used = n_s > 0
+    ref_s = tl.load(state_ptr + slot * 6 + 0, mask=used, other=0.0)
+    sum_exp_s = tl.load(state_ptr + slot * 6 + 1, mask=used, other=0.0)
+    wmean_s = tl.load(state_ptr + slot * 6 + 2, mask=used, other=0.0)
+    wvar_s = tl.load(state_ptr + slot * 6 + 3, mask=used, other=0.0)
+    umean_s = tl.load(state_ptr + slot * 6 + 4, mask=used, other=0.0)
+    max_x_s = tl.load(state_ptr + slot * 6 + 5, mask=used, other=-float("inf"))
+    argmax_s = tl.load(argmax_ws_ptr + slot, mask=used, other=2147483647)
+
+    ref = tl.max(tl.where(used, ref_s, -float("inf")), axis=0)
+    shift = tl.where(used, ref_s - ref, 0.0)
+    weight_s = tl.where(used, sum_exp_s * tl.exp(shift), 0.0)
+    sum_exp = tl.sum(weight_s, axis=0)
+    mean_s = wmean_s + shift
+    wmean = tl.sum(weight_s * mean_s, axis=0) / sum_exp
+    centred = mean_s - wmean
+    wvar = tl.sum(weight_s * (wvar_s + centred * centred), axis=0) / sum_exp
+    n = tl.sum(n_s, axis=0)
+    umean = tl.sum(n_s.to(tl.float32) * (umean_s + shift), axis=0) / tl.maximum(n, 1).to(tl.float32)
+    max_x = tl.max(max_x_s, axis=0)
+    argmax = tl.min(tl.where(used & (max_x_s == max_x), argmax_s, 2147483647), axis=0)
+    if WITH_TOPK:
+        candidates = tl.load(top_ws_ptr + slot[:, None] * TOPK_PAD + tl.arange(0, TOPK_PAD)[None, :],
+                             mask=in_row[:, None], other=-float("inf"))
+        top = _topk_absorb(tl.full([TOPK_PAD], -float("inf"), dtype=tl.float32),
+                           tl.reshape(candidates, [SPLITS_PAD * TOPK_PAD]), SPLITS_PAD * TOPK_PAD, TOPK_PAD)
+    else:
+        top = tl.full([TOPK_PAD], -float("inf"), dtype=tl.float32)
+    _finalize_store(row, row_ptr, vocab, t, inv_t, ref, sum_exp, wmean, wvar, umean, n, argmax, top, topk,
+                    token_ptr, lse_ptr, entropy_ptr, varentropy_ptr, certainty_ptr, max_logprob_ptr, argmax_ptr,
+                    token_logprob_ptr, topk_ptr, HAS_TOKEN, WITH_TOPK, TOPK_PAD)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+
+
+def _next_power_of_2(n):
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _block_size(vocab, element_size):
+    cap = 4096 if element_size <= 2 else 2048
+    return max(128, min(cap, _next_power_of_2(vocab)))
+
+
+def choose_splits(rows, vocab, block, sm_count):
+    """Programs per row: one when rows fill the GPU, else enough whole-block slices for ~4 per SM."""
+    if rows >= 2 * sm_count:
+        return 1
+    by_target = -(-4 * sm_count // rows)
+    by_work = max(1, vocab // block)
+    return max(1, min(by_target, by_work))
+
+
+def _launch(kernel, grid):
+    try:
+        from torch.library import wrap_triton
+    except ImportError:  # torch < 2.6: plain launches (no torch.compile tracing through the kernel)
+        return kernel[grid]
+    return wrap_triton(kernel)[grid]
+
+
+def logit_stats_triton(logits, temperature, temperature_scalar, token_ids, topk, splits=None, sm_count=None):
+    """Run logit_stats on ``logits`` viewed as ``[outer, inner, V]`` (last dim contiguous).
+
+    ``temperature`` (float32 ``[rows]`` or None), ``token_ids`` (int64 ``[rows]`` or None) and ``topk``
+    as in ``torch.ops.fusedecode.logit_stats``; returns the same eight tensors (the optional ones
+    empty when not requested). ``splits`` forces the number of programs per row (tests use it to
+    cover both paths on any size); ``sm_count`` overrides the device's multiprocessor count.
+    """
+    import torch
+
+    outer, inner, vocab = logits.shape
+    rows = outer * inner
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    shape = (outer, inner)
+    outputs = [torch.empty(shape, **f32) for _ in range(5)]
+    outputs.append(torch.empty(shape, dtype=torch.int64, device=logits.device))
+    outputs.append(torch.empty(shape if token_ids is not None else (0,), **f32))
+    outputs.append(torch.empty(shape if topk > 0 else (0,), **f32))
+    if rows == 0:
+        return tuple(outputs)
+
+    block = _block_size(vocab, logits.element_size())
+    if splits is None:
+        if sm_count is None:
+            sm_count = (torch.cuda.get_device_properties(logits.device).multi_processor_count
+                        if logits.is_cuda else 4)
+        splits = choose_splits(rows, vocab, block, sm_count)
+    slice_len = block * -(-vocab // (splits * block))
+    splits = -(-vocab // slice_len)
+    with_topk = topk > 0
+    topk_pad = _next_power_of_2(topk) if with_topk else 1
+    num_warps = 8 if block >= 2048 else 4
+    temperature_arg = temperature if temperature is not None else outputs[0]
+    token_arg = token_ids if token_ids is not None else outputs[5]
+    strides = (inner, logits.stride(0), logits.stride(1), vocab)
+    flags = dict(HAS_TEMPERATURE=temperature is not None, WITH_TOPK=with_topk, TOPK_PAD=topk_pad)
+
+    if splits == 1:
+        _launch(_row_kernel, (rows,))(
+            logits, *strides, temperature_arg, float(temperature_scalar), token_arg, int(topk), *outputs,
+            HAS_TOKEN=token_ids is not None, BLOCK=block, num_warps=num_warps, **flags)
+        return tuple(outputs)
+
+    slots = rows * splits
+    state_ws = torch.empty((slots * 6,), **f32)
+    count_ws = torch.empty((slots,), dtype=torch.int32, device=logits.device)
+    argmax_ws = torch.empty((slots,), dtype=torch.int32, device=logits.device)
+    top_ws = torch.empty((slots * topk_pad if with_topk else 1,), **f32)
+    _launch(_partial_kernel, (rows, splits))(
+        logits, *strides, temperature_arg, float(temperature_scalar), slice_len, splits, state_ws, count_ws,
+        argmax_ws, top_ws, BLOCK=block, num_warps=num_warps, **flags)
+    _launch(_merge_kernel, (rows,))(
+        logits, *strides, temperature_arg, float(temperature_scalar), token_arg, int(topk), splits, state_ws,
+        count_ws, argmax_ws, top_ws, *outputs, HAS_TOKEN=token_ids is not None,
+        SPLITS_PAD=max(2, _next_power_of_2(splits)), num_warps=4, **flags)
+    return tuple(outputs)
