@@ -43,12 +43,13 @@ def implementations(device, compile_dynamic):
         if unavailable_reason(backend, device) is None:
             impls[f"fused:{backend}"] = functools.partial(fusedecode.logit_stats, backend=backend)
     impls["torch"] = functools.partial(fusedecode.logit_stats, backend="torch")
+    impls["torch-min"] = _bench.minimal_torch_composite
     compiled = torch.compile(logit_stats_reference, dynamic=compile_dynamic)
     impls["torch.compile"] = compiled
     return impls
 
 
-def measure(device, rows_list, vocabs, dtype_names, impl_filter, compile_dynamic, replays):
+def measure(device, rows_list, vocabs, dtype_names, impl_filter, compile_dynamic, replays, json_path=None):
     is_cuda = torch.device(device).type == "cuda"
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -91,6 +92,9 @@ def measure(device, rows_list, vocabs, dtype_names, impl_filter, compile_dynamic
                         entry["pct_of_copy"] = 100 * entry["GBps"] / meta["copy_bandwidth_GBps"]
                     results.append(entry)
                     print(json.dumps(entry), flush=True)
+                    if json_path:  # keep what finished even if the run is cut short
+                        with open(json_path, "w") as handle:
+                            json.dump({"meta": meta, "results": results}, handle, indent=1)
                 del inputs
                 if is_cuda:
                     torch.cuda.empty_cache()
@@ -171,7 +175,8 @@ def main(argv=None):
     parser.add_argument("--plot", default=None)
     args = parser.parse_args(argv)
     compile_dynamic = args.compile_dynamic or torch.device(args.device).type == "cuda"
-    report = measure(args.device, args.rows, args.vocab, args.dtypes, args.impls, compile_dynamic, args.replays)
+    report = measure(args.device, args.rows, args.vocab, args.dtypes, args.impls, compile_dynamic, args.replays,
+                     args.json)
     print(table(report))
     if args.json:
         with open(args.json, "w") as handle:

@@ -14,6 +14,23 @@ import time
 import torch
 
 
+def minimal_torch_composite(logits):
+    """What a user writes without fusedecode: separate torch ops, no masking/NaN handling, no topk.
+
+    A benchmark baseline only (it does not implement DESIGN section 3 for masked or NaN rows); the
+    reference composite is ``fusedecode.reference.logit_stats_reference``.
+    """
+    z = logits.float()
+    logsumexp = torch.logsumexp(z, dim=-1)
+    log_p = torch.log_softmax(z, dim=-1)
+    p = log_p.exp()
+    entropy = -(p * log_p).sum(-1)
+    varentropy = (p * (log_p + entropy.unsqueeze(-1)) ** 2).sum(-1)
+    self_certainty = logsumexp - z.mean(-1) - math.log(z.shape[-1])
+    max_logprob, argmax = log_p.max(-1)
+    return logsumexp, entropy, varentropy, self_certainty, max_logprob, argmax
+
+
 def make_inputs(rows, vocab, dtype, device, copies, seed=0):
     """``copies`` random logit tensors (never zeros), realistic spread: N(0, 3^2) plus a few peaks."""
     g = torch.Generator(device="cpu").manual_seed(seed)

@@ -1,0 +1,40 @@
+# fusedecode developer commands. `make test` and `make demo` work on a fresh machine with Python 3.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.fusedecode-deps
+# CPU torch for development and CI; triton for the Triton interpreter and ahead-of-time compiles.
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.7.1
+
+.PHONY: install test demo bench sweep cuda-check device-check clean
+
+$(DEPS_STAMP):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)" numpy pytest pytest-benchmark ninja setuptools wheel matplotlib
+	touch $@
+
+install: $(DEPS_STAMP)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+test: install
+	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+demo: install
+	$(PY) -m fusedecode demo
+
+bench: install
+	$(PY) -m pytest benchmarks -q --benchmark-only
+
+sweep: install
+	$(PY) benchmarks/sweep.py --json benchmarks/results/sweep.json --plot benchmarks/results/sweep.png
+
+# Compile and link the CUDA sources for sm_80 and sm_90 against a CUDA build of torch (no GPU needed).
+cuda-check:
+	bash .ci/cuda_compile_check.sh
+
+device-check: install
+	bash benchmarks/device_check.sh
+
+clean:
+	rm -rf build dist *.egg-info python/fusedecode/_C*.so

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Device check on a machine with an NVIDIA GPU: build with CUDA, run the GPU tests, run
+# compute-sanitizer on the kernels, run the benchmark sweep, print a short table.
+#
+#   bash benchmarks/device_check.sh            # results in $OUT, or benchmarks/results/local
+#
+# Stages have their own time limits so a slow stage cannot eat the whole lease; whatever finished
+# is in the output folder. Commit the results under benchmarks/results/<gpu>-<date>/.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/benchmarks/results/local}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+PY=${PYTHON:-python3}
+SUMMARY=$OUT/summary.txt
+log() { echo "== $(date +%T) $*" | tee -a "$SUMMARY"; }
+
+log "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1 | tee -a "$SUMMARY"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$SUMMARY"
+echo "commit ${FUSEDECODE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" | tee -a "$SUMMARY"
+
+log "build (CUDA, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0})"
+start=$(date +%s)
+FUSEDECODE_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
+  timeout 600 $PY -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1
+rc=$?
+echo "build rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$SUMMARY"
+if [ $rc -ne 0 ]; then grep -E "error|Error" "$OUT/build.log" | head -40; tail -20 "$OUT/build.log"; exit 1; fi
+$PY -m fusedecode info | tee -a "$SUMMARY"
+
+log "GPU tests"
+timeout ${TEST_TIMEOUT:-240} $PY -m pytest tests -m cuda -q -p no:cacheprovider -W ignore > "$OUT/tests.log" 2>&1
+echo "tests rc=$?" | tee -a "$SUMMARY"
+grep -E "passed|failed|error" "$OUT/tests.log" | tail -3 | tee -a "$SUMMARY"
+grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+
+log "compute-sanitizer"
+for tool in memcheck racecheck; do
+  timeout ${SANITIZER_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 9 $PY benchmarks/sanitizer_check.py \
+    >> "$OUT/sanitizer.log" 2>&1
+  echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer.log" | tail -1)" | tee -a "$SUMMARY"
+done
+
+log "sweep"
+timeout ${SWEEP_TIMEOUT:-300} $PY benchmarks/sweep.py --dtypes bfloat16 float32 --replays ${REPLAYS:-15} \
+  --json "$OUT/sweep.json" --plot "$OUT/sweep.png" > "$OUT/sweep.log" 2>&1
+echo "sweep rc=$?" | tee -a "$SUMMARY"
+grep -v '^{' "$OUT/sweep.log" | tee -a "$SUMMARY"
+log "done"
