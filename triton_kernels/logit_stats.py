@@ -277,14 +277,6 @@ def choose_splits(rows, vocab, block, sm_count):
     return max(1, min(by_target, by_work))
 
 
-def _launch(kernel, grid):
-    try:
-        from torch.library import wrap_triton
-    except ImportError:  # torch < 2.6: plain launches (no torch.compile tracing through the kernel)
-        return kernel[grid]
-    return wrap_triton(kernel)[grid]
-
-
 def logit_stats_triton(logits, temperature, temperature_scalar, token_ids, topk, splits=None, sm_count=None):
     """Run logit_stats on ``logits`` viewed as ``[outer, inner, V]`` (last dim contiguous).
 
@@ -323,7 +315,7 @@ def logit_stats_triton(logits, temperature, temperature_scalar, token_ids, topk,
     flags = dict(HAS_TEMPERATURE=temperature is not None, WITH_TOPK=with_topk, TOPK_PAD=topk_pad)
 
     if splits == 1:
-        _launch(_row_kernel, (rows,))(
+        _row_kernel[(rows,)](
             logits, *strides, temperature_arg, float(temperature_scalar), token_arg, int(topk), *outputs,
             HAS_TOKEN=token_ids is not None, BLOCK=block, num_warps=num_warps, **flags)
         return tuple(outputs)
@@ -333,10 +325,10 @@ def logit_stats_triton(logits, temperature, temperature_scalar, token_ids, topk,
     count_ws = torch.empty((slots,), dtype=torch.int32, device=logits.device)
     argmax_ws = torch.empty((slots,), dtype=torch.int32, device=logits.device)
     top_ws = torch.empty((slots * topk_pad if with_topk else 1,), **f32)
-    _launch(_partial_kernel, (rows, splits))(
+    _partial_kernel[(rows, splits)](
         logits, *strides, temperature_arg, float(temperature_scalar), slice_len, splits, state_ws, count_ws,
         argmax_ws, top_ws, BLOCK=block, num_warps=num_warps, **flags)
-    _launch(_merge_kernel, (rows,))(
+    _merge_kernel[(rows,)](
         logits, *strides, temperature_arg, float(temperature_scalar), token_arg, int(topk), splits, state_ws,
         count_ws, argmax_ws, top_ws, *outputs, HAS_TOKEN=token_ids is not None,
         SPLITS_PAD=max(2, _next_power_of_2(splits)), num_warps=4, **flags)

@@ -45,7 +45,7 @@ def make_inputs(rows, vocab, dtype, device, copies, seed=0):
     return out
 
 
-def copies_for_l2(bytes_per_input, device, cap_bytes=4 << 30, max_copies=1024):
+def copies_for_l2(bytes_per_input, device, cap_bytes=4 << 30, max_copies=512):
     """How many input copies make one rotation several times the L2 (at least 2)."""
     if torch.device(device).type != "cuda":
         return 2

@@ -113,12 +113,16 @@ def _register_ops():
         return
     from .triton_kernels.logit_stats import logit_stats_triton
 
-    @torch.library.triton_op("fusedecode::logit_stats_triton", mutates_args=())
+    # A custom op with an explicit fake kernel (rather than torch.library.triton_op) so that shape
+    # propagation never runs the kernels, which also keeps it working under TRITON_INTERPRET=1.
+    @torch.library.custom_op("fusedecode::logit_stats_triton", mutates_args=())
     def _logit_stats_triton(logits: torch.Tensor, temperature: Optional[torch.Tensor], temperature_scalar: float,
                             token_ids: Optional[torch.Tensor], topk: int) -> Tuple[
                                 torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                 torch.Tensor, torch.Tensor]:
         return logit_stats_triton(logits, temperature, temperature_scalar, token_ids, topk)
+
+    _logit_stats_triton.register_fake(_fake_outputs)
 
 
 _register_ops()
