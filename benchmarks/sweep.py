@@ -29,11 +29,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def git_commit():
+    if os.environ.get("FUSEDECODE_COMMIT"):
+        return os.environ["FUSEDECODE_COMMIT"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True).strip()
     except Exception:
-        return os.environ.get("FUSEDECODE_COMMIT", "unknown")
+        return "unknown"
 
 
 def implementations(device, compile_dynamic):

@@ -76,7 +76,7 @@ def _accumulate(row_ptr, start, end, scale2, BLOCK: tl.constexpr, WITH_TOPK: tl.
             s0 = tl.where(started, rescale * s0, 0.0)
             running_max = block_max
         finite = x != -float("inf")  # NaN counts as finite here so that it poisons the sums
-        d2 = tl.where(finite, x * scale2 - running_max * scale2, 0.0)
+        d2 = tl.where(finite, (x - running_max) * scale2, 0.0)  # exactly 0 at the max
         e = tl.where(finite, tl.exp2(d2), 0.0)
         de = d2 * e
         s0 += e

@@ -132,14 +132,15 @@ FD_ALWAYS_INLINE void accumulate_slice(const scalar_t* row, int64_t begin, int64
     if (chunk_max == -kInf) continue;  // every entry masked
 
     // Pass 2: exp-weighted sums relative to the chunk max, in base 2.
+    // Subtract before scaling: the max element gets d2 = 0 exactly.
     const f32x8 scale2_v = simd::splat(scale2);
-    const f32x8 ref2_v = simd::splat(chunk_max * scale2);
+    const f32x8 max_v = simd::splat(chunk_max);
     f32x8 s0 = simd::splat(0.f), s1 = s0, s2 = s0, sum_x = s0;
     int32_t count;
     if (chunk_min > -kInf) {
       for (int64_t i = 0; i < padded; i += kLanes) {
         const f32x8 v = simd::load(buffer + i);
-        const f32x8 d2 = v * scale2_v - ref2_v;
+        const f32x8 d2 = (v - max_v) * scale2_v;
         const f32x8 e = simd::exp2_nonpositive(d2);
         const f32x8 de = d2 * e;
         s0 += e;
@@ -154,7 +155,7 @@ FD_ALWAYS_INLINE void accumulate_slice(const scalar_t* row, int64_t begin, int64
       for (int64_t i = 0; i < padded; i += kLanes) {
         const f32x8 v = simd::load(buffer + i);
         const i32x8 finite = v > simd::splat(-kInf);
-        const f32x8 d2 = simd::select(finite, v * scale2_v - ref2_v, zero);
+        const f32x8 d2 = simd::select(finite, (v - max_v) * scale2_v, zero);
         const f32x8 e = simd::select(finite, simd::exp2_nonpositive(d2), zero);
         const f32x8 de = d2 * e;
         s0 += e;

@@ -61,8 +61,13 @@ def unavailable_reason(name, device):
     raise ValueError(f"backend must be one of {BACKENDS + ('auto',)} or None, got {name!r}")
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(backend, device):
-    """The backend that will run an op on ``device`` for the ``backend=`` argument given."""
+    """The backend that will run an op on ``device`` for the ``backend=`` argument given.
+
+    A host-side decision: under ``torch.compile`` it is made once at trace time and baked into the
+    graph (changing ``FUSEDECODE_BACKEND`` later does not retrace).
+    """
     name = backend if backend is not None else os.environ.get("FUSEDECODE_BACKEND", "auto")
     if not isinstance(name, str) or name not in BACKENDS + ("auto",):
         origin = "backend" if backend is not None else "FUSEDECODE_BACKEND"

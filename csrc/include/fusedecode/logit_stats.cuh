@@ -179,29 +179,11 @@ struct ThreadSums {
     }
   }
 
-  __device__ __forceinline__ StatsState fold(float inv_t) const {
-    return fold_raw_sums(max_x, argmax, s0, s1, s2, sum_x, count, inv_t, false);
+  __device__ __forceinline__ StatsState fold(float inv_t, float scale2) const {
+    const float residual2 = count > 0 ? fmaf(max_x, scale2, -ref2) : 0.f;
+    return fold_raw_sums(max_x, argmax, s0, s1, s2, sum_x, count, inv_t, false, residual2);
   }
 };
-
-__device__ __forceinline__ StatsState shfl_down_state(const StatsState& s, int offset) {
-  StatsState o;
-  o.ref = __shfl_down_sync(kFullMask, s.ref, offset);
-  o.sum_exp = __shfl_down_sync(kFullMask, s.sum_exp, offset);
-  o.wmean = __shfl_down_sync(kFullMask, s.wmean, offset);
-  o.wvar = __shfl_down_sync(kFullMask, s.wvar, offset);
-  o.umean = __shfl_down_sync(kFullMask, s.umean, offset);
-  o.max_x = __shfl_down_sync(kFullMask, s.max_x, offset);
-  o.count = __shfl_down_sync(kFullMask, s.count, offset);
-  o.argmax = __shfl_down_sync(kFullMask, s.argmax, offset);
-  return o;
-}
-
-__device__ __forceinline__ StatsState warp_merge(StatsState s) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) s = merge_states(s, shfl_down_state(s, offset));
-  return s;  // lane 0 holds the warp's state
-}
 
 // The k largest values a warp has been offered, sorted descending: lane l holds entries l and 32 + l.
 struct WarpTopK {
@@ -253,11 +235,102 @@ struct WarpTopK {
   }
 };
 
+// Combine one StatsState per participating thread into the state of their union, returned in every
+// thread. Instead of log2(n) pairwise merges (each with an exp and divisions on the critical path),
+// three cheap reductions: the max (and argmax), then the exp-weighted sums relative to that max, then
+// the spread of the means around the combined mean (Chan's formula, two-pass, so no cancellation).
+// kBlock: all threads of the block (uses shared memory and three barriers); else one warp.
+struct CombineScratch {
+  float max_x[kThreads / kWarpSize];
+  int32_t argmax[kThreads / kWarpSize];
+  float ref[kThreads / kWarpSize];
+  float sums[4][kThreads / kWarpSize];
+  int32_t count[kThreads / kWarpSize];
+};
+
+template <bool kBlock>
+__device__ __forceinline__ float combine_sum(float v, CombineScratch* scratch, int slot) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
+  if constexpr (kBlock) {
+    const int warp = threadIdx.x / kWarpSize;
+    if ((threadIdx.x & (kWarpSize - 1)) == 0) scratch->sums[slot][warp] = v;
+    __syncthreads();
+    v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kThreads / kWarpSize; ++w) v += scratch->sums[slot][w];
+  }
+  return v;
+}
+
+template <bool kBlock>
+__device__ StatsState combine_states(const StatsState& s, CombineScratch* scratch) {
+  // 1. max and argmax (ties to the lowest index)
+  float max_x = s.max_x, ref = s.count > 0 ? s.ref : -INFINITY;
+  int32_t argmax = s.argmax;
+  int32_t count = s.count;
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const float other_max = __shfl_xor_sync(kFullMask, max_x, offset);
+    const int32_t other_arg = __shfl_xor_sync(kFullMask, argmax, offset);
+    const bool take = other_max > max_x || (other_max == max_x && other_arg < argmax);
+    max_x = take ? other_max : max_x;
+    argmax = take ? other_arg : argmax;
+    ref = fmaxf(ref, __shfl_xor_sync(kFullMask, ref, offset));
+    count += __shfl_xor_sync(kFullMask, count, offset);
+  }
+  if constexpr (kBlock) {
+    const int warp = threadIdx.x / kWarpSize;
+    if ((threadIdx.x & (kWarpSize - 1)) == 0) {
+      scratch->max_x[warp] = max_x;
+      scratch->argmax[warp] = argmax;
+      scratch->ref[warp] = ref;
+      scratch->count[warp] = count;
+    }
+    __syncthreads();
+    max_x = scratch->max_x[0];
+    argmax = scratch->argmax[0];
+    ref = scratch->ref[0];
+    count = scratch->count[0];
+#pragma unroll
+    for (int w = 1; w < kThreads / kWarpSize; ++w) {
+      const bool take = scratch->max_x[w] > max_x || (scratch->max_x[w] == max_x && scratch->argmax[w] < argmax);
+      max_x = take ? scratch->max_x[w] : max_x;
+      argmax = take ? scratch->argmax[w] : argmax;
+      ref = fmaxf(ref, scratch->ref[w]);
+      count += scratch->count[w];
+    }
+  }
+  StatsState out = empty_state();
+  if (count == 0) return out;
+  // 2. weights and first moments relative to the common reference
+  const bool used = s.count > 0;
+  const float shift = used ? s.ref - ref : 0.f;
+  const float weight = used ? s.sum_exp * __expf(shift) : 0.f;
+  const float mean = s.wmean + shift;
+  const float weight_sum = combine_sum<kBlock>(weight, scratch, 0);
+  const float mean_sum = combine_sum<kBlock>(used ? weight * mean : 0.f, scratch, 1);
+  const float umean_sum =
+      combine_sum<kBlock>(used ? static_cast<float>(s.count) * (s.umean + shift) : 0.f, scratch, 2);
+  out.ref = ref;
+  out.sum_exp = weight_sum;
+  out.wmean = mean_sum / weight_sum;
+  out.umean = umean_sum / static_cast<float>(count);
+  // 3. spread of the means around the combined mean
+  const float centred = mean - out.wmean;
+  out.wvar = combine_sum<kBlock>(used ? weight * (s.wvar + centred * centred) : 0.f, scratch, 3) / weight_sum;
+  out.count = count;
+  out.max_x = max_x;
+  out.argmax = argmax;
+  return out;
+}
+
 template <typename T, bool kTopK>
 __global__ void __launch_bounds__(kThreads) logit_stats_kernel(const LogitStatsParams p) {
   using Load = VecLoad<T>;
   constexpr int kVec = Load::kVec;
   constexpr int kWarps = kThreads / kWarpSize;
+  constexpr int64_t kStride = static_cast<int64_t>(kThreads) * kUnroll;
 
   const int64_t row = static_cast<int64_t>(blockIdx.x) / p.splits;
   const int split = static_cast<int>(static_cast<int64_t>(blockIdx.x) % p.splits);
@@ -288,35 +361,47 @@ __global__ void __launch_bounds__(kThreads) logit_stats_kernel(const LogitStatsP
   top.reset();
   const int k = p.topk;
 
+  // Loads of the next batch are issued before the current batch is reduced (register double
+  // buffering), so every thread keeps kUnroll 16-byte loads in flight while it computes.
+  uint4 next[kUnroll];
+  bool next_present[kUnroll];
+  auto load_batch = [&](int64_t base) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t index = base + u * kThreads + tid;
+      next_present[u] = index < vec_end;
+      next[u] = next_present[u] ? __ldcs(vectors + index) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  if (vec_begin < vec_end) load_batch(vec_begin);
+
   if (split == 0) {
     float v[1] = {tid < head ? Load::scalar(row_ptr + tid) : -INFINITY};
     if (tid < head) sums.add<1>(v, tid, scale2);
     if (kTopK) top.offer<1>(v, tid < head, k);
   }
 
-  int vectors_since_fold = 0;
-  for (int64_t base = vec_begin; base < vec_end; base += kThreads * kUnroll) {
-    uint4 raw[kUnroll];
+  int batches_since_fold = 0;
+  for (int64_t base = vec_begin; base < vec_end; base += kStride) {
+    uint4 current[kUnroll];
     bool present[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t index = base + u * kThreads + tid;
-      present[u] = index < vec_end;
-      raw[u] = present[u] ? __ldcs(vectors + index) : make_uint4(0u, 0u, 0u, 0u);
+      current[u] = next[u];
+      present[u] = next_present[u];
     }
+    if (base + kStride < vec_end) load_batch(base + kStride);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       float v[kVec];
-      Load::to_float(raw[u], v);
-      if (present[u]) {
-        sums.add<kVec>(v, static_cast<int32_t>(head + (base + u * kThreads + tid) * kVec), scale2);
-        if (++vectors_since_fold == kFoldVectors) {
-          state = merge_states(state, sums.fold(inv_t));
-          sums.reset();
-          vectors_since_fold = 0;
-        }
-      }
+      Load::to_float(current[u], v);
+      if (present[u]) sums.add<kVec>(v, static_cast<int32_t>(head + (base + u * kThreads + tid) * kVec), scale2);
       if (kTopK) top.offer<kVec>(v, present[u], k);
+    }
+    if (++batches_since_fold == kFoldVectors / kUnroll) {
+      state = merge_states(state, sums.fold(inv_t, scale2));
+      sums.reset();
+      batches_since_fold = 0;
     }
   }
 
@@ -328,21 +413,16 @@ __global__ void __launch_bounds__(kThreads) logit_stats_kernel(const LogitStatsP
     if (kTopK) top.offer<1>(v, in_tail, k);
   }
 
-  // Block reduction: warps, then warp 0.
-  state = warp_merge(merge_states(state, sums.fold(inv_t)));
-  __shared__ StatsState warp_states[kWarps];
+  __shared__ CombineScratch scratch;
   __shared__ float warp_lists[kTopK ? kWarps : 1][kTopKCapacity];
   __shared__ bool is_last_block;
-  if (lane == 0) warp_states[warp] = state;
+  state = combine_states<true>(merge_states(state, sums.fold(inv_t, scale2)), &scratch);
   if constexpr (kTopK) {
     warp_lists[warp][lane] = top.lo;
     warp_lists[warp][kWarpSize + lane] = top.hi;
+    __syncthreads();
   }
-  __syncthreads();
   if (warp != 0) return;
-
-  state = lane < kWarps ? warp_states[lane] : empty_state();
-  state = warp_merge(state);
   if constexpr (kTopK) {
     for (int w = 1; w < kWarps; ++w) {
       const float v[2] = {warp_lists[w][lane], warp_lists[w][kWarpSize + lane]};
@@ -351,7 +431,7 @@ __global__ void __launch_bounds__(kThreads) logit_stats_kernel(const LogitStatsP
   }
 
   if (p.splits > 1) {
-    // Publish this slice; the last CTA of the row merges all slices.
+    // Publish this slice; the last CTA of the row to finish merges all slices.
     const int64_t slot = row * p.splits + split;
     if (lane == 0) p.partial_states[slot] = state;
     if (kTopK) {
@@ -378,7 +458,7 @@ __global__ void __launch_bounds__(kThreads) logit_stats_kernel(const LogitStatsP
       other.argmax = __ldcg(&src->argmax);
       state = merge_states(state, other);
     }
-    state = warp_merge(state);
+    state = combine_states<false>(state, nullptr);
     if (kTopK) {
       top.reset();
       for (int s = 0; s < p.splits; ++s) {
@@ -390,10 +470,9 @@ __global__ void __launch_bounds__(kThreads) logit_stats_kernel(const LogitStatsP
     if (lane == 0) p.row_counters[row] = 0u;  // ready for the next launch
   }
 
-  // Lane 0 holds the row's state; broadcast what the top-k sum needs.
-  const int32_t count = __shfl_sync(kFullMask, state.count, 0);
+  // Every lane of warp 0 holds the row's state.
+  const int keep = k < state.count ? k : state.count;
   float topk_sum = 0.f;
-  const int keep = k < count ? k : count;
   if (kTopK) topk_sum = top.sum_first(keep);
   if (lane != 0) return;
 

@@ -16,7 +16,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <limits>
 
 #if defined(__CUDACC__)
 #define FD_HOST_DEVICE __host__ __device__ __forceinline__
@@ -25,6 +24,10 @@
 #endif
 
 namespace fusedecode {
+
+// Builtins rather than std::numeric_limits so nvcc needs no --expt-relaxed-constexpr for this header.
+#define FD_INFINITY (__builtin_huge_valf())
+#define FD_NAN (__builtin_nanf(""))
 
 constexpr float kLn2 = 0.693147180559945309f;
 constexpr float kLog2e = 1.442695040888963407f;
@@ -44,12 +47,12 @@ struct StatsState {
 
 FD_HOST_DEVICE StatsState empty_state() {
   StatsState s;
-  s.ref = -std::numeric_limits<float>::infinity();
+  s.ref = -FD_INFINITY;
   s.sum_exp = 0.f;
   s.wmean = 0.f;
   s.wvar = 0.f;
   s.umean = 0.f;
-  s.max_x = -std::numeric_limits<float>::infinity();
+  s.max_x = -FD_INFINITY;
   s.count = 0;
   s.argmax = -1;
   return s;
@@ -58,8 +61,13 @@ FD_HOST_DEVICE StatsState empty_state() {
 // Sums a kernel accumulates over one slice, in base 2 so the hot loop can call exp2 directly:
 // d2 = (x - max_x) * inv_t * log2(e), s0 = sum 2^d2, s1 = sum d2 2^d2, s2 = sum d2^2 2^d2,
 // sum_x = sum x, all over finite x. `poisoned` marks a NaN or +inf seen by the caller.
+// A kernel that computes d2 = fma(x, scale2, -ref2) with a rounded ref2 = max_x * scale2 passes the
+// rounding residual fma(max_x, scale2, -ref2) (the d2 of its own max element) as `residual2`; the
+// sums are moved back to an exact zero at the max, so max_logprob and friends carry no error of the
+// order of ulp(|z|).
 FD_HOST_DEVICE StatsState fold_raw_sums(float max_x, int32_t argmax, float s0, float s1, float s2,
-                                        float sum_x, int32_t count, float inv_t, bool poisoned) {
+                                        float sum_x, int32_t count, float inv_t, bool poisoned,
+                                        float residual2 = 0.f) {
   StatsState s = empty_state();
   if (count == 0 && !poisoned) return s;
   s.count = count > 0 ? count : 1;
@@ -68,10 +76,8 @@ FD_HOST_DEVICE StatsState fold_raw_sums(float max_x, int32_t argmax, float s0, f
   s.ref = max_x * inv_t;
   const float mean2 = s1 / s0;
   const float var2 = s2 / s0 - mean2 * mean2;
-  s.sum_exp = (poisoned || !(max_x < std::numeric_limits<float>::infinity()))
-                  ? std::numeric_limits<float>::quiet_NaN()
-                  : s0;
-  s.wmean = kLn2 * mean2;
+  s.sum_exp = (poisoned || !(max_x < FD_INFINITY)) ? FD_NAN : s0 * exp2f(-residual2);
+  s.wmean = kLn2 * (mean2 - residual2);
   s.wvar = kLn2 * kLn2 * (var2 > 0.f ? var2 : 0.f);
   s.umean = (count > 0 ? (sum_x / static_cast<float>(count) - max_x) * inv_t : 0.f);
   return s;
@@ -117,7 +123,7 @@ struct StatsFields {
 // `temperature_ok` is false for a per-row temperature that is not a positive finite number.
 FD_HOST_DEVICE StatsFields finalize_state(const StatsState& s, bool temperature_ok) {
   StatsFields f;
-  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float nan = FD_NAN;
   f.valid = temperature_ok && s.count > 0 && !(s.sum_exp != s.sum_exp);
   if (!f.valid) {
     f.logsumexp = f.entropy = f.varentropy = f.self_certainty = f.max_logprob = nan;
@@ -135,7 +141,7 @@ FD_HOST_DEVICE StatsFields finalize_state(const StatsState& s, bool temperature_
 }
 
 FD_HOST_DEVICE bool temperature_is_valid(float t) {
-  return t > 0.f && t < std::numeric_limits<float>::infinity();
+  return t > 0.f && t < FD_INFINITY;
 }
 
 }  // namespace fusedecode
