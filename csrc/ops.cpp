@@ -20,6 +20,11 @@ TORCH_LIBRARY(fusedecode, m) {
       "logit_stats(Tensor logits, Tensor? temperature, float temperature_scalar, Tensor? token_ids, int topk) -> "
       "(Tensor logsumexp, Tensor entropy, Tensor varentropy, Tensor self_certainty, Tensor max_logprob, "
       "Tensor argmax, Tensor token_logprob, Tensor topk_confidence)");
+  m.def(
+      "verify_tree(Tensor target_logits, Tensor draft_tokens, Tensor parents, float temperature, "
+      "Tensor? draft_probs, Tensor seeds, int depth) -> (Tensor num_accepted, Tensor accepted_nodes, "
+      "Tensor output_tokens, Tensor logsumexp, Tensor entropy, Tensor varentropy, Tensor self_certainty, "
+      "Tensor max_logprob, Tensor argmax)");
 }
 
 namespace {

@@ -277,6 +277,56 @@ def choose_splits(rows, vocab, block, sm_count):
     return max(1, min(by_target, by_work))
 
 
+def _outputs(logits, token_ids, topk):
+    import torch
+
+    outer, inner, _ = logits.shape
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    shape = (outer, inner)
+    outputs = [torch.empty(shape, **f32) for _ in range(5)]
+    outputs.append(torch.empty(shape, dtype=torch.int64, device=logits.device))
+    outputs.append(torch.empty(shape if token_ids is not None else (0,), **f32))
+    outputs.append(torch.empty(shape if topk > 0 else (0,), **f32))
+    return outputs
+
+
+def _launch_slices(logits, temperature, temperature_scalar, token_ids, topk, splits, slice_len):
+    """Split path: ``splits`` programs per row over ``slice_len``-token slices, then the merge.
+
+    Returns (the eight outputs, (state, count, argmax, top) workspaces): verify_tree samples from
+    the per-slice states.
+    """
+    import torch
+
+    outputs = _outputs(logits, token_ids, topk)
+    outer, inner, vocab = logits.shape
+    rows = outer * inner
+    block = _block_size(vocab, logits.element_size())
+    with_topk = topk > 0
+    topk_pad = _next_power_of_2(topk) if with_topk else 1
+    slots = rows * splits
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    state_ws = torch.empty((max(slots, 1) * 6,), **f32)
+    count_ws = torch.empty((max(slots, 1),), dtype=torch.int32, device=logits.device)
+    argmax_ws = torch.empty((max(slots, 1),), dtype=torch.int32, device=logits.device)
+    top_ws = torch.empty((slots * topk_pad if with_topk else 1,), **f32)
+    workspace = (state_ws, count_ws, argmax_ws, top_ws)
+    if rows == 0:
+        return tuple(outputs), workspace
+    temperature_arg = temperature if temperature is not None else outputs[0]
+    token_arg = token_ids if token_ids is not None else outputs[5]
+    strides = (inner, logits.stride(0), logits.stride(1), vocab)
+    flags = dict(HAS_TEMPERATURE=temperature is not None, WITH_TOPK=with_topk, TOPK_PAD=topk_pad)
+    _partial_kernel[(rows, splits)](
+        logits, *strides, temperature_arg, float(temperature_scalar), slice_len, splits, state_ws, count_ws,
+        argmax_ws, top_ws, BLOCK=block, num_warps=8 if block >= 2048 else 4, **flags)
+    _merge_kernel[(rows,)](
+        logits, *strides, temperature_arg, float(temperature_scalar), token_arg, int(topk), splits, state_ws,
+        count_ws, argmax_ws, top_ws, *outputs, HAS_TOKEN=token_ids is not None,
+        SPLITS_PAD=max(2, _next_power_of_2(splits)), num_warps=4, **flags)
+    return tuple(outputs), workspace
+
+
 def logit_stats_triton(logits, temperature, temperature_scalar, token_ids, topk, splits=None, sm_count=None):
     """Run logit_stats on ``logits`` viewed as ``[outer, inner, V]`` (last dim contiguous).
 
@@ -289,47 +339,25 @@ def logit_stats_triton(logits, temperature, temperature_scalar, token_ids, topk,
 
     outer, inner, vocab = logits.shape
     rows = outer * inner
-    f32 = dict(dtype=torch.float32, device=logits.device)
-    shape = (outer, inner)
-    outputs = [torch.empty(shape, **f32) for _ in range(5)]
-    outputs.append(torch.empty(shape, dtype=torch.int64, device=logits.device))
-    outputs.append(torch.empty(shape if token_ids is not None else (0,), **f32))
-    outputs.append(torch.empty(shape if topk > 0 else (0,), **f32))
-    if rows == 0:
-        return tuple(outputs)
-
     block = _block_size(vocab, logits.element_size())
     if splits is None:
         if sm_count is None:
             sm_count = (torch.cuda.get_device_properties(logits.device).multi_processor_count
-                        if logits.is_cuda else 4)
-        splits = choose_splits(rows, vocab, block, sm_count)
+                        if logits.is_cuda and rows else 4)
+        splits = choose_splits(max(rows, 1), vocab, block, sm_count)
     slice_len = block * -(-vocab // (splits * block))
     splits = -(-vocab // slice_len)
+    if splits > 1:
+        return _launch_slices(logits, temperature, temperature_scalar, token_ids, topk, splits, slice_len)[0]
+    outputs = _outputs(logits, token_ids, topk)
+    if rows == 0:
+        return tuple(outputs)
     with_topk = topk > 0
-    topk_pad = _next_power_of_2(topk) if with_topk else 1
-    num_warps = 8 if block >= 2048 else 4
     temperature_arg = temperature if temperature is not None else outputs[0]
     token_arg = token_ids if token_ids is not None else outputs[5]
-    strides = (inner, logits.stride(0), logits.stride(1), vocab)
-    flags = dict(HAS_TEMPERATURE=temperature is not None, WITH_TOPK=with_topk, TOPK_PAD=topk_pad)
-
-    if splits == 1:
-        _row_kernel[(rows,)](
-            logits, *strides, temperature_arg, float(temperature_scalar), token_arg, int(topk), *outputs,
-            HAS_TOKEN=token_ids is not None, BLOCK=block, num_warps=num_warps, **flags)
-        return tuple(outputs)
-
-    slots = rows * splits
-    state_ws = torch.empty((slots * 6,), **f32)
-    count_ws = torch.empty((slots,), dtype=torch.int32, device=logits.device)
-    argmax_ws = torch.empty((slots,), dtype=torch.int32, device=logits.device)
-    top_ws = torch.empty((slots * topk_pad if with_topk else 1,), **f32)
-    _partial_kernel[(rows, splits)](
-        logits, *strides, temperature_arg, float(temperature_scalar), slice_len, splits, state_ws, count_ws,
-        argmax_ws, top_ws, BLOCK=block, num_warps=num_warps, **flags)
-    _merge_kernel[(rows,)](
-        logits, *strides, temperature_arg, float(temperature_scalar), token_arg, int(topk), splits, state_ws,
-        count_ws, argmax_ws, top_ws, *outputs, HAS_TOKEN=token_ids is not None,
-        SPLITS_PAD=max(2, _next_power_of_2(splits)), num_warps=4, **flags)
+    _row_kernel[(rows,)](
+        logits, inner, logits.stride(0), logits.stride(1), vocab, temperature_arg, float(temperature_scalar),
+        token_arg, int(topk), *outputs, HAS_TEMPERATURE=temperature is not None, HAS_TOKEN=token_ids is not None,
+        WITH_TOPK=with_topk, TOPK_PAD=_next_power_of_2(topk) if with_topk else 1, BLOCK=block,
+        num_warps=8 if block >= 2048 else 4)
     return tuple(outputs)

@@ -5,9 +5,8 @@
 // L1-resident buffer, scanned once for its max/argmax/min (and NaN or +inf), then once more for the
 // exp-weighted sums relative to the chunk max. Chunk sums are folded into a StatsState and merged
 // (stats_state.h), which bounds float32 cancellation by the chunk size whatever V is.
-#include "fusedecode/stats_state.h"
-#include "logit_stats_op.h"
 #include "simd.h"
+#include "slice_reduce.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -27,40 +26,6 @@ using simd::i32x8;
 using simd::kLanes;
 
 constexpr int64_t kChunk = 1024;
-constexpr float kInf = std::numeric_limits<float>::infinity();
-
-// The k largest raw logits of a slice (raw, because scaling by 1/T > 0 keeps the order), as a
-// min-heap so the smallest kept value is the filter threshold.
-struct TopK {
-  int k = 0;
-  int size = 0;
-  float values[kMaxTopK];
-
-  float threshold() const { return size < k ? -kInf : values[0]; }
-  void push(float v) {
-    if (size < k) {
-      values[size++] = v;
-      std::push_heap(values, values + size, std::greater<float>());
-    } else if (v > values[0]) {
-      std::pop_heap(values, values + size, std::greater<float>());
-      values[size - 1] = v;
-      std::push_heap(values, values + size, std::greater<float>());
-    }
-  }
-  void merge(const TopK& other) {
-    for (int i = 0; i < other.size; ++i) push(other.values[i]);
-  }
-  float sum() const {
-    float total = 0.f;
-    for (int i = 0; i < size; ++i) total += values[i];
-    return total;
-  }
-};
-
-struct SliceResult {
-  StatsState state = empty_state();
-  TopK top;
-};
 
 FD_ALWAYS_INLINE void to_float(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, n * sizeof(float)); }
 
@@ -180,141 +145,53 @@ FD_ALWAYS_INLINE void accumulate_slice(const scalar_t* row, int64_t begin, int64
   }
 }
 
-// Non-template entry points so the multiversioned clones can be emitted per dtype.
-FD_CPU_MULTIVERSION void accumulate_slice_f32(const float* row, int64_t b, int64_t e, float inv_t, SliceResult& out) {
+}  // namespace
+
+// Multiversioned entry points (one clone per instruction set, picked at load time).
+FD_CPU_MULTIVERSION void reduce_slice(const float* row, int64_t b, int64_t e, float inv_t, SliceResult& out) {
   accumulate_slice(row, b, e, inv_t, out);
 }
-FD_CPU_MULTIVERSION void accumulate_slice_f16(const c10::Half* row, int64_t b, int64_t e, float inv_t,
-                                              SliceResult& out) {
+FD_CPU_MULTIVERSION void reduce_slice(const c10::Half* row, int64_t b, int64_t e, float inv_t, SliceResult& out) {
   accumulate_slice(row, b, e, inv_t, out);
 }
-FD_CPU_MULTIVERSION void accumulate_slice_bf16(const c10::BFloat16* row, int64_t b, int64_t e, float inv_t,
-                                               SliceResult& out) {
+FD_CPU_MULTIVERSION void reduce_slice(const c10::BFloat16* row, int64_t b, int64_t e, float inv_t,
+                                      SliceResult& out) {
   accumulate_slice(row, b, e, inv_t, out);
 }
 
-inline void dispatch_accumulate(const float* row, int64_t b, int64_t e, float inv_t, SliceResult& out) {
-  accumulate_slice_f32(row, b, e, inv_t, out);
-}
-inline void dispatch_accumulate(const c10::Half* row, int64_t b, int64_t e, float inv_t, SliceResult& out) {
-  accumulate_slice_f16(row, b, e, inv_t, out);
-}
-inline void dispatch_accumulate(const c10::BFloat16* row, int64_t b, int64_t e, float inv_t, SliceResult& out) {
-  accumulate_slice_bf16(row, b, e, inv_t, out);
-}
-
-struct OutputPointers {
-  float* logsumexp;
-  float* entropy;
-  float* varentropy;
-  float* self_certainty;
-  float* max_logprob;
-  int64_t* argmax;
-  float* token_logprob;    // nullptr when not requested
-  float* topk_confidence;  // nullptr when not requested
-};
-
-template <typename scalar_t>
-void run(const at::Tensor& logits, const RowLayout& layout, const float* temperatures, float temperature_scalar,
-         const int64_t* token_ids, int64_t topk, const OutputPointers& out) {
-  const scalar_t* base = logits.const_data_ptr<scalar_t>();
-  const int64_t rows = layout.num_rows();
-  const int64_t vocab = layout.vocab;
-
-  auto row_temperature = [&](int64_t r) { return temperatures ? temperatures[r] : temperature_scalar; };
-  auto finish_row = [&](int64_t r, const SliceResult& result) {
-    const float t = row_temperature(r);
-    const float inv_t = 1.f / t;
-    const StatsFields f = finalize_state(result.state, temperature_is_valid(t));
-    out.logsumexp[r] = f.logsumexp;
-    out.entropy[r] = f.entropy;
-    out.varentropy[r] = f.varentropy;
-    out.self_certainty[r] = f.self_certainty;
-    out.max_logprob[r] = f.max_logprob;
-    out.argmax[r] = f.argmax;
-    if (out.token_logprob) {
-      const int64_t t_id = token_ids[r];
-      const bool in_range = t_id >= 0 && t_id < vocab;
-      const float x = in_range ? static_cast<float>(base[layout.row_offset(r) + t_id]) : 0.f;
-      out.token_logprob[r] = (f.valid && in_range) ? x * inv_t - f.logsumexp : std::numeric_limits<float>::quiet_NaN();
-    }
-    if (out.topk_confidence) {
-      out.topk_confidence[r] = f.valid ? f.logsumexp - inv_t * result.top.sum() / static_cast<float>(result.top.size)
-                                       : std::numeric_limits<float>::quiet_NaN();
-    }
-  };
-
-  const int64_t threads = at::get_num_threads();
-  // Split a row across threads only when rows alone cannot keep them busy, and never into slices
-  // too small to amortise a merge.
-  constexpr int64_t kMinSlice = 16384;
-  const int64_t slices =
-      rows >= threads ? 1 : std::max<int64_t>(1, std::min<int64_t>((threads + rows - 1) / rows, vocab / kMinSlice));
-
-  if (slices == 1) {
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        SliceResult result;
-        result.top.k = static_cast<int>(topk);
-        dispatch_accumulate(base + layout.row_offset(r), 0, vocab, 1.f / row_temperature(r), result);
-        finish_row(r, result);
-      }
-    });
-    return;
-  }
-  std::vector<SliceResult> parts(rows * slices);
-  const int64_t slice_len = (vocab + slices - 1) / slices;
-  at::parallel_for(0, rows * slices, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t r = unit / slices;
-      const int64_t s = unit % slices;
-      SliceResult& part = parts[unit];
-      part.top.k = static_cast<int>(topk);
-      const int64_t lo = s * slice_len;
-      const int64_t hi = std::min(vocab, lo + slice_len);
-      if (lo < hi) dispatch_accumulate(base + layout.row_offset(r), lo, hi, 1.f / row_temperature(r), part);
-    }
-  });
-  for (int64_t r = 0; r < rows; ++r) {
-    SliceResult merged = parts[r * slices];
-    for (int64_t s = 1; s < slices; ++s) {
-      merged.state = merge_states(merged.state, parts[r * slices + s].state);
-      merged.top.merge(parts[r * slices + s].top);
-    }
-    finish_row(r, merged);
-  }
-}
+namespace {
 
 LogitStatsOutputs logit_stats_cpu(const at::Tensor& logits, const c10::optional<at::Tensor>& temperature,
                                   double temperature_scalar, const c10::optional<at::Tensor>& token_ids,
                                   int64_t topk) {
   const RowLayout layout = check_logit_stats_inputs(logits, temperature, token_ids, topk);
   LogitStatsOutputs outputs = allocate_logit_stats_outputs(logits, token_ids.has_value(), topk > 0);
-  if (layout.num_rows() == 0) return outputs;
-  OutputPointers ptrs{std::get<0>(outputs).data_ptr<float>(),
-                      std::get<1>(outputs).data_ptr<float>(),
-                      std::get<2>(outputs).data_ptr<float>(),
-                      std::get<3>(outputs).data_ptr<float>(),
-                      std::get<4>(outputs).data_ptr<float>(),
-                      std::get<5>(outputs).data_ptr<int64_t>(),
-                      token_ids.has_value() ? std::get<6>(outputs).data_ptr<float>() : nullptr,
-                      topk > 0 ? std::get<7>(outputs).data_ptr<float>() : nullptr};
+  const int64_t rows = layout.num_rows();
+  if (rows == 0) return outputs;
+  const StatsOutputs out{std::get<0>(outputs).data_ptr<float>(),
+                         std::get<1>(outputs).data_ptr<float>(),
+                         std::get<2>(outputs).data_ptr<float>(),
+                         std::get<3>(outputs).data_ptr<float>(),
+                         std::get<4>(outputs).data_ptr<float>(),
+                         std::get<5>(outputs).data_ptr<int64_t>(),
+                         token_ids.has_value() ? std::get<6>(outputs).data_ptr<float>() : nullptr,
+                         topk > 0 ? std::get<7>(outputs).data_ptr<float>() : nullptr};
   const float* temperatures = temperature.has_value() ? temperature->const_data_ptr<float>() : nullptr;
   const int64_t* ids = token_ids.has_value() ? token_ids->const_data_ptr<int64_t>() : nullptr;
   const float t_scalar = static_cast<float>(temperature_scalar);
-  switch (logits.scalar_type()) {
-    case at::kFloat:
-      run<float>(logits, layout, temperatures, t_scalar, ids, topk, ptrs);
-      break;
-    case at::kHalf:
-      run<c10::Half>(logits, layout, temperatures, t_scalar, ids, topk, ptrs);
-      break;
-    case at::kBFloat16:
-      run<c10::BFloat16>(logits, layout, temperatures, t_scalar, ids, topk, ptrs);
-      break;
-    default:
-      TORCH_CHECK(false, "unreachable dtype");
-  }
+  auto row_temperature = [&](int64_t r) { return temperatures ? temperatures[r] : t_scalar; };
+  // Split a row across threads only when rows alone cannot keep them busy, and never into slices
+  // too small to amortise a merge.
+  constexpr int64_t kMinSlice = 16384;
+  const int64_t threads = at::get_num_threads();
+  const int64_t slices = rows >= threads ? 1
+                                         : std::max<int64_t>(1, std::min<int64_t>((threads + rows - 1) / rows,
+                                                                                  layout.vocab / kMinSlice));
+  const int64_t slice_len = (layout.vocab + slices - 1) / slices;
+  dispatch_logits_dtype(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    reduce_rows(logits.const_data_ptr<scalar_t>(), layout, row_temperature, ids, topk, slice_len, out, nullptr);
+  });
   return outputs;
 }
 

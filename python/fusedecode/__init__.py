@@ -1,14 +1,18 @@
 """fusedecode: fused kernels for LLM decoding research.
 
 One pass over a logits tensor gives per-token entropy, varentropy, self-certainty, log-sum-exp,
-top-1 log-prob and DeepConf confidence (``logit_stats``), on four backends: ``cuda``, ``triton``,
+top-1 log-prob and DeepConf confidence (``logit_stats``), and the verification of a whole draft token
+tree for speculative decoding (``verify_tree``, helpers in ``fusedecode.tree``), on four backends: ``cuda``, ``triton``,
 ``cpp`` and ``torch`` (the reference). Set ``TRITON_INTERPRET=1`` before importing fusedecode to
 run the Triton kernels on CPU tensors.
 """
 
+from . import tree
 from ._info import build_info, __version__
-from ._types import LogitStats
+from ._types import LogitStats, TreeVerification
 from .backends import available_backends
 from .logit_stats import logit_stats
+from .verify_tree import verify_tree
 
-__all__ = ["logit_stats", "LogitStats", "available_backends", "build_info", "__version__"]
+__all__ = ["logit_stats", "LogitStats", "verify_tree", "TreeVerification", "tree", "available_backends",
+           "build_info", "__version__"]

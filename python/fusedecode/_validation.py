@@ -105,3 +105,97 @@ def check_logit_stats_args(logits, temperature, token_ids, topk):
     token_ids = check_token_ids(token_ids, logits)
     topk = check_int("topk", topk, 0, MAX_TOPK)
     return temperature_tensor, temperature_scalar, token_ids, topk
+
+
+def check_verify_tree_args(target_logits, draft_tokens, parents, temperature, draft_probs, seed, validate):
+    """Validate verify_tree arguments (DESIGN section 4).
+
+    Returns ``(draft_tokens [B, N] int64, parents [B, N] int64, seeds [B] int64, depth, temperature)``,
+    tensors on the logits' device. Value checks on CUDA tensors cost one synchronisation; ``validate=False`` skips
+    them (and then, for CUDA-resident parents, ``depth`` is the largest possible, N - 1).
+    """
+    check_logits("target_logits", target_logits)
+    if target_logits.dim() != 3:
+        raise ValueError(f"target_logits must have shape [B, N, V], got {tuple(target_logits.shape)}")
+    batch, nodes, vocab = target_logits.shape
+    if nodes < 1:
+        raise ValueError("target_logits must have N >= 1 nodes (node 0 is the root)")
+    device = target_logits.device
+
+    if not isinstance(draft_tokens, torch.Tensor) or draft_tokens.dtype not in INDEX_DTYPES:
+        raise ValueError(f"draft_tokens must be an int32/int64 tensor, got "
+                         f"{getattr(draft_tokens, 'dtype', type(draft_tokens).__name__)}")
+    if draft_tokens.shape != (batch, nodes):
+        raise ValueError(f"draft_tokens must have shape [B, N] = {(batch, nodes)}, got {tuple(draft_tokens.shape)}")
+    if draft_tokens.device != device:
+        raise ValueError(f"draft_tokens is on {draft_tokens.device} but target_logits are on {device}")
+
+    if not isinstance(parents, torch.Tensor) or parents.dtype not in INDEX_DTYPES:
+        raise ValueError(f"parents must be an int32/int64 tensor, got "
+                         f"{getattr(parents, 'dtype', type(parents).__name__)}")
+    if parents.shape not in ((nodes,), (batch, nodes)):
+        raise ValueError(f"parents must have shape [N] = ({nodes},) or [B, N] = {(batch, nodes)}, "
+                         f"got {tuple(parents.shape)}")
+
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"temperature must be a float >= 0, got {type(temperature).__name__}")
+    temperature = float(temperature)
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+
+    if draft_probs is not None:
+        if not isinstance(draft_probs, torch.Tensor) or draft_probs.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"draft_probs must be a float32/float16/bfloat16 tensor, got "
+                             f"{getattr(draft_probs, 'dtype', type(draft_probs).__name__)}")
+        if draft_probs.dim() != 3 or draft_probs.shape[:2] != (batch, nodes):
+            raise ValueError(f"draft_probs must have shape [B, N, V] = {(batch, nodes, vocab)}, "
+                             f"got {tuple(draft_probs.shape)}")
+        if draft_probs.shape[2] != vocab:
+            raise ValueError(f"draft_probs has V = {draft_probs.shape[2]} but target_logits have V = {vocab}")
+        if draft_probs.device != device:
+            raise ValueError(f"draft_probs is on {draft_probs.device} but target_logits are on {device}")
+        if vocab > 1 and draft_probs.stride(-1) != 1:
+            raise ValueError("draft_probs: the last dimension must be contiguous (stride 1)")
+
+    seeds = _check_seed(seed, batch, device)
+
+    parents_rows = parents.to(torch.int64).expand(batch, nodes)
+    if validate and values_checkable(parents) and values_checkable(draft_tokens):
+        index = torch.arange(nodes, device=parents.device)
+        root_ok = bool((parents_rows[:, 0] == -1).all())
+        rest = parents_rows[:, 1:]
+        topological = bool(((rest >= 0) & (rest < index[1:])).all()) if nodes > 1 else True
+        if not (root_ok and topological):
+            raise ValueError("parents must satisfy parents[0] == -1 and 0 <= parents[i] < i for i >= 1")
+        if nodes > 1 and batch > 0:
+            drafted = draft_tokens[:, 1:]
+            low, high = int(drafted.min()), int(drafted.max())
+            if low < -1 or high >= vocab:
+                raise ValueError(f"draft_tokens must be in [-1, {vocab}) (entry 0 is ignored), "
+                                 f"got values in [{low}, {high}]")
+
+    if parents.device.type == "cpu" or (validate and values_checkable(parents)):
+        from .tree import tree_depths
+
+        depth = int(tree_depths(parents_rows.cpu()).max()) if nodes > 1 else 0
+    else:
+        depth = nodes - 1
+    tokens = draft_tokens.to(torch.int64).contiguous()
+    parents_out = parents_rows.to(device).contiguous()
+    return tokens, parents_out, seeds, depth, temperature
+
+
+def _check_seed(seed, batch, device):
+    """One int64 seed per batch row, on ``device``. None draws from torch's default generator."""
+    if seed is None:
+        drawn = torch.randint(0, 2**62, (), dtype=torch.int64)
+        return drawn.to(device).expand(batch).contiguous()
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64:
+            raise ValueError(f"seed tensor must be int64, got {seed.dtype}")
+        if seed.shape not in ((), (batch,)):
+            raise ValueError(f"seed tensor must have shape [] or [B] = [{batch}], got {tuple(seed.shape)}")
+        return seed.to(device).expand(batch).contiguous()
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, an int64 tensor or None, got {type(seed).__name__}")
+    return torch.full((batch,), int(seed) & (2**63 - 1), dtype=torch.int64, device=device)

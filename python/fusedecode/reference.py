@@ -69,3 +69,103 @@ def logit_stats_reference(logits, temperature=1.0, token_ids=None, topk=0, dtype
         confidence = -top_sum / keep.to(dtype).clamp_min(1)
         fields["topk_confidence"] = torch.where(invalid, nan, confidence)
     return LogitStats(**fields)
+
+
+# ------------------------------------------------------------------------------------------------
+# verify_tree
+
+
+def _mix64(*values):
+    """splitmix64 over a few integers: a seed for one (seed, row, node, purpose) random stream."""
+    state = 0
+    for value in values:
+        state = (state + (int(value) & 0xFFFFFFFFFFFFFFFF) + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        state = z ^ (z >> 31)
+    return state & 0x7FFFFFFFFFFFFFFF
+
+
+SAMPLE, ACCEPT = 0, 1  # purposes of the random streams
+
+
+def _generator(seed, row, node, purpose):
+    g = torch.Generator()
+    g.manual_seed(_mix64(seed, row, node, purpose))
+    return g
+
+
+def verify_tree_reference(target_logits, draft_tokens, parents, temperature, draft_probs, seeds, depth,
+                          dtype=torch.float32):
+    """``verify_tree`` (DESIGN section 4) as a plain walk over each tree, one batch row at a time.
+
+    ``draft_tokens`` and ``parents`` are int64 ``[B, N]``, ``seeds`` int64 ``[B]`` (as
+    ``_validation.check_verify_tree_args`` returns them), ``depth`` the tree depth D. Returns the
+    fields of ``TreeVerification`` (``num_accepted``, ``accepted_nodes``, ``output_tokens``, ``stats``).
+    """
+    from ._types import TreeVerification
+
+    batch, nodes, vocab = target_logits.shape
+    device = target_logits.device
+    stats_temperature = temperature if temperature > 0 else 1.0
+    stats = logit_stats_reference(target_logits, stats_temperature, dtype=dtype)
+    num_accepted = torch.zeros(batch, dtype=torch.int64)
+    accepted_nodes = torch.full((batch, depth + 1), -1, dtype=torch.int64)
+    output_tokens = torch.full((batch, depth + 1), -1, dtype=torch.int64)
+    logits = target_logits.detach().cpu().to(dtype)
+    tokens = draft_tokens.cpu()
+    parent_rows = parents.cpu()
+    valid_rows = (stats.argmax >= 0).cpu()
+    q_rows = draft_probs.detach().cpu().to(dtype) if draft_probs is not None else None
+
+    for b in range(batch):
+        seed = int(seeds[b])
+        children = [[] for _ in range(nodes)]
+        for i in range(1, nodes):
+            children[int(parent_rows[b, i])].append(i)
+        node, count = 0, 0
+        accepted_nodes[b, 0] = 0
+        while True:
+            if not valid_rows[b, node]:
+                break  # a NaN/inf row: no token can be emitted, output stays -1
+            if temperature == 0:
+                chosen = int(torch.argmax(logits[b, node]))
+                child = next((c for c in children[node] if int(tokens[b, c]) == chosen), None)
+            else:
+                p = torch.softmax(logits[b, node] / temperature, dim=-1)
+                if q_rows is None:
+                    chosen = int(torch.multinomial(p, 1, generator=_generator(seed, b, node, SAMPLE)))
+                    child = next((c for c in children[node] if int(tokens[b, c]) == chosen), None)
+                else:
+                    child, chosen = _specinfer_node(p, q_rows[b, node], children[node], tokens[b], seed, b, node)
+            if child is None:
+                output_tokens[b, count] = chosen
+                break
+            output_tokens[b, count] = int(tokens[b, child])
+            count += 1
+            accepted_nodes[b, count] = child
+            node = child
+        num_accepted[b] = count
+    return TreeVerification(num_accepted.to(device), accepted_nodes.to(device), output_tokens.to(device), stats)
+
+
+def _specinfer_node(p, q, children, tokens, seed, b, node):
+    """SpecInfer's multi-draft rejection sampling at one node: (accepted child or None, token)."""
+    residual = p.clone()
+    for child in children:
+        token = int(tokens[child])
+        if token < 0:
+            continue  # padding node
+        q_token = float(q[token])
+        if not (math.isfinite(q_token) and q_token > 0):
+            continue  # could not have been drawn from q: skipped
+        u = float(torch.rand((), generator=_generator(seed, b, child, ACCEPT), dtype=torch.float64))
+        if u < min(1.0, float(residual[token]) / q_token):
+            return child, token
+        leftover = (residual - q).clamp_min(0)
+        total = float(leftover.sum())
+        if total > 0:
+            residual = leftover / total
+    token = int(torch.multinomial(residual, 1, generator=_generator(seed, b, node, SAMPLE)))
+    return None, token

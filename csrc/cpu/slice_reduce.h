@@ -1,0 +1,156 @@
+// Shared pieces of the cpp backend: reduce vocabulary slices of rows to mergeable states, then
+// write logit_stats outputs. Used by logit_stats (csrc/cpu/logit_stats_cpu.cpp) and verify_tree
+// (csrc/cpu/verify_tree_cpu.cpp).
+#pragma once
+
+#include "fusedecode/stats_state.h"
+#include "logit_stats_op.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <functional>
+#include <limits>
+#include <vector>
+
+namespace fusedecode {
+namespace cpu {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// The k largest raw logits of a slice (raw, because scaling by 1/T > 0 keeps the order), as a
+// min-heap so the smallest kept value is the filter threshold.
+struct TopK {
+  int k = 0;
+  int size = 0;
+  float values[kMaxTopK];
+
+  float threshold() const { return size < k ? -kInf : values[0]; }
+  void push(float v) {
+    if (size < k) {
+      values[size++] = v;
+      std::push_heap(values, values + size, std::greater<float>());
+    } else if (v > values[0]) {
+      std::pop_heap(values, values + size, std::greater<float>());
+      values[size - 1] = v;
+      std::push_heap(values, values + size, std::greater<float>());
+    }
+  }
+  void merge(const TopK& other) {
+    for (int i = 0; i < other.size; ++i) push(other.values[i]);
+  }
+  float sum() const {
+    float total = 0.f;
+    for (int i = 0; i < size; ++i) total += values[i];
+    return total;
+  }
+};
+
+struct SliceResult {
+  StatsState state = empty_state();
+  TopK top;
+};
+
+// Reduce row[begin, end) into `out` (merging with what it holds). Multiversioned (AVX2 clone).
+void reduce_slice(const float* row, int64_t begin, int64_t end, float inv_t, SliceResult& out);
+void reduce_slice(const c10::Half* row, int64_t begin, int64_t end, float inv_t, SliceResult& out);
+void reduce_slice(const c10::BFloat16* row, int64_t begin, int64_t end, float inv_t, SliceResult& out);
+
+// Calls f(scalar_t{}) for the logits dtypes fusedecode accepts.
+template <class F>
+void dispatch_logits_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      return f(float{});
+    case at::kHalf:
+      return f(c10::Half{});
+    case at::kBFloat16:
+      return f(c10::BFloat16{});
+    default:
+      TORCH_CHECK(false, "logits must be float32, float16 or bfloat16");
+  }
+}
+
+struct StatsOutputs {
+  float* logsumexp;
+  float* entropy;
+  float* varentropy;
+  float* self_certainty;
+  float* max_logprob;
+  int64_t* argmax;
+  float* token_logprob;    // nullptr when not requested
+  float* topk_confidence;  // nullptr when not requested
+};
+
+// Reduce every row of `layout` in slices of `slice_len` tokens, in parallel over (row, slice), and
+// write the stats. With `keep_slices`, the per-slice results stay there ([rows * slices]).
+template <typename scalar_t, typename Temperature>
+void reduce_rows(const scalar_t* base, const RowLayout& layout, Temperature row_temperature, const int64_t* token_ids,
+                 int64_t topk, int64_t slice_len, const StatsOutputs& out, std::vector<SliceResult>* keep_slices) {
+  const int64_t rows = layout.num_rows();
+  const int64_t vocab = layout.vocab;
+  const int64_t slices = (vocab + slice_len - 1) / slice_len;
+
+  auto finish_row = [&](int64_t r, const SliceResult& result) {
+    const float t = row_temperature(r);
+    const float inv_t = 1.f / t;
+    const StatsFields f = finalize_state(result.state, temperature_is_valid(t));
+    out.logsumexp[r] = f.logsumexp;
+    out.entropy[r] = f.entropy;
+    out.varentropy[r] = f.varentropy;
+    out.self_certainty[r] = f.self_certainty;
+    out.max_logprob[r] = f.max_logprob;
+    out.argmax[r] = f.argmax;
+    if (out.token_logprob) {
+      const int64_t t_id = token_ids[r];
+      const bool in_range = t_id >= 0 && t_id < vocab;
+      const float x = in_range ? static_cast<float>(base[layout.row_offset(r) + t_id]) : 0.f;
+      out.token_logprob[r] = (f.valid && in_range) ? x * inv_t - f.logsumexp : kNaN;
+    }
+    if (out.topk_confidence) {
+      out.topk_confidence[r] =
+          f.valid ? f.logsumexp - inv_t * result.top.sum() / static_cast<float>(result.top.size) : kNaN;
+    }
+  };
+
+  if (slices == 1 && keep_slices == nullptr) {
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        SliceResult result;
+        result.top.k = static_cast<int>(topk);
+        reduce_slice(base + layout.row_offset(r), 0, vocab, 1.f / row_temperature(r), result);
+        finish_row(r, result);
+      }
+    });
+    return;
+  }
+  std::vector<SliceResult> local;
+  std::vector<SliceResult>& parts = keep_slices ? *keep_slices : local;
+  parts.assign(rows * slices, SliceResult());
+  at::parallel_for(0, rows * slices, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t r = unit / slices;
+      const int64_t lo = (unit % slices) * slice_len;
+      const int64_t hi = std::min(vocab, lo + slice_len);
+      SliceResult& part = parts[unit];
+      part.top.k = static_cast<int>(topk);
+      reduce_slice(base + layout.row_offset(r), lo, hi, 1.f / row_temperature(r), part);
+    }
+  });
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      SliceResult merged = parts[r * slices];
+      for (int64_t s = 1; s < slices; ++s) {
+        merged.state = merge_states(merged.state, parts[r * slices + s].state);
+        merged.top.merge(parts[r * slices + s].top);
+      }
+      finish_row(r, merged);
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace fusedecode

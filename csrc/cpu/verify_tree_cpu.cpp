@@ -1,0 +1,180 @@
+// cpp backend of verify_tree: the statistics pass over every node's row (4096-token slices, kept
+// for sampling), then one tree walk per batch row (tree_walk.h), parallel over the batch.
+#include "fusedecode/tree_walk.h"
+#include "slice_reduce.h"
+#include "verify_tree_op.h"
+
+#include <cmath>
+
+namespace fusedecode {
+namespace cpu {
+namespace {
+
+template <typename scalar_t, typename prob_t>
+struct CpuTreeRow {
+  const scalar_t* logits;  // node 0 of this batch row
+  int64_t node_stride;
+  int64_t vocab;
+  float inv_t;
+  const float* lse;          // [N]
+  const int64_t* argmaxes;   // [N]
+  const SliceResult* slices; // [N * splits]
+  int64_t splits;
+  const prob_t* q;           // node 0 of this batch row, or nullptr
+  int64_t q_node_stride;
+  const int64_t* parents;    // [N]
+  const int64_t* tokens;     // [N]
+  int64_t nodes;
+
+  float x(int64_t node, int64_t i) const { return static_cast<float>(logits[node * node_stride + i]); }
+  bool valid(int64_t node) const { return argmaxes[node] >= 0; }
+  int64_t argmax(int64_t node) const { return argmaxes[node]; }
+  int64_t token(int64_t node) const { return tokens[node]; }
+
+  int64_t child_with_token(int64_t node, int64_t wanted) const {
+    for (int64_t c = node + 1; c < nodes; ++c) {
+      if (parents[c] == node && tokens[c] == wanted) return c;
+    }
+    return -1;
+  }
+  int64_t next_child(int64_t node, int64_t after) const {
+    for (int64_t c = after + 1; c < nodes; ++c) {
+      if (parents[c] == node) return c;
+    }
+    return -1;
+  }
+  float prob(int64_t node, int64_t t) const { return std::exp(x(node, t) * inv_t - lse[node]); }
+  float draft_prob(int64_t node, int64_t t) const { return static_cast<float>(q[node * q_node_stride + t]); }
+
+  float excess(int64_t node, int64_t i, float c) const {
+    const float e = prob(node, i) - c * draft_prob(node, i);
+    return e > 0.f ? e : 0.f;
+  }
+  float residual_mass(int64_t node, float c) const {
+    double total = 0.0;
+    for (int64_t i = 0; i < vocab; ++i) total += excess(node, i, c);
+    return static_cast<float>(total);
+  }
+
+  int64_t sample(int64_t node, float c, float mass, float u) const {
+    if (c != 0.f) {
+      const double target = static_cast<double>(u) * mass;
+      double running = 0.0;
+      int64_t last = -1;
+      for (int64_t i = 0; i < vocab; ++i) {
+        const float e = excess(node, i, c);
+        if (e > 0.f) {
+          running += e;
+          last = i;
+          if (running >= target) return i;
+        }
+      }
+      return last >= 0 ? last : argmaxes[node];
+    }
+    // Inverse CDF over the slices of the statistics pass, then over the tokens of one slice.
+    const SliceResult* own = slices + node * splits;
+    float ref = -kInf, max_x = -kInf;
+    for (int64_t s = 0; s < splits; ++s) {
+      if (own[s].state.count > 0) {
+        ref = std::max(ref, own[s].state.ref);
+        max_x = std::max(max_x, own[s].state.max_x);
+      }
+    }
+    double total = 0.0;
+    for (int64_t s = 0; s < splits; ++s) {
+      if (own[s].state.count > 0) total += own[s].state.sum_exp * std::exp(own[s].state.ref - ref);
+    }
+    double remaining = static_cast<double>(u) * total;
+    int64_t chosen = -1;
+    for (int64_t s = 0; s < splits; ++s) {
+      if (own[s].state.count == 0) continue;
+      const double slice_mass = own[s].state.sum_exp * std::exp(own[s].state.ref - ref);
+      chosen = s;  // the last slice with mass if rounding leaves `remaining` above the total
+      if (remaining <= slice_mass) break;
+      remaining -= slice_mass;
+    }
+    const int64_t begin = chosen * kVerifySliceTokens;
+    const int64_t end = std::min(vocab, begin + kVerifySliceTokens);
+    double running = 0.0;
+    int64_t last = -1;
+    for (int64_t i = begin; i < end; ++i) {
+      const float value = x(node, i);
+      if (value == -kInf) continue;
+      const float weight = std::exp((value - max_x) * inv_t);
+      if (weight > 0.f) {
+        running += weight;
+        last = i;
+        if (running >= remaining) return i;
+      }
+    }
+    return last >= 0 ? last : argmaxes[node];
+  }
+};
+
+template <typename scalar_t, typename prob_t>
+void walk_all(const at::Tensor& logits, const at::Tensor& tokens, const at::Tensor& parents, const prob_t* q,
+              int64_t q_batch_stride, int64_t q_node_stride, const at::Tensor& seeds, float inv_t, int mode,
+              const std::vector<SliceResult>& slices, int64_t splits, const VerifyTreeOutputs& outputs) {
+  const int64_t batch = logits.size(0), nodes = logits.size(1), width = std::get<1>(outputs).size(1);
+  const scalar_t* base = logits.const_data_ptr<scalar_t>();
+  const float* lse = std::get<3>(outputs).const_data_ptr<float>();
+  const int64_t* argmaxes = std::get<8>(outputs).const_data_ptr<int64_t>();
+  const int64_t* token_rows = tokens.const_data_ptr<int64_t>();
+  const int64_t* parent_rows = parents.const_data_ptr<int64_t>();
+  const int64_t* seed_rows = seeds.const_data_ptr<int64_t>();
+  int64_t* num_accepted = std::get<0>(outputs).data_ptr<int64_t>();
+  int64_t* accepted = std::get<1>(outputs).data_ptr<int64_t>();
+  int64_t* emitted = std::get<2>(outputs).data_ptr<int64_t>();
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      CpuTreeRow<scalar_t, prob_t> row{base + b * logits.stride(0), logits.stride(1), logits.size(2), inv_t,
+                                       lse + b * nodes, argmaxes + b * nodes, slices.data() + b * nodes * splits,
+                                       splits, q ? q + b * q_batch_stride : nullptr, q_node_stride,
+                                       parent_rows + b * nodes, token_rows + b * nodes, nodes};
+      walk_tree(row, mode, static_cast<uint64_t>(seed_rows[b]), static_cast<uint64_t>(b), true, width, accepted + b * width,
+                emitted + b * width, num_accepted + b);
+    }
+  });
+}
+
+VerifyTreeOutputs verify_tree_cpu(const at::Tensor& logits, const at::Tensor& tokens, const at::Tensor& parents,
+                                  double temperature, const c10::optional<at::Tensor>& draft_probs,
+                                  const at::Tensor& seeds, int64_t depth) {
+  check_verify_tree_inputs(logits, tokens, parents, temperature, draft_probs, seeds, depth);
+  VerifyTreeOutputs outputs = allocate_verify_tree_outputs(logits, depth);
+  const int64_t batch = logits.size(0), nodes = logits.size(1), vocab = logits.size(2);
+  if (batch == 0 || nodes == 0) return outputs;
+  const float stats_temperature = temperature > 0 ? static_cast<float>(temperature) : 1.f;
+  RowLayout layout{batch, nodes, logits.stride(0), logits.stride(1), vocab};
+  const StatsOutputs stats{std::get<3>(outputs).data_ptr<float>(), std::get<4>(outputs).data_ptr<float>(),
+                           std::get<5>(outputs).data_ptr<float>(), std::get<6>(outputs).data_ptr<float>(),
+                           std::get<7>(outputs).data_ptr<float>(), std::get<8>(outputs).data_ptr<int64_t>(),
+                           nullptr, nullptr};
+  const int mode = verify_mode(temperature, draft_probs);
+  std::vector<SliceResult> slices;
+  const int64_t splits = (vocab + kVerifySliceTokens - 1) / kVerifySliceTokens;
+  dispatch_logits_dtype(logits.scalar_type(), [&](auto logits_tag) {
+    using scalar_t = decltype(logits_tag);
+    reduce_rows(logits.const_data_ptr<scalar_t>(), layout, [&](int64_t) { return stats_temperature; }, nullptr, 0,
+                kVerifySliceTokens, stats, &slices);
+    if (mode != kVerifyMultiDraft) {
+      walk_all<scalar_t, float>(logits, tokens, parents, nullptr, 0, 0, seeds, 1.f / stats_temperature, mode, slices,
+                                splits, outputs);
+      return;
+    }
+    const at::Tensor& q = *draft_probs;
+    dispatch_logits_dtype(q.scalar_type(), [&](auto prob_tag) {
+      using prob_t = decltype(prob_tag);
+      walk_all<scalar_t, prob_t>(logits, tokens, parents, q.const_data_ptr<prob_t>(), q.stride(0), q.stride(1), seeds,
+                                 1.f / stats_temperature, mode, slices, splits, outputs);
+    });
+  });
+  return outputs;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedecode, CPU, m) { m.impl("verify_tree", &verify_tree_cpu); }
+
+}  // namespace cpu
+}  // namespace fusedecode

@@ -1,0 +1,71 @@
+// Torch-side contract of fusedecode::verify_tree, shared by the CPU and CUDA bindings. Arguments
+// arrive normalised by python/fusedecode/_validation.py; this re-checks the op's own contract.
+#pragma once
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "fusedecode/tree_walk.h"
+
+namespace fusedecode {
+
+// num_accepted [B], accepted_nodes [B, D+1], output_tokens [B, D+1], then the stats of every node
+// [B, N]: logsumexp, entropy, varentropy, self_certainty, max_logprob, argmax.
+using VerifyTreeOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                     at::Tensor, at::Tensor, at::Tensor>;
+
+inline void check_verify_tree_inputs(const at::Tensor& logits, const at::Tensor& tokens, const at::Tensor& parents,
+                                     double temperature, const c10::optional<at::Tensor>& draft_probs,
+                                     const at::Tensor& seeds, int64_t depth) {
+  TORCH_CHECK(logits.dim() == 3, "target_logits must be [B, N, V]");
+  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kHalf ||
+                  logits.scalar_type() == at::kBFloat16,
+              "target_logits must be float32, float16 or bfloat16");
+  const int64_t batch = logits.size(0), nodes = logits.size(1), vocab = logits.size(2);
+  TORCH_CHECK(vocab >= 1 && vocab < (int64_t{1} << 31), "target_logits: V must be in [1, 2^31)");
+  TORCH_CHECK(vocab == 1 || logits.stride(2) == 1, "target_logits: the last dimension must be contiguous");
+  auto check_rows = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == at::kLong && t.is_contiguous() && t.dim() == 2 && t.size(0) == batch &&
+                    t.size(1) == nodes && t.device() == logits.device(),
+                name, " must be a contiguous int64 [B, N] tensor on the logits' device");
+  };
+  check_rows(tokens, "draft_tokens");
+  check_rows(parents, "parents");
+  TORCH_CHECK(seeds.scalar_type() == at::kLong && seeds.is_contiguous() && seeds.dim() == 1 && seeds.size(0) == batch &&
+                  seeds.device() == logits.device(),
+              "seeds must be a contiguous int64 [B] tensor on the logits' device");
+  TORCH_CHECK(temperature >= 0, "temperature must be >= 0");
+  TORCH_CHECK(depth >= 0 && depth < std::max<int64_t>(nodes, 1), "depth must be in [0, N)");
+  if (draft_probs.has_value()) {
+    const at::Tensor& q = *draft_probs;
+    TORCH_CHECK(q.dim() == 3 && q.size(0) == batch && q.size(1) == nodes && q.size(2) == vocab &&
+                    q.device() == logits.device() && (vocab == 1 || q.stride(2) == 1),
+                "draft_probs must be [B, N, V] like target_logits, last dimension contiguous");
+    TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+                "draft_probs must be float32, float16 or bfloat16");
+  }
+}
+
+inline VerifyTreeOutputs allocate_verify_tree_outputs(const at::Tensor& logits, int64_t depth) {
+  const int64_t batch = logits.size(0), nodes = logits.size(1);
+  const auto i64 = logits.options().dtype(at::kLong);
+  const auto f32 = logits.options().dtype(at::kFloat);
+  return {at::zeros({batch}, i64),
+          at::full({batch, depth + 1}, -1, i64),
+          at::full({batch, depth + 1}, -1, i64),
+          at::empty({batch, nodes}, f32),
+          at::empty({batch, nodes}, f32),
+          at::empty({batch, nodes}, f32),
+          at::empty({batch, nodes}, f32),
+          at::empty({batch, nodes}, f32),
+          at::empty({batch, nodes}, i64)};
+}
+
+inline int verify_mode(double temperature, const c10::optional<at::Tensor>& draft_probs) {
+  if (temperature == 0) return kVerifyGreedy;
+  return draft_probs.has_value() ? kVerifyMultiDraft : kVerifySample;
+}
+
+}  // namespace fusedecode

@@ -1,0 +1,208 @@
+"""Triton kernels of ``verify_tree``: one pass over every node's logits, then a walk per tree.
+
+Pass 1 is logit_stats' split path with fixed 4096-token slices (``SLICE_TOKENS``): every (node row, slice)
+program leaves a mergeable state (max, sum exp, ...) and the merge kernel writes each node's stats.
+The walk kernel (one program per batch row) then follows the tree:
+
+- greedy: the argmax of the node's row (already computed);
+- sampling: inverse CDF with one uniform ``u`` per (seed, row, node): the slice whose cumulative
+  mass crosses ``u * S`` is found from the slice states, and only that slice (4096 logits) is read
+  again;
+- multi-draft (SpecInfer): children are tried in index order; after j rejections the residual is
+  ``p'_j = (p - c_j q)+ / W_j`` with ``c_0 = 0, W_0 = 1, c_{j+1} = c_j + W_j`` and
+  ``W_j = sum (p - c_j q)+`` (the closed form of repeated ``normalize(max(p' - q, 0))``), so each
+  rejection costs one pass over that node's logits and draft probabilities, and the final sample one
+  more.
+
+Random numbers are Philox (``tl.rand``) keyed by the row's seed and counter (row, node, purpose), so
+they do not depend on the launch shape.
+"""
+
+import triton
+import triton.language as tl
+
+from .logit_stats import LOG2E, _launch_slices
+
+SLICE_TOKENS = 4096
+SLICE = tl.constexpr(SLICE_TOKENS)
+SAMPLE = tl.constexpr(0)
+ACCEPT = tl.constexpr(1)
+
+
+@triton.jit
+def _uniform(seed, row, node, nodes, purpose):
+    return tl.rand(seed, ((row * nodes + node) * 2 + purpose).to(tl.int32))
+
+
+@triton.jit
+def _sample_from_slices(row_ptr, vocab, inv_t, state_ptr, count_ptr, slot0, splits, u,
+                        SPLITS_PAD: tl.constexpr, SCAN: tl.constexpr):
+    """Inverse-CDF sample of softmax(x * inv_t) over one row using its slice states."""
+    s = tl.arange(0, SPLITS_PAD)
+    used = (s < splits) & (tl.load(count_ptr + slot0 + s, mask=s < splits, other=0) > 0)
+    ref_s = tl.load(state_ptr + (slot0 + s) * 6 + 0, mask=used, other=-float("inf"))
+    sum_s = tl.load(state_ptr + (slot0 + s) * 6 + 1, mask=used, other=0.0)
+    max_x_s = tl.load(state_ptr + (slot0 + s) * 6 + 5, mask=used, other=-float("inf"))
+    ref = tl.max(ref_s, axis=0)
+    max_x = tl.max(max_x_s, axis=0)
+    mass = tl.where(used, sum_s * tl.exp(ref_s - ref), 0.0)
+    cumulative = tl.cumsum(mass, axis=0)
+    target = u * tl.sum(mass, axis=0)
+    crossing = tl.min(tl.where((cumulative >= target) & (mass > 0), s, SPLITS_PAD), axis=0)
+    last_used = tl.max(tl.where(mass > 0, s, -1), axis=0)
+    chosen = tl.where(crossing < SPLITS_PAD, crossing, last_used)
+    remaining = target - tl.sum(tl.where(s < chosen, mass, 0.0), axis=0)
+    # Rescan the chosen slice in token order, with the weights relative to the row max.
+    scale2 = inv_t * LOG2E
+    start = chosen * SLICE
+    end = tl.minimum(start + SLICE, vocab)
+    lanes = tl.arange(0, SCAN)
+    token = -1
+    last_positive = -1
+    running = 0.0
+    for block in range(0, SLICE, SCAN):
+        index = start + block + lanes
+        x = tl.load(row_ptr + index, mask=index < end, other=-float("inf")).to(tl.float32)
+        weight = tl.where(x != -float("inf"), tl.exp2((x - max_x) * scale2), 0.0)
+        # The pass-1 slice masses are relative to `ref`; these to max_x * inv_t: the same number.
+        within = running + tl.cumsum(weight, axis=0)
+        hit = tl.min(tl.where((within >= remaining) & (weight > 0), index, 2147483647), axis=0)
+        token = tl.where((token < 0) & (hit < 2147483647), hit, token)
+        last_positive = tl.maximum(last_positive, tl.max(tl.where(weight > 0, index, -1), axis=0))
+        running += tl.sum(weight, axis=0)
+    return tl.where(token >= 0, token, last_positive)
+
+
+@triton.jit
+def _residual_pass(row_ptr, q_ptr, vocab, inv_t, lse, c, target, SCAN: tl.constexpr):
+    """Mass of (p - c q)+ over the row, and the first token whose cumulative mass reaches `target`
+    (-1 if none; pass target = +inf to only measure)."""
+    lanes = tl.arange(0, SCAN)
+    total = 0.0
+    token = -1
+    last_positive = -1
+    for block in range(0, vocab, SCAN):
+        index = block + lanes
+        inside = index < vocab
+        x = tl.load(row_ptr + index, mask=inside, other=-float("inf")).to(tl.float32)
+        q = tl.load(q_ptr + index, mask=inside, other=0.0).to(tl.float32)
+        p = tl.where(x != -float("inf"), tl.exp(x * inv_t - lse), 0.0)
+        excess = tl.maximum(p - c * q, 0.0)
+        within = total + tl.cumsum(excess, axis=0)
+        hit = tl.min(tl.where((within >= target) & (excess > 0), index, 2147483647), axis=0)
+        token = tl.where((token < 0) & (hit < 2147483647), hit, token)
+        last_positive = tl.maximum(last_positive, tl.max(tl.where(excess > 0, index, -1), axis=0))
+        total += tl.sum(excess, axis=0)
+    return total, token, last_positive
+
+
+@triton.jit
+def _walk_kernel(logits_ptr, stride_b, stride_n, vocab, nodes, tokens_ptr, parents_ptr, seeds_ptr, inv_t,
+                 lse_ptr, argmax_ptr, state_ptr, count_ptr, splits, q_ptr, q_stride_b, q_stride_n,
+                 num_accepted_ptr, accepted_ptr, output_ptr, depth,
+                 MODE: tl.constexpr, N_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, SCAN: tl.constexpr):
+    """MODE 0 greedy, 1 target-only sampling, 2 multi-draft (SpecInfer). One program per tree."""
+    b = tl.program_id(0).to(tl.int64)
+    idx = tl.arange(0, N_PAD)
+    in_tree = idx < nodes
+    parents = tl.load(parents_ptr + b * nodes + idx, mask=in_tree, other=-2)
+    tokens = tl.load(tokens_ptr + b * nodes + idx, mask=in_tree, other=-1)
+    seed = tl.load(seeds_ptr + b)
+    out_row = b * (depth + 1)
+    tl.store(accepted_ptr + out_row, 0)
+    node = 0
+    count = 0
+    walking = True
+    while walking:
+        row = b * nodes + node
+        row_ptr = logits_ptr + b * stride_b + node * stride_n
+        valid = tl.load(argmax_ptr + row) >= 0
+        is_child = (parents == node) & (idx > 0) & in_tree
+        child = N_PAD
+        choice = -1
+        if MODE == 0:
+            choice = tl.load(argmax_ptr + row)
+            child = tl.min(tl.where(is_child & (tokens == choice), idx, N_PAD), axis=0)
+        elif MODE == 1:
+            u = _uniform(seed, b, node, nodes, SAMPLE)
+            choice = _sample_from_slices(row_ptr, vocab, inv_t, state_ptr, count_ptr, row * splits, splits, u,
+                                         SPLITS_PAD, SCAN)
+            child = tl.min(tl.where(is_child & (tokens == choice), idx, N_PAD), axis=0)
+        else:
+            lse = tl.load(lse_ptr + row)
+            q_row = q_ptr + b * q_stride_b + node * q_stride_n
+            c = 0.0
+            mass = 1.0
+            candidate = tl.min(tl.where(is_child, idx, N_PAD), axis=0)
+            while candidate < N_PAD:
+                x = tl.sum(tl.where(idx == candidate, tokens, 0), axis=0)
+                safe_x = tl.maximum(x, 0)
+                q_x = tl.load(q_row + safe_x).to(tl.float32)
+                drawable = (x >= 0) & (q_x > 0) & (q_x < float("inf"))
+                p_x = tl.exp(tl.load(row_ptr + safe_x).to(tl.float32) * inv_t - lse)
+                ratio = tl.maximum(p_x - c * q_x, 0.0) / mass / q_x
+                u = _uniform(seed, b, candidate, nodes, ACCEPT)
+                accepted = drawable & (u < ratio)
+                next_candidate = tl.min(tl.where(is_child & (idx > candidate), idx, N_PAD), axis=0)
+                if accepted:
+                    child = candidate
+                    next_candidate = N_PAD
+                elif drawable:
+                    new_c = c + mass
+                    new_mass, _unused, _unused2 = _residual_pass(row_ptr, q_row, vocab, inv_t, lse, new_c,
+                                                                 float("inf"), SCAN)
+                    if new_mass > 0:
+                        c = new_c
+                        mass = new_mass
+                candidate = next_candidate
+            if child == N_PAD:
+                u = _uniform(seed, b, node, nodes, SAMPLE)
+                if c == 0.0:
+                    choice = _sample_from_slices(row_ptr, vocab, inv_t, state_ptr, count_ptr, row * splits, splits,
+                                                 u, SPLITS_PAD, SCAN)
+                else:
+                    _total, hit, last = _residual_pass(row_ptr, q_row, vocab, inv_t, lse, c, u * mass, SCAN)
+                    choice = tl.where(hit >= 0, hit, last)
+        if not valid:
+            walking = False
+        elif child < N_PAD:
+            count += 1
+            tl.store(output_ptr + out_row + count - 1, tl.sum(tl.where(idx == child, tokens, 0), axis=0))
+            tl.store(accepted_ptr + out_row + count, child)
+            node = child
+        else:
+            tl.store(output_ptr + out_row + count, choice)
+            walking = False
+    tl.store(num_accepted_ptr + b, count)
+
+
+def _next_power_of_2(n):
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def verify_tree_triton(target_logits, draft_tokens, parents, temperature, draft_probs, seeds, depth):
+    """verify_tree on ``target_logits`` ``[B, N, V]``; the other arguments as normalised by
+    ``fusedecode._validation.check_verify_tree_args``. Returns (num_accepted, accepted_nodes,
+    output_tokens, logsumexp, entropy, varentropy, self_certainty, max_logprob, argmax)."""
+    import torch
+
+    batch, nodes, vocab = target_logits.shape
+    device = target_logits.device
+    stats_temperature = temperature if temperature > 0 else 1.0
+    splits = -(-vocab // SLICE_TOKENS)
+    stats, workspace = _launch_slices(target_logits, None, stats_temperature, None, 0, splits, SLICE_TOKENS)
+    num_accepted = torch.zeros((batch,), dtype=torch.int64, device=device)
+    accepted = torch.full((batch, depth + 1), -1, dtype=torch.int64, device=device)
+    output = torch.full((batch, depth + 1), -1, dtype=torch.int64, device=device)
+    if batch == 0:
+        return (num_accepted, accepted, output, *stats[:6])
+    mode = 0 if temperature == 0 else (1 if draft_probs is None else 2)
+    state_ws, count_ws = workspace[0], workspace[1]
+    q = draft_probs if draft_probs is not None else target_logits
+    _walk_kernel[(batch,)](
+        target_logits, target_logits.stride(0), target_logits.stride(1), vocab, nodes, draft_tokens, parents, seeds,
+        1.0 / stats_temperature, stats[0], stats[5], state_ws, count_ws, splits, q, q.stride(0), q.stride(1),
+        num_accepted, accepted, output, depth,
+        MODE=mode, N_PAD=max(2, _next_power_of_2(nodes)), SPLITS_PAD=max(2, _next_power_of_2(splits)), SCAN=1024,
+        num_warps=4)
+    return (num_accepted, accepted, output, *stats[:6])
