@@ -21,10 +21,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fusedecode.triton_kernels import logit_stats as kernels
+from fusedecode.triton_kernels import verify_tree as verify_kernels
 
-POINTER_TYPES = {"token_ptr": "*i64", "argmax_ptr": "*i64", "count_ptr": "*i32", "argmax_ws_ptr": "*i32"}
-INT64_ARGS = {"outer_stride", "inner_stride"}
-FLOAT_ARGS = {"temperature"}
+POINTER_TYPES = {"token_ptr": "*i64", "argmax_ptr": "*i64", "count_ptr": "*i32", "argmax_ws_ptr": "*i32",
+                 "tokens_ptr": "*i64", "parents_ptr": "*i64", "seeds_ptr": "*i64", "num_accepted_ptr": "*i64",
+                 "accepted_ptr": "*i64", "output_ptr": "*i64"}
+INT64_ARGS = {"outer_stride", "inner_stride", "stride_b", "stride_n", "q_stride_b", "q_stride_n"}
+FLOAT_ARGS = {"temperature", "inv_t"}
 
 
 def signature(fn, logits_type, constexprs):
@@ -32,7 +35,7 @@ def signature(fn, logits_type, constexprs):
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name == "logits_ptr":
+        elif name in ("logits_ptr", "q_ptr"):
             sig[name] = logits_type
         elif name.endswith("_ptr"):
             sig[name] = POINTER_TYPES.get(name, "*fp32")
@@ -53,6 +56,8 @@ def variants():
         yield kernels._row_kernel, logits_type, dict(common, HAS_TOKEN=extras, BLOCK=block), 8
         yield kernels._partial_kernel, logits_type, dict(common, BLOCK=block), 8
         yield kernels._merge_kernel, logits_type, dict(common, HAS_TOKEN=extras, SPLITS_PAD=64), 4
+    for logits_type, mode in itertools.product(("*fp32", "*fp16", "*bf16"), (0, 1, 2)):
+        yield verify_kernels._walk_kernel, logits_type, dict(MODE=mode, N_PAD=64, SPLITS_PAD=64, SCAN=1024), 4
 
 
 def resource_usage(cubin):

@@ -110,3 +110,46 @@ def test_bad_temperature_row_in_graph_gives_nan(backend, generator):
     torch.cuda.synchronize()
     assert math.isnan(out.entropy[1].item()) and out.argmax[1].item() == -1
     assert not math.isnan(out.entropy[0].item())
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("mode", ["greedy", "sample", "multi_draft"])
+def test_verify_tree_in_cuda_graph(backend, mode, generator):
+    need(backend)
+    batch, nodes, vocab = 4, 9, 40000
+    parents = torch.tensor([-1, 0, 0, 0, 1, 1, 2, 4, 4]).cuda()
+    tokens = torch.randint(0, vocab, (batch, nodes), generator=generator).cuda()
+    logits = random_logits((batch, nodes, vocab), generator, dtype=torch.bfloat16, device="cuda")
+    probs = torch.softmax(random_logits((batch, nodes, vocab), generator, device="cuda"), -1)
+    seeds = torch.arange(batch, dtype=torch.int64, device="cuda")
+    kwargs = dict(temperature=0.0 if mode == "greedy" else 0.9, seed=seeds, validate=False, backend=backend)
+    if mode == "multi_draft":
+        kwargs["draft_probs"] = probs
+    expected = fusedecode.verify_tree(logits, tokens, parents, **kwargs)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fusedecode.verify_tree(logits, tokens, parents, **kwargs)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.output_tokens, expected.output_tokens)
+    assert torch.equal(out.num_accepted, expected.num_accepted)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_verify_tree_compile_cuda(backend, generator):
+    need(backend)
+    torch._dynamo.reset()
+    parents = torch.tensor([-1, 0, 1, 1]).cuda()
+    tokens = torch.randint(0, 1000, (2, 4), generator=generator).cuda()
+    seeds = torch.tensor([1, 2], device="cuda")
+
+    def step(logits):
+        out = fusedecode.verify_tree(logits, tokens, parents, temperature=0.5, seed=seeds, validate=False,
+                                     backend=backend)
+        return out.output_tokens, out.stats.entropy
+
+    logits = random_logits((2, 4, 1000), generator, device="cuda")
+    got = torch.compile(step, fullgraph=True)(logits)
+    want = step(logits)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])

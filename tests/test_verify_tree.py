@@ -18,6 +18,12 @@ def target(request):
     return device, backend
 
 
+def interpreted(target):
+    """The Triton interpreter runs every program in Python: statistical tests use fewer trees there
+    (weaker, still valid); compiled backends get the full sample."""
+    return tuple(target) == ("cpu", "triton")
+
+
 def verify(target, logits, tokens, parents, **kwargs):
     device, backend = target
     to = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
@@ -129,7 +135,7 @@ def brute_force_greedy(logits, tokens, parents):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("nodes,vocab", [(2, 5), (9, 7), (33, 300), (64, 5000)])
+@pytest.mark.parametrize("nodes,vocab", [(2, 5), (9, 7), (33, 300), (64, 2500)])
 def test_greedy_random_trees_against_brute_force(target, nodes, vocab, dtype, generator):
     batch = 6
     parents = torch.stack([random_parents(nodes, generator) for _ in range(batch)])
@@ -296,8 +302,9 @@ def test_sampling_reproduces_the_target_distribution(target, mode):
     model = ToyModel(vocab=5, scale=1.2, salt="target")
     draft = ToyModel(vocab=5, scale=1.2, salt="draft")  # a different, imperfect draft
     generator = torch.Generator().manual_seed(1234)
-    batch = 3000
-    logits, tokens, parents, probs = build_sampling_batch(model, draft, temperature, batch, generator)
+    batch = 200 if interpreted(target) else 3000
+    shape = (2, 2) if interpreted(target) else (3, 2)
+    logits, tokens, parents, probs = build_sampling_batch(model, draft, temperature, batch, generator, shape)
     seeds = torch.arange(batch, dtype=torch.int64) * 7919 + 17
     kwargs = dict(temperature=temperature, seed=seeds)
     if mode == "multi_draft":
@@ -313,13 +320,14 @@ def test_sampling_reproduces_the_target_distribution(target, mode):
     pair_counts = torch.bincount(first * 5 + second, minlength=25)
     assert chi_square_pvalue(pair_counts, joint) > 1e-3
     # The tree is actually used: some draft tokens are accepted.
-    assert out.num_accepted.float().mean() > 0.3
+    assert out.num_accepted.float().mean() > 0.25
 
 
 def test_same_seed_same_result(target):
     model = ToyModel(vocab=7, scale=1.0, salt="repeat")
     generator = torch.Generator().manual_seed(5)
-    logits, tokens, parents, probs = build_sampling_batch(model, model, 1.0, 64, generator)
+    batch = 12 if interpreted(target) else 64
+    logits, tokens, parents, probs = build_sampling_batch(model, model, 1.0, batch, generator, (2, 2))
     for kwargs in (dict(), dict(draft_probs=probs)):
         a = verify(target, logits, tokens, parents, temperature=1.0, seed=42, **kwargs)
         b = verify(target, logits, tokens, parents, temperature=1.0, seed=torch.tensor(42), **kwargs)
@@ -331,7 +339,8 @@ def test_same_seed_same_result(target):
 def test_seed_none_follows_torch_manual_seed(target):
     model = ToyModel(vocab=7, scale=1.0, salt="none")
     generator = torch.Generator().manual_seed(6)
-    logits, tokens, parents, _ = build_sampling_batch(model, model, 1.0, 64, generator)
+    batch = 12 if interpreted(target) else 64
+    logits, tokens, parents, _ = build_sampling_batch(model, model, 1.0, batch, generator, (2, 2))
     torch.manual_seed(3)
     a = verify(target, logits, tokens, parents, temperature=1.0)
     torch.manual_seed(3)
@@ -392,3 +401,67 @@ def test_validation_errors(change, match):
 def test_validate_false_skips_value_checks():
     out = fusedecode.verify_tree(GOOD["logits"], GOOD["tokens"], GOOD["parents"], validate=False, backend="torch")
     assert out.output_tokens.shape == (2, 3)
+
+
+def test_sampling_across_slices_and_misaligned_rows(target):
+    # Probability mass spread over tokens in different 4096-token slices; rows start off a 16-byte
+    # boundary. The first emitted token must follow the target's distribution.
+    device, backend = target
+    vocab = 12000
+    batch = 160 if interpreted(target) else 2500
+    support = torch.tensor([3, 900, 4095, 4096, 4100, 6000, 8191, 8192, 9000, 11000, 11998, 11999])
+    values = torch.linspace(-1.0, 1.5, len(support))
+    row = torch.full((vocab,), -math.inf)
+    row[support] = values
+    storage = torch.full((batch, 3, vocab + 1), -math.inf)
+    storage[:, :, 1:] = row
+    logits = storage[:, :, 1:]  # last dim contiguous, rows misaligned by one element
+    tokens = torch.zeros((batch, 3), dtype=torch.int64)
+    tokens[:, 1], tokens[:, 2] = 4096, 11999
+    parents = torch.tensor([-1, 0, 0])
+    seeds = torch.arange(batch, dtype=torch.int64) * 104729 + 3
+    out = verify(target, logits, tokens, parents, temperature=0.8, seed=seeds)
+    first = out.output_tokens[:, 0].cpu()
+    assert torch.isin(first, support).all()
+    counts = torch.bincount(torch.searchsorted(support, first), minlength=len(support))
+    assert chi_square_pvalue(counts, torch.softmax(values.double() / 0.8, -1)) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom op registration
+
+def test_opcheck_native_verify_op(generator):
+    if fusedecode.backends.unavailable_reason("cpp", "cpu"):
+        pytest.skip("cpp backend unavailable: extension not built")
+    logits = torch.randn((2, 5, 300), generator=generator)
+    tokens = torch.randint(0, 300, (2, 5), generator=generator)
+    parents = torch.tensor([[-1, 0, 0, 1, 2], [-1, 0, 1, 2, 3]])
+    seeds = torch.tensor([3, 4])
+    probs = torch.softmax(torch.randn((2, 5, 300), generator=generator), -1)
+    for temperature, q in ((0.0, None), (0.7, None), (0.7, probs)):
+        torch.library.opcheck(torch.ops.fusedecode.verify_tree.default, (logits, tokens, parents, temperature, q,
+                                                                         seeds, 3))
+
+
+def test_torch_compile_fullgraph():
+    # The fused backends are custom ops with fake kernels; the torch reference walks trees in Python
+    # loops and is not meant to be traced.
+    backend = "cpp"
+    if fusedecode.backends.unavailable_reason(backend, "cpu"):
+        pytest.skip("cpp backend unavailable: extension not built")
+    torch._dynamo.reset()
+    tokens = torch.tensor([[0, 5, 6, 7]])
+    parents = torch.tensor([-1, 0, 1, 2])
+
+    def step(logits, seed):
+        out = fusedecode.verify_tree(logits, tokens, parents, temperature=0.0, seed=seed, backend=backend)
+        return out.num_accepted, out.output_tokens, out.stats.entropy
+
+    compiled = torch.compile(step, fullgraph=True)
+    logits = peaked_logits([[5, 6, 9, 1]], 12)
+    got = compiled(logits, torch.tensor(1))
+    want = step(logits, torch.tensor(1))
+    assert torch.equal(got[0], want[0])
+    # Under compile the depth cannot be read from the tree: outputs are N wide, same prefix.
+    assert torch.equal(got[1][:, :want[1].shape[1]], want[1])
+    torch.testing.assert_close(got[2], want[2])

@@ -12,6 +12,12 @@ import operator
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type or dtype. Both a TypeError (what Python code expects) and a
+    ValueError (what DESIGN section 4 promises for every bad verify_tree input)."""
+
 INDEX_DTYPES = (torch.int32, torch.int64)
 MAX_TOPK = 64
 
@@ -27,11 +33,11 @@ def values_checkable(tensor):
 
 def check_int(name, value, low, high):
     if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
+        raise ArgumentTypeError(f"{name} must be an int, got bool")
     try:
         value = operator.index(value)
     except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+        raise ArgumentTypeError(f"{name} must be an int, got {type(value).__name__}") from None
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
     return value
@@ -39,9 +45,9 @@ def check_int(name, value, low, high):
 
 def check_logits(name, logits):
     if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+        raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {logits.dtype}")
+        raise ArgumentTypeError(f"{name} must be float32, float16 or bfloat16, got {logits.dtype}")
     if logits.dim() < 1:
         raise ValueError(f"{name} must have shape [..., V], got a 0-dim tensor")
     vocab = logits.shape[-1]
@@ -59,7 +65,7 @@ def check_temperature(temperature, logits, allow_zero=False):
     bound = ">= 0" if allow_zero else "> 0"
     if isinstance(temperature, torch.Tensor):
         if not temperature.dtype.is_floating_point:
-            raise TypeError(f"temperature must be a float or a floating-point tensor, got {temperature.dtype}")
+            raise ArgumentTypeError(f"temperature must be a float or a floating-point tensor, got {temperature.dtype}")
         if temperature.shape != rows_shape:
             raise ValueError(f"temperature tensor must have shape {tuple(rows_shape)} (one per row), "
                              f"got {tuple(temperature.shape)}")
@@ -71,7 +77,7 @@ def check_temperature(temperature, logits, allow_zero=False):
                 raise ValueError(f"temperature must be finite and {bound} in every row")
         return temperature.reshape(-1).to(torch.float32).contiguous(), 1.0
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float or a tensor, got {type(temperature).__name__}")
+        raise ArgumentTypeError(f"temperature must be a float or a tensor, got {type(temperature).__name__}")
     temperature = float(temperature)
     if not math.isfinite(temperature) or temperature < 0 or (temperature == 0 and not allow_zero):
         raise ValueError(f"temperature must be finite and {bound}, got {temperature}")
@@ -82,9 +88,9 @@ def check_token_ids(token_ids, logits):
     if token_ids is None:
         return None
     if not isinstance(token_ids, torch.Tensor):
-        raise TypeError(f"token_ids must be a tensor or None, got {type(token_ids).__name__}")
+        raise ArgumentTypeError(f"token_ids must be a tensor or None, got {type(token_ids).__name__}")
     if token_ids.dtype not in INDEX_DTYPES:
-        raise TypeError(f"token_ids must be int32 or int64, got {token_ids.dtype}")
+        raise ArgumentTypeError(f"token_ids must be int32 or int64, got {token_ids.dtype}")
     rows_shape = logits.shape[:-1]
     if token_ids.shape != rows_shape:
         raise ValueError(f"token_ids must have shape {tuple(rows_shape)} (one per row), got {tuple(token_ids.shape)}")
@@ -174,7 +180,7 @@ def check_verify_tree_args(target_logits, draft_tokens, parents, temperature, dr
                 raise ValueError(f"draft_tokens must be in [-1, {vocab}) (entry 0 is ignored), "
                                  f"got values in [{low}, {high}]")
 
-    if parents.device.type == "cpu" or (validate and values_checkable(parents)):
+    if values_checkable(parents) and (parents.device.type == "cpu" or validate):
         from .tree import tree_depths
 
         depth = int(tree_depths(parents_rows.cpu()).max()) if nodes > 1 else 0

@@ -48,8 +48,8 @@ def verify_tree(target_logits, draft_tokens, parents, *, temperature=0.0, draft_
 
     Returns:
         ``TreeVerification(num_accepted [B], accepted_nodes [B, D+1], output_tokens [B, D+1],
-        stats)`` with D the tree depth (N - 1 when ``validate=False`` and parents live on the GPU)
-        and ``stats`` the ``LogitStats`` ``[B, N]`` of every node's row at ``temperature`` (1.0 when
+        stats)`` with D the tree depth (N - 1 when it cannot be read without a sync: parents on the
+        GPU with ``validate=False``, torch.compile, CUDA-graph capture) and ``stats`` the ``LogitStats`` ``[B, N]`` of every node's row at ``temperature`` (1.0 when
         greedy), computed in the same pass.
 
     Example::

@@ -50,6 +50,7 @@ struct LogitStatsParams {
   float* token_logprob;    // when token_ids
   float* topk_confidence;  // when topk > 0
   int splits;              // CTAs per row
+  int64_t vectors_per_split;   // 16-byte vectors per slice; 0: split the row evenly
   StatsState* partial_states;  // [rows * splits] when splits > 1
   float* partial_topk;         // [rows * splits * kTopKCapacity] when splits > 1 and topk > 0
   unsigned int* row_counters;  // [rows], all zero on entry and on exit, when splits > 1
@@ -349,7 +350,7 @@ __global__ void __launch_bounds__(kThreads) logit_stats_kernel(const LogitStatsP
   const int64_t head = misaligned ? min64(kVec - misaligned, p.vocab) : 0;
   const int64_t num_vectors = (p.vocab - head) / kVec;
   const int64_t tail_begin = head + num_vectors * kVec;
-  const int64_t per_split = (num_vectors + p.splits - 1) / p.splits;
+  const int64_t per_split = p.vectors_per_split > 0 ? p.vectors_per_split : (num_vectors + p.splits - 1) / p.splits;
   const int64_t vec_begin = min64(num_vectors, split * per_split);
   const int64_t vec_end = min64(num_vectors, vec_begin + per_split);
   const uint4* vectors = reinterpret_cast<const uint4*>(row_ptr + head);
