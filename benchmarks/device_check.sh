@@ -43,9 +43,15 @@ echo "memcheck rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)" 
 
 log "sweep"
 timeout ${SWEEP_TIMEOUT:-200} $PY benchmarks/sweep.py --dtypes bfloat16 float32 --replays ${REPLAYS:-10} \
-  --json "$OUT/sweep.json" --plot "$OUT/sweep.png" > "$OUT/sweep.log" 2>&1
+  --json "$OUT/sweep.json" --plot "$OUT/sweep.png" > /tmp/fusedecode_sweep.log 2>&1
 echo "sweep rc=$?" | tee -a "$SUMMARY"
-grep -v '^{' "$OUT/sweep.log" | tee -a "$SUMMARY"
+grep -v '^{' /tmp/fusedecode_sweep.log | grep -v -i "warn\|capture_end" | tee -a "$SUMMARY"
+
+log "verify_tree sweep"
+timeout ${VERIFY_TIMEOUT:-200} $PY benchmarks/sweep_verify.py --replays ${REPLAYS:-10} --json "$OUT/sweep_verify.json" \
+  > /tmp/fusedecode_sweep_verify.log 2>&1
+echo "verify sweep rc=$?" | tee -a "$SUMMARY"
+grep -v '^{' /tmp/fusedecode_sweep_verify.log | grep -v -i "warn\|capture_end" | tee -a "$SUMMARY"
 
 log "compute-sanitizer racecheck"
 timeout ${RACECHECK_TIMEOUT:-80} compute-sanitizer --tool racecheck --error-exitcode 9 $PY benchmarks/sanitizer_check.py \

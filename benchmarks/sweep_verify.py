@@ -57,7 +57,7 @@ def unfused_pipeline(logits, tokens, parents, temperature, depth):
     return accepted, choice[rows, node]
 
 
-def measure(device, batches, node_counts, vocabs, modes, replays):
+def measure(device, batches, node_counts, vocabs, modes, replays, json_path=None):
     is_cuda = torch.device(device).type == "cuda"
     backend = next(b for b in ("cuda", "cpp", "triton", "torch") if unavailable_reason(b, device) is None)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -98,6 +98,9 @@ def measure(device, batches, node_counts, vocabs, modes, replays):
                              "unfused_vs_verify": times["unfused"] / times["verify_tree"]}
                     results.append(entry)
                     print(json.dumps(entry), flush=True)
+                    if json_path:  # keep what finished even if the run is cut short
+                        with open(json_path, "w") as handle:
+                            json.dump({"meta": meta, "results": results}, handle, indent=1)
                 del inputs
     return {"meta": meta, "results": results}
 
@@ -122,7 +125,7 @@ def main(argv=None):
     parser.add_argument("--replays", type=int, default=10)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    report = measure(args.device, args.batch, args.nodes, args.vocab, args.modes, args.replays)
+    report = measure(args.device, args.batch, args.nodes, args.vocab, args.modes, args.replays, args.json)
     print(table(report))
     if args.json:
         with open(args.json, "w") as handle:
