@@ -10,12 +10,8 @@ fused op is bytes read / copy bandwidth, reported as "% of copy".
 """
 
 import argparse
-import datetime
 import functools
 import json
-import os
-import platform
-import subprocess
 import sys
 
 import torch
@@ -26,16 +22,6 @@ from fusedecode.backends import unavailable_reason
 from fusedecode.reference import logit_stats_reference
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def git_commit():
-    if os.environ.get("FUSEDECODE_COMMIT"):
-        return os.environ["FUSEDECODE_COMMIT"]
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def implementations(device, compile_dynamic):
@@ -53,24 +39,15 @@ def implementations(device, compile_dynamic):
 
 def measure(device, rows_list, vocabs, dtype_names, impl_filter, compile_dynamic, replays, json_path=None):
     is_cuda = torch.device(device).type == "cuda"
-    meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
-        "device": torch.cuda.get_device_name(device) if is_cuda else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "fusedecode": fusedecode.build_info(),
-        "threads": torch.get_num_threads(),
-        "compile_dynamic": compile_dynamic,
-    }
+    report = {"meta": _bench.run_metadata(device, compile_dynamic=compile_dynamic), "results": []}
+    meta = report["meta"]
     if is_cuda:
-        meta["copy_bandwidth_GBps"] = _bench.cuda_copy_bandwidth(device) / 1e9
         meta["empty_launch_us"] = _bench.cuda_empty_launch_time(device) * 1e6
         print(f"# {meta['device']}: copy {meta['copy_bandwidth_GBps']:.0f} GB/s, "
               f"empty launch {meta['empty_launch_us']:.2f} us", flush=True)
     impls = implementations(device, compile_dynamic)
     if impl_filter:
         impls = {k: v for k, v in impls.items() if any(f in k for f in impl_filter)}
-    results = []
     for dtype_name in dtype_names:
         dtype = DTYPES[dtype_name]
         for vocab in vocabs:
@@ -80,10 +57,7 @@ def measure(device, rows_list, vocabs, dtype_names, impl_filter, compile_dynamic
                 inputs = _bench.make_inputs(rows, vocab, dtype, device, copies)
                 for name, fn in impls.items():
                     try:
-                        if is_cuda:
-                            seconds, graphed = _bench.cuda_time_per_call(fn, inputs, replays=replays)
-                        else:
-                            seconds, graphed = _bench.cpu_time_per_call(fn, inputs), False
+                        seconds, graphed = _bench.time_per_call(fn, inputs, device, replays)
                     except Exception as error:  # report, keep sweeping
                         print(f"# {name} failed at rows={rows} V={vocab} {dtype_name}: {error}", flush=True)
                         continue
@@ -92,15 +66,11 @@ def measure(device, rows_list, vocabs, dtype_names, impl_filter, compile_dynamic
                              "bytes": nbytes}
                     if is_cuda:
                         entry["pct_of_copy"] = 100 * entry["GBps"] / meta["copy_bandwidth_GBps"]
-                    results.append(entry)
-                    print(json.dumps(entry), flush=True)
-                    if json_path:  # keep what finished even if the run is cut short
-                        with open(json_path, "w") as handle:
-                            json.dump({"meta": meta, "results": results}, handle, indent=1)
+                    _bench.record(entry, report, json_path)
                 del inputs
                 if is_cuda:
                     torch.cuda.empty_cache()
-    return {"meta": meta, "results": results}
+    return report
 
 
 def table(report):

@@ -8,10 +8,7 @@ torch), in one run, for greedy and target-only sampling.
 """
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 
 import torch
@@ -19,9 +16,6 @@ import torch
 import fusedecode
 from fusedecode import _bench
 from fusedecode.backends import unavailable_reason
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sweep import git_commit  # noqa: E402
 
 
 def random_tree(batch, nodes, vocab, device, seed=0):
@@ -58,15 +52,8 @@ def unfused_pipeline(logits, tokens, parents, temperature, depth):
 
 
 def measure(device, batches, node_counts, vocabs, modes, replays, json_path=None):
-    is_cuda = torch.device(device).type == "cuda"
     backend = next(b for b in ("cuda", "cpp", "triton", "torch") if unavailable_reason(b, device) is None)
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": git_commit(), "backend": backend, "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(device) if is_cuda else platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads()}
-    if is_cuda:
-        meta["copy_bandwidth_GBps"] = _bench.cuda_copy_bandwidth(device) / 1e9
-    results = []
+    report = {"meta": _bench.run_metadata(device, backend=backend), "results": []}
     for vocab in vocabs:
         for batch in batches:
             for nodes in node_counts:
@@ -86,23 +73,14 @@ def measure(device, batches, node_counts, vocabs, modes, replays, json_path=None
                             x, temperature=t if t > 0 else 1.0, backend=backend),
                         "unfused": lambda x, t=temperature: unfused_pipeline(x, tokens, parents, t, depth),
                     }
-                    times = {}
-                    for name, fn in impls.items():
-                        if is_cuda:
-                            times[name], _ = _bench.cuda_time_per_call(fn, inputs, replays=replays)
-                        else:
-                            times[name] = _bench.cpu_time_per_call(fn, inputs, min_time=0.2, repeats=5)
+                    times = {name: _bench.time_per_call(fn, inputs, device, replays)[0] for name, fn in impls.items()}
                     entry = {"batch": batch, "nodes": nodes, "vocab": vocab, "mode": mode, "bytes": nbytes,
                              **{f"{k}_s": v for k, v in times.items()},
                              "verify_vs_stats": times["verify_tree"] / times["logit_stats"],
                              "unfused_vs_verify": times["unfused"] / times["verify_tree"]}
-                    results.append(entry)
-                    print(json.dumps(entry), flush=True)
-                    if json_path:  # keep what finished even if the run is cut short
-                        with open(json_path, "w") as handle:
-                            json.dump({"meta": meta, "results": results}, handle, indent=1)
+                    _bench.record(entry, report, json_path)
                 del inputs
-    return {"meta": meta, "results": results}
+    return report
 
 
 def table(report):

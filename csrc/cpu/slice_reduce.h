@@ -74,16 +74,7 @@ void dispatch_logits_dtype(at::ScalarType dtype, F&& f) {
   }
 }
 
-struct StatsOutputs {
-  float* logsumexp;
-  float* entropy;
-  float* varentropy;
-  float* self_certainty;
-  float* max_logprob;
-  int64_t* argmax;
-  float* token_logprob;    // nullptr when not requested
-  float* topk_confidence;  // nullptr when not requested
-};
+using StatsOutputs = StatsOutputPointers;
 
 // Reduce every row of `layout` in slices of `slice_len` tokens, in parallel over (row, slice), and
 // write the stats. With `keep_slices`, the per-slice results stay there ([rows * slices]).
@@ -95,25 +86,10 @@ void reduce_rows(const scalar_t* base, const RowLayout& layout, Temperature row_
   const int64_t slices = (vocab + slice_len - 1) / slice_len;
 
   auto finish_row = [&](int64_t r, const SliceResult& result) {
-    const float t = row_temperature(r);
-    const float inv_t = 1.f / t;
-    const StatsFields f = finalize_state(result.state, temperature_is_valid(t));
-    out.logsumexp[r] = f.logsumexp;
-    out.entropy[r] = f.entropy;
-    out.varentropy[r] = f.varentropy;
-    out.self_certainty[r] = f.self_certainty;
-    out.max_logprob[r] = f.max_logprob;
-    out.argmax[r] = f.argmax;
-    if (out.token_logprob) {
-      const int64_t t_id = token_ids[r];
-      const bool in_range = t_id >= 0 && t_id < vocab;
-      const float x = in_range ? static_cast<float>(base[layout.row_offset(r) + t_id]) : 0.f;
-      out.token_logprob[r] = (f.valid && in_range) ? x * inv_t - f.logsumexp : kNaN;
-    }
-    if (out.topk_confidence) {
-      out.topk_confidence[r] =
-          f.valid ? f.logsumexp - inv_t * result.top.sum() / static_cast<float>(result.top.size) : kNaN;
-    }
+    const int64_t token = token_ids ? token_ids[r] : -1;
+    const bool in_range = token >= 0 && token < vocab;
+    const float token_x = in_range ? static_cast<float>(base[layout.row_offset(r) + token]) : 0.f;
+    store_row_stats(out, r, result.state, row_temperature(r), in_range, token_x, result.top.sum(), result.top.size);
   };
 
   if (slices == 1 && keep_slices == nullptr) {

@@ -49,14 +49,14 @@ LogitStatsOutputs logit_stats_cuda(const at::Tensor& logits, const c10::optional
   p.temperature = static_cast<float>(temperature_scalar);
   p.token_ids = token_ids.has_value() ? token_ids->const_data_ptr<int64_t>() : nullptr;
   p.topk = static_cast<int>(topk);
-  p.logsumexp = std::get<0>(outputs).data_ptr<float>();
-  p.entropy = std::get<1>(outputs).data_ptr<float>();
-  p.varentropy = std::get<2>(outputs).data_ptr<float>();
-  p.self_certainty = std::get<3>(outputs).data_ptr<float>();
-  p.max_logprob = std::get<4>(outputs).data_ptr<float>();
-  p.argmax = std::get<5>(outputs).data_ptr<int64_t>();
-  p.token_logprob = token_ids.has_value() ? std::get<6>(outputs).data_ptr<float>() : nullptr;
-  p.topk_confidence = topk > 0 ? std::get<7>(outputs).data_ptr<float>() : nullptr;
+  p.out = {std::get<0>(outputs).data_ptr<float>(),
+           std::get<1>(outputs).data_ptr<float>(),
+           std::get<2>(outputs).data_ptr<float>(),
+           std::get<3>(outputs).data_ptr<float>(),
+           std::get<4>(outputs).data_ptr<float>(),
+           std::get<5>(outputs).data_ptr<int64_t>(),
+           token_ids.has_value() ? std::get<6>(outputs).data_ptr<float>() : nullptr,
+           topk > 0 ? std::get<7>(outputs).data_ptr<float>() : nullptr};
 
   const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   p.splits = cuda::choose_splits(rows, layout.vocab, static_cast<int>(logits.element_size()), sm_count);

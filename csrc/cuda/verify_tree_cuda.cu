@@ -53,12 +53,14 @@ VerifyTreeOutputs verify_tree_cuda(const at::Tensor& logits, const at::Tensor& t
   s.inner_stride = logits.stride(1);
   s.vocab = vocab;
   s.temperature = stats_temperature;
-  s.logsumexp = std::get<3>(outputs).data_ptr<float>();
-  s.entropy = std::get<4>(outputs).data_ptr<float>();
-  s.varentropy = std::get<5>(outputs).data_ptr<float>();
-  s.self_certainty = std::get<6>(outputs).data_ptr<float>();
-  s.max_logprob = std::get<7>(outputs).data_ptr<float>();
-  s.argmax = std::get<8>(outputs).data_ptr<int64_t>();
+  s.out = {std::get<3>(outputs).data_ptr<float>(),
+           std::get<4>(outputs).data_ptr<float>(),
+           std::get<5>(outputs).data_ptr<float>(),
+           std::get<6>(outputs).data_ptr<float>(),
+           std::get<7>(outputs).data_ptr<float>(),
+           std::get<8>(outputs).data_ptr<int64_t>(),
+           nullptr,
+           nullptr};
   s.splits = static_cast<int>(splits);
   s.partial_states = reinterpret_cast<StatsState*>(slices.data_ptr<float>());
   s.row_counters = reinterpret_cast<unsigned int*>(counters.data_ptr<int>());

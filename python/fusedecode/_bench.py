@@ -7,8 +7,13 @@ over the device-to-device copy bandwidth measured in the same run. CPU: median w
 cycling through the same inputs, every implementation in the same process.
 """
 
+import datetime
+import json
 import math
+import os
+import platform
 import statistics
+import subprocess
 import time
 
 import torch
@@ -134,3 +139,50 @@ def cpu_time_per_call(fn, inputs, min_time=0.3, repeats=7):
             fn(inputs[i % len(inputs)])
         samples.append((time.perf_counter() - start) / calls)
     return statistics.median(samples)
+
+
+def time_per_call(fn, inputs, device, replays=10):
+    """(seconds per call, whether a CUDA graph was used) on ``device``."""
+    if torch.device(device).type == "cuda":
+        return cuda_time_per_call(fn, inputs, replays=replays)
+    return cpu_time_per_call(fn, inputs, min_time=0.2, repeats=5), False
+
+
+def git_commit(path=None):
+    if os.environ.get("FUSEDECODE_COMMIT"):
+        return os.environ["FUSEDECODE_COMMIT"]
+    try:
+        here = path or os.path.dirname(os.path.abspath(__file__))
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def run_metadata(device, **extra):
+    """Date, commit, device name, versions and threads of a benchmark run (plus ``extra``)."""
+    import fusedecode
+
+    is_cuda = torch.device(device).type == "cuda"
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "device": torch.cuda.get_device_name(device) if is_cuda else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "fusedecode": fusedecode.build_info(),
+        "threads": torch.get_num_threads(),
+    }
+    meta.update(extra)
+    if is_cuda:
+        meta["copy_bandwidth_GBps"] = cuda_copy_bandwidth(device) / 1e9
+    return meta
+
+
+def record(entry, report, json_path=None):
+    """Append one result, print it as a JSON line, and rewrite ``json_path`` so a run cut short
+    keeps what finished."""
+    report["results"].append(entry)
+    print(json.dumps(entry), flush=True)
+    if json_path:
+        with open(json_path, "w") as handle:
+            json.dump(report, handle, indent=1)

@@ -41,14 +41,7 @@ struct LogitStatsParams {
   float temperature;
   const int64_t* token_ids;  // one per row, or nullptr
   int topk;                  // 0: off
-  float* logsumexp;
-  float* entropy;
-  float* varentropy;
-  float* self_certainty;
-  float* max_logprob;
-  int64_t* argmax;
-  float* token_logprob;    // when token_ids
-  float* topk_confidence;  // when topk > 0
+  StatsOutputPointers out;   // token_logprob when token_ids, topk_confidence when topk > 0
   int splits;              // CTAs per row
   int64_t vectors_per_split;   // 16-byte vectors per slice; 0: split the row evenly
   StatsState* partial_states;  // [rows * splits] when splits > 1
@@ -477,23 +470,10 @@ __global__ void __launch_bounds__(kThreads) logit_stats_kernel(const LogitStatsP
   if (kTopK) topk_sum = top.sum_first(keep);
   if (lane != 0) return;
 
-  const StatsFields f = finalize_state(state, temperature_is_valid(t));
-  p.logsumexp[row] = f.logsumexp;
-  p.entropy[row] = f.entropy;
-  p.varentropy[row] = f.varentropy;
-  p.self_certainty[row] = f.self_certainty;
-  p.max_logprob[row] = f.max_logprob;
-  p.argmax[row] = f.argmax;
-  if (p.token_ids) {
-    const int64_t token = p.token_ids[row];
-    const bool in_range = token >= 0 && token < p.vocab;
-    const float x = in_range ? Load::scalar(row_ptr + token) : 0.f;
-    p.token_logprob[row] = (f.valid && in_range) ? x * inv_t - f.logsumexp : __int_as_float(0x7fc00000);
-  }
-  if (kTopK) {
-    p.topk_confidence[row] =
-        f.valid ? f.logsumexp - inv_t * topk_sum / static_cast<float>(keep) : __int_as_float(0x7fc00000);
-  }
+  const int64_t token = p.token_ids ? p.token_ids[row] : -1;
+  const bool in_range = token >= 0 && token < p.vocab;
+  const float token_x = in_range ? Load::scalar(row_ptr + token) : 0.f;
+  store_row_stats(p.out, row, state, t, in_range, token_x, topk_sum, keep);
 }
 
 // CTAs per row: one when rows alone fill the GPU; otherwise enough slices to put about four CTAs

@@ -144,4 +144,35 @@ FD_HOST_DEVICE bool temperature_is_valid(float t) {
   return t > 0.f && t < FD_INFINITY;
 }
 
+// Where logit_stats writes its per-row results (token_logprob / topk_confidence: nullptr if unused).
+struct StatsOutputPointers {
+  float* logsumexp;
+  float* entropy;
+  float* varentropy;
+  float* self_certainty;
+  float* max_logprob;
+  int64_t* argmax;
+  float* token_logprob;
+  float* topk_confidence;
+};
+
+// Finalize one row and store every requested output. `token_x` is the raw logit of the row's token
+// (when `token_in_range`), `topk_sum` the sum of the row's `topk_kept` largest raw logits.
+FD_HOST_DEVICE void store_row_stats(const StatsOutputPointers& out, int64_t row, const StatsState& state, float t,
+                                    bool token_in_range, float token_x, float topk_sum, int topk_kept) {
+  const StatsFields f = finalize_state(state, temperature_is_valid(t));
+  const float inv_t = 1.f / t;
+  out.logsumexp[row] = f.logsumexp;
+  out.entropy[row] = f.entropy;
+  out.varentropy[row] = f.varentropy;
+  out.self_certainty[row] = f.self_certainty;
+  out.max_logprob[row] = f.max_logprob;
+  out.argmax[row] = f.argmax;
+  if (out.token_logprob) out.token_logprob[row] = (f.valid && token_in_range) ? token_x * inv_t - f.logsumexp : FD_NAN;
+  if (out.topk_confidence) {
+    out.topk_confidence[row] =
+        f.valid ? f.logsumexp - inv_t * topk_sum / static_cast<float>(topk_kept) : FD_NAN;
+  }
+}
+
 }  // namespace fusedecode
