@@ -6,12 +6,15 @@ DEPS_STAMP := $(VENV)/.fusedecode-deps
 # CPU torch for development and CI; triton for the Triton interpreter and ahead-of-time compiles.
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.7.1
+# The Hugging Face integration (fusedecode.hf, the demo) is tested against this transformers.
+TRANSFORMERS_SPEC ?= transformers==5.17.0
 
-.PHONY: install test demo bench sweep cuda-check device-check clean
+.PHONY: install test demo bench sweep cuda-check device-check train-bundled clean
 
-$(DEPS_STAMP):
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)" numpy pytest pytest-benchmark ninja setuptools wheel matplotlib
+$(DEPS_STAMP): Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)" "$(TRANSFORMERS_SPEC)" numpy pytest pytest-benchmark \
+		ninja setuptools wheel matplotlib
 	touch $@
 
 install: $(DEPS_STAMP)
@@ -32,6 +35,10 @@ sweep: install
 # Compile and link the CUDA sources for sm_80 and sm_90 against a CUDA build of torch (no GPU needed).
 cuda-check:
 	bash .ci/cuda_compile_check.sh
+
+# Retrain the bundled arithmetic models (about 10 minutes on 2 CPU cores).
+train-bundled: install
+	$(PY) -m fusedecode.hf.train_bundled
 
 device-check: install
 	bash benchmarks/device_check.sh

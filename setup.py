@@ -23,7 +23,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 BASE_VERSION = "0.1.0"
 DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 
-PACKAGES = ["fusedecode", "fusedecode.triton_kernels"]
+PACKAGES = ["fusedecode", "fusedecode.triton_kernels", "fusedecode.hf"]
+# The bundled arithmetic models (weights, configs, tokenizers) ship inside the package.
+PACKAGE_DATA = {"fusedecode": ["assets/*.json", "assets/*/*.json", "assets/*/*.safetensors"]}
 PACKAGE_DIR = {"": "python", "fusedecode.triton_kernels": "triton_kernels"}
 
 
@@ -140,11 +142,13 @@ setup(
     description="Fused GPU kernels for LLM decoding research: one-pass logit statistics and tree verification",
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
+    package_data=PACKAGE_DATA,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "numpy"], "bench": ["pytest-benchmark", "matplotlib"]},
+    extras_require={"triton": ["triton>=3.0"], "hf": ["transformers>=4.50"], "test": ["pytest", "numpy"],
+                    "bench": ["pytest-benchmark", "matplotlib"]},
     entry_points={"console_scripts": ["fusedecode=fusedecode.__main__:main"]},
     zip_safe=False,
 )

@@ -63,7 +63,8 @@ inline RowLayout check_logit_stats_inputs(const at::Tensor& logits, const c10::o
 }
 
 inline LogitStatsOutputs allocate_logit_stats_outputs(const at::Tensor& logits, bool with_token, bool with_topk) {
-  const auto shape = std::vector<int64_t>{logits.size(0), logits.size(1)};
+  // One entry per row, in row order ([outer * inner]); the Python layer gives them the leading shape.
+  const auto shape = std::vector<int64_t>{logits.size(0) * logits.size(1)};
   const auto f32 = logits.options().dtype(at::kFloat);
   auto optional_out = [&](bool wanted) { return wanted ? at::empty(shape, f32) : at::empty({0}, f32); };
   return {at::empty(shape, f32),

@@ -282,7 +282,7 @@ def _outputs(logits, token_ids, topk):
 
     outer, inner, _ = logits.shape
     f32 = dict(dtype=torch.float32, device=logits.device)
-    shape = (outer, inner)
+    shape = (outer * inner,)  # one entry per row, as the native op
     outputs = [torch.empty(shape, **f32) for _ in range(5)]
     outputs.append(torch.empty(shape, dtype=torch.int64, device=logits.device))
     outputs.append(torch.empty(shape if token_ids is not None else (0,), **f32))

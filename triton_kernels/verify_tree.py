@@ -191,6 +191,7 @@ def verify_tree_triton(target_logits, draft_tokens, parents, temperature, draft_
     stats_temperature = temperature if temperature > 0 else 1.0
     splits = -(-vocab // SLICE_TOKENS)
     stats, workspace = _launch_slices(target_logits, None, stats_temperature, None, 0, splits, SLICE_TOKENS)
+    stats = tuple(t.view(batch, nodes) for t in stats[:6])
     num_accepted = torch.zeros((batch,), dtype=torch.int64, device=device)
     accepted = torch.full((batch, depth + 1), -1, dtype=torch.int64, device=device)
     output = torch.full((batch, depth + 1), -1, dtype=torch.int64, device=device)

@@ -1,8 +1,9 @@
-"""Command line: ``python -m fusedecode {info,demo,bench}``.
+"""Command line: ``python -m fusedecode {info,demo,sample,bench}``.
 
-    info   how fusedecode was built, which backends run here, the GPU seen
-    demo   logit_stats on a sample of distributions, then a short CPU benchmark table
-    bench  the CPU benchmark table alone (cpp vs torch eager vs torch.compile)
+    info    how fusedecode was built, which backends run here, the GPU seen
+    demo    per-token uncertainty and self-certainty Best-of-N on the bundled model (transformers)
+    sample  logit_stats on a few hand-made distributions
+    bench   CPU benchmark table (cpp vs torch eager vs torch.compile)
 """
 
 import argparse
@@ -108,9 +109,19 @@ def cpu_benchmark(include_compile=True, min_time=0.3):
     return rows_out
 
 
-def cmd_demo(args):
+def cmd_demo(demo_argv):
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("the demo needs transformers: pip install transformers (or use `make demo`)", file=sys.stderr)
+        return 2
+    from .hf.demo import main as demo_main
+
+    return demo_main(demo_argv)
+
+
+def cmd_sample(_args):
     show_sample()
-    cpu_benchmark(include_compile=not args.no_compile)
     return 0
 
 
@@ -128,14 +139,17 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="build facts, backends, GPU").set_defaults(func=cmd_info)
-    demo = sub.add_parser("demo", help="logit_stats on sample rows and a CPU benchmark")
-    demo.add_argument("--no-compile", action="store_true", help="skip torch.compile in the benchmark")
-    demo.set_defaults(func=cmd_demo)
+    # `demo` parses its own options (python -m fusedecode demo --help).
+    sub.add_parser("demo", help="uncertainty and Best-of-N on the bundled model (demo --help for options)")
+    sub.add_parser("sample", help="logit_stats on sample rows").set_defaults(func=cmd_sample)
     bench = sub.add_parser("bench", help="CPU benchmark table")
     bench.add_argument("--no-compile", action="store_true")
     bench.add_argument("--min-time", type=float, default=0.5)
     bench.add_argument("--json", default=None)
     bench.set_defaults(func=cmd_bench)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "demo":
+        return cmd_demo(argv[1:])
     args = parser.parse_args(argv)
     return args.func(args)
 

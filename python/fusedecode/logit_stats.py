@@ -61,9 +61,11 @@ def logit_stats(logits, *, temperature=1.0, token_ids=None, topk=0, backend=None
         outputs = torch.ops.fusedecode.logit_stats_triton(view, temperature_rows, temperature_scalar, token_rows, topk)
     else:  # cpp or cuda: one native op, dispatched on the device
         outputs = torch.ops.fusedecode.logit_stats(view, temperature_rows, temperature_scalar, token_rows, topk)
-    fields = [t.reshape(rows_shape) for t in outputs[:6]]
-    fields.append(outputs[6].reshape(rows_shape) if token_rows is not None else None)
-    fields.append(outputs[7].reshape(rows_shape) if topk > 0 else None)
+    fields = list(outputs[:6])
+    fields.append(outputs[6] if token_rows is not None else None)
+    fields.append(outputs[7] if topk > 0 else None)
+    if len(rows_shape) != 1:  # the ops return one entry per row: [rows]
+        fields = [f.view(rows_shape) if f is not None else None for f in fields]
     return LogitStats(*fields)
 
 
@@ -74,6 +76,9 @@ def _as_rows_3d(logits):
     (rare: e.g. a permuted 4-D tensor) is copied to contiguous memory.
     """
     vocab = logits.shape[-1]
+    if logits.dim() == 2:  # the common [B, V] case, any row stride
+        rows, row_stride = logits.shape[0], logits.stride(0)
+        return logits.as_strided((1, rows, vocab), (rows * max(row_stride, 1), row_stride, 1))
     groups = []  # (size, stride), innermost first
     for size, stride in zip(reversed(logits.shape[:-1]), reversed(logits.stride()[:-1])):
         if size == 1:
@@ -93,7 +98,7 @@ def _as_rows_3d(logits):
 
 
 def _fake_outputs(logits, temperature, temperature_scalar, token_ids, topk):
-    shape = logits.shape[:2]
+    shape = (logits.shape[0] * logits.shape[1],)
     f32 = dict(dtype=torch.float32, device=logits.device)
     return (
         *(logits.new_empty(shape, **f32) for _ in range(5)),

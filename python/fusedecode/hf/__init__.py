@@ -1,0 +1,30 @@
+"""Hugging Face integration of fusedecode (needs ``transformers``).
+
+- ``UncertaintyProcessor``: drop-in ``LogitsProcessor`` recording per-token entropy, varentropy,
+  self-certainty, ... for every row at every step (one fused op per step, no ``[B, V]`` history).
+- ``ConfidenceStopping``: DeepConf's online early stop on the sliding mean of top-k confidence.
+- ``best_of_n``: Borda voting with self-certainty (Kang et al.).
+- ``bundled_model_path``: the small arithmetic target/draft models shipped with fusedecode.
+"""
+
+import os
+
+from .processors import ConfidenceStopping, UncertaintyProcessor, best_of_n
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+BUNDLED = ("target", "draft")
+
+
+def bundled_model_path(name="target"):
+    """Folder of a bundled model (``"target"`` or ``"draft"``), loadable with
+    ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` offline."""
+    if name not in BUNDLED:
+        raise ValueError(f"name must be one of {BUNDLED}, got {name!r}")
+    path = os.path.join(ASSETS, f"arithmetic-{name}")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"bundled model {name!r} is missing at {path}; "
+                                "run `python -m fusedecode.hf.train_bundled` to create it")
+    return path
+
+
+__all__ = ["UncertaintyProcessor", "ConfidenceStopping", "best_of_n", "bundled_model_path"]

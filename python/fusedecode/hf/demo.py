@@ -1,0 +1,181 @@
+"""``python -m fusedecode demo``: per-token uncertainty and self-certainty Best-of-N on the bundled
+arithmetic model (or any local checkpoint trained on the same task format).
+
+1. A few problems solved greedily, every generated token coloured by its entropy (green: certain,
+   red: uncertain), with each sequence's self-certainty.
+2. Best-of-N on held-out problems: N samples per problem; accuracy of a single sample, of the
+   majority vote, and of self-certainty Borda voting (Kang et al.).
+
+``--html PATH`` writes the same view as a self-contained HTML page.
+"""
+
+import argparse
+import html
+import random
+import sys
+import time
+
+import torch
+
+from . import arithmetic, best_of_n, bundled_model_path
+from .processors import UncertaintyProcessor
+
+
+def entropy_rgb(entropy, scale):
+    """Green (0) -> yellow -> red (>= scale nats)."""
+    x = max(0.0, min(1.0, float(entropy) / scale))
+    if x < 0.5:
+        return int(510 * x), 200, 60
+    return 230, int(200 * (1 - 2 * (x - 0.5))), 60
+
+
+def colour_tokens_ansi(pieces, entropies, scale):
+    out = []
+    for piece, entropy in zip(pieces, entropies):
+        r, g, b = entropy_rgb(entropy, scale)
+        out.append(f"\x1b[38;2;{r};{g};{b}m{piece}\x1b[0m")
+    return "".join(out)
+
+
+def colour_tokens_html(pieces, entropies, scale):
+    spans = []
+    for piece, entropy in zip(pieces, entropies):
+        r, g, b = entropy_rgb(entropy, scale)
+        spans.append(f'<span title="entropy {float(entropy):.3f}" style="background:rgba({r},{g},{b},0.35)">'
+                      f"{html.escape(piece)}</span>")
+    return "".join(spans)
+
+
+class Progress:
+    """A small text progress bar on stderr (no dependency)."""
+
+    def __init__(self, total, label):
+        self.total, self.label, self.done, self.start = total, label, 0, time.time()
+
+    def update(self, amount):
+        self.done += amount
+        width = 30
+        filled = int(width * self.done / self.total)
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                         f"{time.time() - self.start:5.1f}s")
+        if self.done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path).float().eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+@torch.no_grad()
+def generate_with_uncertainty(model, tokenizer, prompts, **kwargs):
+    processor = UncertaintyProcessor(temperature=kwargs.get("temperature", 1.0) if kwargs.get("do_sample") else 1.0)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    out = model.generate(**enc, logits_processor=[processor], pad_token_id=tokenizer.pad_token_id, **kwargs)
+    return enc["input_ids"].shape[1], out, processor
+
+
+def show_problems(model, tokenizer, problems, scale, html_parts):
+    prompts = [arithmetic.prompt_text(a, b) for a, b in problems]
+    start, out, processor = generate_with_uncertainty(model, tokenizer, prompts, max_new_tokens=60, do_sample=False)
+    certainty = processor.sequence_self_certainty(out, tokenizer.eos_token_id)
+    mask = processor.token_mask(out, tokenizer.eos_token_id)
+    print(f"Greedy answers, each token coloured by its entropy (green 0 -> red >= {scale} nats):\n")
+    rows = []
+    for i, (a, b) in enumerate(problems):
+        ids = out[i, start:start + int(mask[i].sum())].tolist()
+        pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in ids]
+        entropies = processor.entropy[i, :len(ids)].tolist()
+        answer = arithmetic.extract_answer("".join(pieces))
+        verdict = "correct" if answer == a + b else f"wrong (expected {a + b})"
+        print(f"  {prompts[i]}{colour_tokens_ansi(pieces, entropies, scale)}   "
+              f"self-certainty {float(certainty[i]):6.3f}  max entropy {max(entropies):.2f}  {verdict}")
+        rows.append(f"<tr><td><code>{html.escape(prompts[i])}{colour_tokens_html(pieces, entropies, scale)}</code>"
+                    f"</td><td>{float(certainty[i]):.3f}</td><td>{max(entropies):.2f}</td>"
+                    f"<td>{html.escape(verdict)}</td></tr>")
+    print()
+    html_parts.append("<h2>Greedy answers</h2><p>Each token is coloured by its entropy (green 0 to red "
+                      f"&ge; {scale} nats; hover for the value).</p><table><tr><th>problem and answer</th>"
+                      "<th>self-certainty</th><th>max entropy</th><th></th></tr>" + "".join(rows) + "</table>")
+
+
+def best_of_n_table(model, tokenizer, problems, n, temperature, batch_problems, html_parts, seed):
+    torch.manual_seed(seed)
+    progress = Progress(len(problems), f"Best-of-{n} sampling")
+    single = majority = borda = 0.0
+    for i in range(0, len(problems), batch_problems):
+        chunk = problems[i:i + batch_problems]
+        prompts = [arithmetic.prompt_text(a, b) for a, b in chunk]
+        start, out, processor = generate_with_uncertainty(
+            model, tokenizer, prompts, max_new_tokens=60, do_sample=True, temperature=temperature, top_k=0,
+            num_return_sequences=n)
+        certainty = processor.sequence_self_certainty(out, tokenizer.eos_token_id)
+        texts = tokenizer.batch_decode(out[:, start:], skip_special_tokens=True)
+        for j, (a, b) in enumerate(chunk):
+            answers = [arithmetic.extract_answer(t) for t in texts[j * n:(j + 1) * n]]
+            scores = certainty[j * n:(j + 1) * n]
+            single += sum(ans == a + b for ans in answers) / n
+            majority += best_of_n(scores, answers, power=0.0)[0] == a + b
+            borda += best_of_n(scores, answers, power=0.5)[0] == a + b
+        progress.update(len(chunk))
+    count = len(problems)
+    rows = [("single sample (mean over the N samples)", single / count),
+            ("majority vote over N", majority / count),
+            ("self-certainty Borda voting (power 0.5)", borda / count)]
+    print(f"\nAccuracy on {count} held-out problems, N = {n} samples at temperature {temperature}:\n")
+    for name, value in rows:
+        print(f"  {name:<42} {100 * value:5.1f}%")
+    print()
+    html_parts.append(f"<h2>Best-of-{n} on {count} held-out problems (temperature {temperature})</h2><table>"
+                      + "".join(f"<tr><td>{html.escape(k)}</td><td>{100 * v:.1f}%</td></tr>" for k, v in rows)
+                      + "</table>")
+    return dict(rows)
+
+
+def write_html(path, parts, title):
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title><style>"
+            "body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}"
+            "table{border-collapse:collapse}td,th{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:left}"
+            "code{font-size:1.05em}</style></head><body><h1>" + html.escape(title) + "</h1>" + "".join(parts)
+            + "</body></html>")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(page)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fusedecode demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="local checkpoint (default: the bundled target)")
+    parser.add_argument("--problems", type=int, default=100, help="held-out problems for Best-of-N")
+    parser.add_argument("--n", type=int, default=8, help="samples per problem")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--show", type=int, default=6, help="problems shown token by token")
+    parser.add_argument("--scale", type=float, default=1.0, help="entropy (nats) shown fully red")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--html", default=None, help="also write the view to this HTML file")
+    args = parser.parse_args(argv)
+
+    path = args.model or bundled_model_path("target")
+    model, tokenizer = load(path)
+    print(f"fusedecode demo: {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)\n")
+    problems = arithmetic.evaluation_problems(args.problems + args.show)
+    shown = random.Random(args.seed).sample(problems[args.problems:], args.show)
+    parts = []
+    if shown:
+        show_problems(model, tokenizer, shown, args.scale, parts)
+    best_of_n_table(model, tokenizer, problems[:args.problems], args.n, args.temperature, 25, parts, args.seed)
+    if args.html:
+        write_html(args.html, parts, "fusedecode demo")
+        print(f"wrote {args.html}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
