@@ -78,6 +78,6 @@ def build_tokenizer():
     core.decoder = decoders.Fuse()
     core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                        unk_token=PAD)
+                                        unk_token=PAD, model_input_names=["input_ids", "attention_mask"])
     tokenizer.padding_side = "left"  # decoder-only generation pads on the left
     return tokenizer

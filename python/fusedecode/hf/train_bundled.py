@@ -41,6 +41,18 @@ def model_config(tokenizer, shape):
                        pad_token_id=tokenizer.pad_token_id, **shape)
 
 
+def save_tokenizer(tokenizer, path):
+    """save_pretrained, with a tokenizer class that transformers 4.5x and 5.x both load."""
+    tokenizer.save_pretrained(path)
+    config_path = os.path.join(path, "tokenizer_config.json")
+    with open(config_path) as handle:
+        config = json.load(handle)
+    config.update(tokenizer_class="PreTrainedTokenizerFast", padding_side="left",
+                  model_input_names=["input_ids", "attention_mask"])
+    with open(config_path, "w") as handle:
+        json.dump(config, handle, indent=2)
+
+
 def training_batch(tokenizer, rng, batch_size, excluded):
     """Token ids [B, T] (right padded) and labels with -100 outside the answers."""
     ids, labels = [], []
@@ -125,7 +137,7 @@ def main(argv=None):
               f"({seconds:.0f}s of training)", flush=True)
         path = os.path.join(args.out, f"arithmetic-{name}")
         model.half().save_pretrained(path, safe_serialization=True)
-        tokenizer.save_pretrained(path)
+        save_tokenizer(tokenizer, path)
         report[name] = {"parameters": params, "steps": steps, "batch_size": args.batch_size, "lr": lr,
                         "train_seconds": round(seconds, 1), "greedy_accuracy": accuracy, **shape}
     with open(os.path.join(args.out, "training_report.json"), "w") as handle:
