@@ -53,6 +53,10 @@ timeout ${VERIFY_TIMEOUT:-200} $PY benchmarks/sweep_verify.py --replays ${REPLAY
 echo "verify sweep rc=$?" | tee -a "$SUMMARY"
 grep -v '^{' /tmp/fusedecode_sweep_verify.log | grep -v -i "warn\|capture_end" | tee -a "$SUMMARY"
 
+log "UncertaintyProcessor overhead in generate (Qwen2-0.5B-shaped, random weights)"
+timeout ${HF_TIMEOUT:-150} $PY benchmarks/bench_hf.py --qwen2-0.5b --device cuda --repeats 5 \
+  --json "$OUT/bench_hf.json" 2>&1 | grep -v '^{' | grep -v -i "warn\|loading" | tee -a "$SUMMARY"
+
 log "compute-sanitizer racecheck"
 timeout ${RACECHECK_TIMEOUT:-80} compute-sanitizer --tool racecheck --error-exitcode 9 $PY benchmarks/sanitizer_check.py \
   >> "$OUT/sanitizer.log" 2>&1
