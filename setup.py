@@ -9,6 +9,10 @@ Environment (DESIGN section 6):
   CUDA_HOME                       toolkit root; found from `nvcc` on PATH when unset
 
 Never asks whether a GPU is present: build nodes of research clusters have none.
+
+A native build records the torch it was compiled against in fusedecode/_build_meta.py, pins that
+torch minor in its requirements and carries it in the local version (+cu130torch2.14,
++cputorch2.13); a pure-Python build (FUSEDECODE_SKIP_NATIVE=1) has neither.
 """
 
 import glob
@@ -68,9 +72,20 @@ def _pip_cuda_include_dirs():
     return [d for d in dirs if os.path.isdir(d)]
 
 
+def _write_build_meta(torch_version, cuda_version, archs, native):
+    """python/fusedecode/_build_meta.py: what the extension was built against, readable before the
+    extension is imported (a mismatched torch must not load it)."""
+    with open(os.path.join(ROOT, "python", "fusedecode", "_build_meta.py"), "w") as handle:
+        handle.write('"""Written by setup.py at build time; do not edit."""\n\n'
+                     f"NATIVE = {native!r}\nTORCH_VERSION = {torch_version!r}\n"
+                     f"CUDA_VERSION = {cuda_version!r}\nCUDA_ARCHS = {archs!r}\n")
+
+
 def _native_extensions():
+    """(extensions, cmdclass, local version label, torch requirement)."""
     if os.environ.get("FUSEDECODE_SKIP_NATIVE", "0") == "1":
-        return [], {}, None
+        _write_build_meta(None, None, None, False)
+        return [], {}, None, "torch>=2.4"
     build_cuda = _env_flag("FUSEDECODE_BUILD_CUDA", "auto")
     _resolve_cuda_home()
 
@@ -120,6 +135,7 @@ def _native_extensions():
             extra_link_args=extra_link_args,
         )
         local = f"cu{torch_cuda.replace('.', '')}torch{torch_major_minor}"
+        _write_build_meta(torch.__version__, torch_cuda, archs, True)
     else:
         extension = cpp_extension.CppExtension(
             "fusedecode._C",
@@ -129,12 +145,15 @@ def _native_extensions():
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=extra_link_args,
         )
-        local = f"cpu.torch{torch_major_minor}"
+        local = f"cputorch{torch_major_minor}"
+        _write_build_meta(torch.__version__, None, None, True)
     cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
-    return [extension], cmdclass, local
+    # The extension only works with the torch minor it was compiled against (C++ ABI).
+    major, minor = (int(v) for v in torch_major_minor.split("."))
+    return [extension], cmdclass, local, f"torch>={major}.{minor},<{major}.{minor + 1}"
 
 
-ext_modules, cmdclass, local_version = _native_extensions()
+ext_modules, cmdclass, local_version, torch_requirement = _native_extensions()
 
 setup(
     name="fusedecode",
@@ -146,7 +165,7 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=[torch_requirement, "numpy"],
     extras_require={"triton": ["triton>=3.0"], "hf": ["transformers>=4.50"], "test": ["pytest", "numpy"],
                     "bench": ["pytest-benchmark", "matplotlib"]},
     entry_points={"console_scripts": ["fusedecode=fusedecode.__main__:main"]},
