@@ -12,6 +12,7 @@
 set -euo pipefail
 KIND=${1:?cuda, cpu, py or sdist}
 PY=${2:-python3}
+case "$PY" in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac  # survives the cd below
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DIST=${DIST:-$ROOT/dist}
 mkdir -p "$DIST"
