@@ -9,7 +9,7 @@ TRITON_SPEC ?= triton==3.7.1
 # The Hugging Face integration (fusedecode.hf, the demo) is tested against this transformers.
 TRANSFORMERS_SPEC ?= transformers==5.17.0
 
-.PHONY: install test demo bench sweep cuda-check device-check train-bundled clean
+.PHONY: install test demo bench sweep cuda-check device-check train-bundled wheel wheel-cpu wheel-py sdist clean
 
 $(DEPS_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,9 +32,21 @@ bench: install
 sweep: install
 	$(PY) benchmarks/sweep.py --json benchmarks/results/sweep.json --plot benchmarks/results/sweep.png
 
-# Compile and link the CUDA sources for sm_80 and sm_90 against a CUDA build of torch (no GPU needed).
+# Build the CUDA wheel (sm_80, sm_90) against a CUDA torch, check it, test the installed copy (no GPU needed).
 cuda-check:
-	bash .ci/cuda_compile_check.sh
+	bash .ci/cuda_wheel_check.sh
+
+# Wheels from a clean export of HEAD into dist/ (see README "Wheels for clusters"). WHEEL_PYTHON
+# must hold the torch to build against: a CUDA build of torch for `wheel`.
+WHEEL_PYTHON ?= $(PY)
+wheel:
+	bash .ci/build_wheel.sh cuda $(WHEEL_PYTHON)
+wheel-cpu:
+	bash .ci/build_wheel.sh cpu $(WHEEL_PYTHON)
+wheel-py:
+	bash .ci/build_wheel.sh py $(WHEEL_PYTHON)
+sdist:
+	bash .ci/build_wheel.sh sdist $(WHEEL_PYTHON)
 
 # Retrain the bundled arithmetic models (about 10 minutes on 2 CPU cores).
 train-bundled: install
@@ -44,4 +56,4 @@ device-check: install
 	bash benchmarks/device_check.sh
 
 clean:
-	rm -rf build dist *.egg-info python/fusedecode/_C*.so
+	rm -rf build dist *.egg-info python/fusedecode/_C*.so python/fusedecode/_build_meta.py
