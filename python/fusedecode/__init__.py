@@ -11,8 +11,9 @@ from . import tree
 from ._info import build_info, __version__
 from ._types import LogitStats, TreeVerification
 from .backends import available_backends
+from .linear_ce import linear_cross_entropy_entropy
 from .logit_stats import logit_stats
 from .verify_tree import verify_tree
 
-__all__ = ["logit_stats", "LogitStats", "verify_tree", "TreeVerification", "tree", "available_backends",
-           "build_info", "__version__"]
+__all__ = ["logit_stats", "LogitStats", "verify_tree", "TreeVerification", "linear_cross_entropy_entropy", "tree",
+           "available_backends", "build_info", "__version__"]

@@ -205,3 +205,71 @@ def _check_seed(seed, batch, device):
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, an int64 tensor or None, got {type(seed).__name__}")
     return torch.full((batch,), int(seed) & (2**63 - 1), dtype=torch.int64, device=device)
+
+
+def check_linear_ce_args(hidden, weight, targets, delta, temperature, ignore_index, chunk):
+    """Validate ``linear_cross_entropy_entropy`` arguments.
+
+    ``hidden`` is ``[T, H]`` or ``[B, T, H]`` (float64 is accepted for the torch backend), ``weight``
+    ``[V, H]`` of the same dtype, ``targets`` int64 of hidden's leading shape, ``delta`` None, ``[H]``
+    or (batched) ``[B, H]`` of hidden's dtype or float32. Target values are checked on CPU only: on a GPU it
+    would cost a synchronisation, and the kernels turn an out-of-range target into a NaN loss instead.
+    Returns ``(temperature, ignore_index, chunk)`` normalised (chunk None or an int >= 1).
+    """
+    for name, tensor in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(tensor, torch.Tensor):
+            raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if hidden.dtype not in FLOAT_DTYPES + (torch.float64,):
+        raise ArgumentTypeError(f"hidden must be float32, float16, bfloat16 or float64, got {hidden.dtype}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must have shape [T, H] or [B, T, H], got {tuple(hidden.shape)}")
+    *_, tokens, width = hidden.shape
+    if tokens < 1:
+        raise ValueError(f"hidden must have T >= 1 rows, got shape {tuple(hidden.shape)}")
+    if hidden.dim() == 3 and hidden.shape[0] < 1:
+        raise ValueError(f"hidden must have B >= 1 batch entries, got shape {tuple(hidden.shape)}")
+
+    if weight.dtype != hidden.dtype:
+        raise ArgumentTypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != width:
+        raise ValueError(f"weight must have shape [V, H] with H = {width} (hidden's last dim), got {tuple(weight.shape)}")
+    vocab = weight.shape[0]
+    if vocab < 1:
+        raise ValueError("weight must have V >= 1 rows")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+
+    if targets.dtype != torch.int64:
+        raise ArgumentTypeError(f"targets must be int64, got {targets.dtype}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden's leading dims), "
+                         f"got {tuple(targets.shape)}")
+    if targets.device != hidden.device:
+        raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
+
+    if delta is not None:
+        if not isinstance(delta, torch.Tensor):
+            raise ArgumentTypeError(f"delta must be a tensor or None, got {type(delta).__name__}")
+        if delta.dtype not in (hidden.dtype, torch.float32):
+            raise ArgumentTypeError(f"delta must have hidden's dtype {hidden.dtype} or float32, got {delta.dtype}")
+        shapes = [(width,)] + ([(hidden.shape[0], width)] if hidden.dim() == 3 else [])
+        if tuple(delta.shape) not in shapes:
+            raise ValueError(f"delta must have shape {' or '.join(map(str, shapes))}, got {tuple(delta.shape)}")
+        if delta.device != hidden.device:
+            raise ValueError(f"delta is on {delta.device} but hidden is on {hidden.device}")
+
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ArgumentTypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    temperature = float(temperature)
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    ignore_index = check_int("ignore_index", ignore_index, -2**63, 2**63 - 1)
+    if chunk is not None:
+        chunk = check_int("chunk", chunk, 1, 2**31 - 1)
+
+    if targets.device.type == "cpu" and values_checkable(targets):
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+        if bool(bad.any()):
+            raise ValueError(f"targets must be in [0, {vocab}) or equal ignore_index={ignore_index}, "
+                             f"got {int(targets[bad][0])}")
+    return temperature, ignore_index, chunk

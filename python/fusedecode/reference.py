@@ -169,3 +169,30 @@ def _specinfer_node(p, q, children, tokens, seed, b, node):
             residual = leftover / total
     token = int(torch.multinomial(residual, 1, generator=_generator(seed, b, node, SAMPLE)))
     return None, token
+
+
+# ------------------------------------------------------------------------------------------------
+# linear_cross_entropy_entropy
+
+
+def linear_cross_entropy_entropy_reference(hidden, weight, targets, delta=None, temperature=1.0, ignore_index=-100,
+                                           dtype=torch.float64):
+    """``linear_cross_entropy_entropy`` the naive way: the whole ``[T, V]`` logits in ``dtype``,
+    ``torch.nn.functional`` losses, gradients by autograd. The test oracle (float64) and the
+    benchmark's baseline (float32); never use it on long contexts.
+
+    ``hidden`` ``[T, H]`` or ``[B, T, H]``, ``weight`` ``[V, H]``, ``targets`` of hidden's leading
+    shape, ``delta`` None, ``[H]`` or ``[B, H]``. Returns ``(ce, entropy)`` of shape ``[]`` or ``[B]``.
+    """
+    x = hidden.to(dtype)
+    if delta is not None:
+        x = x + (delta.to(dtype).unsqueeze(-2) if delta.dim() == x.dim() - 1 else delta.to(dtype))
+    logits = x @ weight.to(dtype).T
+    losses = torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index,
+                                               reduction="none").view(targets.shape)
+    counted = (targets != ignore_index).sum(-1)
+    # No counted row: 0 rather than the 0/0 of a mean (its gradient is 0 too).
+    ce = losses.sum(-1) / counted.clamp_min(1).to(dtype)
+    log_p = torch.log_softmax(logits[..., -1, :] / temperature, dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return ce, entropy

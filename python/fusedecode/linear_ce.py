@@ -1,0 +1,354 @@
+"""``fusedecode.linear_cross_entropy_entropy``: lm_head + cross-entropy + last-row entropy, chunk by chunk.
+
+The fused op never holds the ``[T, V]`` logits. Rows go through in chunks: each chunk's logits are one
+matmul, then one pass (a Triton kernel, or plain torch) computes the chunk's losses and overwrites
+the logits with the cross-entropy gradient, which is immediately contracted with the weight (for
+``hidden``/``delta``) and with the chunk's rows (for ``weight``). The backward then only scales these
+precomputed gradients by the upstream ones, as Liger-Kernel's fused linear cross-entropy does. The
+cross-entropy part and the entropy part are kept apart so that any mix ``a * ce + b * entropy``
+(SRGen's corrective loss) gets exact gradients.
+
+``z = (hidden + delta) @ weight.T`` is evaluated as ``hidden @ weight.T + (delta @ weight.T)``: the
+second term is one ``[B, V]`` row per batch entry, and keeping it apart means a small float32
+``delta`` is not rounded away by adding it to half-precision hidden states.
+"""
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from ._validation import check_linear_ce_args
+from .backends import resolve_backend, unavailable_reason
+
+__all__ = ["linear_cross_entropy_entropy"]
+
+_NOT_IMPLEMENTED = ("cpp", "cuda")
+# chunk * V float32 logits per chunk: 48 MiB sits in the middle of the 32-64 MiB that keep the
+# matmuls large enough to run at full speed without the chunk dominating memory.
+_CHUNK_BYTES = 48 << 20
+
+
+def linear_cross_entropy_entropy(hidden, weight, targets, *, delta=None, temperature=1.0, ignore_index=-100,
+                                 chunk=None, backend=None):
+    """Mean cross-entropy of a language-model head over a context, and the entropy of its last row,
+    without materialising the ``[T, V]`` logits (forward and backward).
+
+    Per batch entry, with ``z_t = (hidden_t + delta) @ weight.T`` accumulated in float32:
+
+    - ``ce = mean over rows with targets_t != ignore_index of (logsumexp(z_t) - z_t[targets_t])``;
+      ``0.0`` (gradient 0) when every row is ignored, e.g. SRGen's first step on a one-token prompt
+    - ``entropy = -sum p log p`` with ``p = softmax(z_{T-1} / temperature)``: the last row (the
+      current decoding step), whatever its target
+
+    Gradients flow to ``hidden``, ``weight`` and ``delta`` (each only if it requires grad), exact
+    for any upstream mix of ``ce`` and ``entropy``: ``dce/dz_t = (softmax(z_t) - onehot(targets_t)) / n``
+    and ``dentropy/dz_{T-1} = -p (log p + entropy) / temperature``. NaN inputs give NaN outputs.
+
+    Memory: ``chunk * V`` float32 logits at a time, plus float32 ``[B, T, H]`` when ``hidden``
+    requires grad and ``[V, H]`` when ``weight`` does. With ``B > 1`` the weight gradient is computed
+    in the backward by a second chunked pass, since each batch entry's upstream gradient weighs its
+    share and keeping ``B`` separate ``[V, H]`` gradients would cost ``B`` times the weight.
+
+    Args:
+        hidden: float32/float16/bfloat16 ``[T, H]`` or ``[B, T, H]``: final hidden states (after the
+            last norm, before lm_head). float64 runs on the torch backend.
+        weight: ``[V, H]``, hidden's dtype (the lm_head weight).
+        targets: int64 ``[T]`` / ``[B, T]``; rows equal to ``ignore_index`` are left out of ``ce``.
+            Values outside ``[0, V)`` raise ``ValueError`` for CPU tensors; on a GPU (checking would
+            synchronise) they make that entry's ``ce`` NaN.
+        delta: optional ``[H]``, or ``[B, H]`` (one per batch entry), hidden's dtype or float32,
+            added to every row of ``hidden``.
+        temperature: float > 0, for the entropy only.
+        ignore_index: target value of rows to leave out.
+        chunk: rows per chunk; default keeps ``chunk * V`` float32 logits around 48 MiB.
+        backend: None (``$FUSEDECODE_BACKEND`` or ``"auto"``), ``"auto"``, ``"triton"`` or
+            ``"torch"``. ``auto`` is triton then torch for CUDA tensors and torch on CPU.
+            ``"cpp"``/``"cuda"`` are not implemented for this op: named here they raise
+            ``RuntimeError``; named by ``$FUSEDECODE_BACKEND`` they mean ``auto``.
+
+    Returns:
+        ``(ce, entropy)``: float32 (float64 for float64 inputs) of shape ``[]``, or ``[B]`` when batched.
+
+    Example::
+
+        >>> import torch, fusedecode
+        >>> hidden, weight = torch.eye(3)[:2], 2.0 * torch.eye(3)  # logits [2, 0, 0] and [0, 2, 0]
+        >>> ce, entropy = fusedecode.linear_cross_entropy_entropy(hidden, weight, torch.tensor([0, -100]))
+        >>> round(ce.item(), 4), round(entropy.item(), 4)  # ce of row 0 only; entropy of row 1
+        (0.2395, 0.6656)
+    """
+    temperature, ignore_index, chunk = check_linear_ce_args(
+        hidden, weight, targets, delta, temperature, ignore_index, chunk)
+    name = _resolve_backend(backend, hidden.device, hidden.dtype)
+    batched = hidden.dim() == 3
+    if not batched:
+        hidden, targets = hidden.unsqueeze(0), targets.unsqueeze(0)
+    if delta is not None:
+        delta = delta.expand(hidden.shape[0], hidden.shape[2])
+    if chunk is None:
+        chunk = default_chunk(weight.shape[0])
+    grad_on = torch.is_grad_enabled()
+    outputs = torch.ops.fusedecode.linear_ce_forward(
+        hidden, weight, targets, delta, temperature, ignore_index, chunk, name,
+        grad_on and hidden.requires_grad, grad_on and delta is not None and delta.requires_grad,
+        grad_on and weight.requires_grad)
+    ce, entropy = outputs[0], outputs[1]
+    if not batched:
+        ce, entropy = ce.squeeze(0), entropy.squeeze(0)
+    return ce, entropy
+
+
+def default_chunk(vocab):
+    """Rows per chunk so that one chunk of float32 logits takes about ``_CHUNK_BYTES``."""
+    return max(1, _CHUNK_BYTES // (4 * vocab))
+
+
+@torch.compiler.assume_constant_result
+def _resolve_backend(backend, device, dtype):
+    """``resolve_backend`` for an op that has only the torch and triton backends, and whose triton
+    path computes in float32 (float64 inputs need torch)."""
+    if backend in _NOT_IMPLEMENTED:
+        raise RuntimeError(f"backend {backend!r} is not implemented for linear_cross_entropy_entropy "
+                           f"(it has 'triton' and 'torch')")
+    name = backend if backend is not None else os.environ.get("FUSEDECODE_BACKEND", "auto")
+    if name in _NOT_IMPLEMENTED:
+        name = "auto"  # a process-wide preference for other ops, not a demand on this one
+    if name == "auto":
+        device = torch.device(device)
+        if device.type == "cuda" and dtype != torch.float64 and unavailable_reason("triton", device) is None:
+            return "triton"
+        return "torch"
+    name = resolve_backend(name, device)
+    if name == "triton" and dtype == torch.float64:
+        raise RuntimeError("backend 'triton' cannot run these inputs: its kernel computes in float32; "
+                           "use backend='torch' for float64")
+    return name
+
+
+# ------------------------------------------------------------------------------------------------
+# The chunked pass, shared by both backends (they differ only in the per-chunk step)
+
+
+def _has_mm_out_dtype():
+    return "dtype" in torch.ops.aten.mm.overloads()
+
+
+def _matmul(a, b, accumulate):
+    """``a @ b`` accumulated in and returned as ``accumulate`` (float32, or float64 for float64 inputs).
+
+    ``a`` is cast to ``b``'s dtype (the weight or hidden side). Half-precision products come back
+    unrounded on CUDA (``out_dtype``); on CPU they are rounded to the half dtype first.
+    """
+    a = a.to(b.dtype)
+    if b.dtype == accumulate:
+        return torch.mm(a, b)
+    if b.is_cuda and _has_mm_out_dtype():
+        return torch.mm(a, b, out_dtype=accumulate)
+    return torch.mm(a, b).to(accumulate)
+
+
+def _chunk_step_torch(logits, bias, targets, scale, loss, entropy, entropy_grad, entropy_row, inv_temperature,
+                      ignore_index, compute_grad):
+    """One chunk in plain torch; the same contract as ``triton_kernels.linear_ce.chunk_step_triton``:
+    writes the rows' losses into ``loss``, the entropy row's entropy and gradient into ``entropy`` and
+    ``entropy_grad`` (when ``entropy_row >= 0``), and with ``compute_grad`` overwrites ``logits`` with
+    ``scale * (softmax - onehot)`` (0 on ignored rows, NaN on rows whose target is out of range).
+    Without ``compute_grad`` the logits are left in an unspecified state."""
+    if bias is not None:
+        logits += bias
+    if entropy_row >= 0:
+        log_p = torch.log_softmax(logits[entropy_row] * inv_temperature, dim=-1)
+        p = log_p.exp()
+        row_entropy = -(p * log_p).sum()
+        entropy.copy_(row_entropy)
+        torch.mul(p * (log_p + row_entropy), -inv_temperature, out=entropy_grad)
+    vocab = logits.shape[1]
+    ignored = targets == ignore_index
+    out_of_range = ~ignored & ((targets < 0) | (targets >= vocab))
+    counted = ~ignored & ~out_of_range
+    index = torch.where(counted, targets, 0).unsqueeze(1)
+    target_logit = logits.gather(1, index).squeeze(1)
+    # logsumexp and softmax in place, so that the chunk's logits are the only [rows, V] buffer.
+    row_max = logits.amax(dim=1, keepdim=True)
+    logits.sub_(row_max).exp_()
+    sum_exp = logits.sum(dim=1, keepdim=True)
+    lse = (row_max + sum_exp.log()).squeeze(1)
+    loss.copy_((lse - target_logit).masked_fill(ignored, 0.0).masked_fill(out_of_range, float("nan")))
+    if compute_grad:
+        logits.mul_(scale / sum_exp)
+        logits.scatter_add_(1, index, -(counted.to(logits.dtype) * scale).unsqueeze(1))
+        # Selected rather than multiplied away: a NaN in an ignored row must not leak into the gradient.
+        fill = torch.zeros_like(lse).masked_fill_(out_of_range, float("nan"))
+        torch.where(counted.unsqueeze(1), logits, fill.unsqueeze(1), out=logits)
+
+
+def _chunk_step(backend):
+    if backend == "triton":
+        from .triton_kernels.linear_ce import chunk_step_triton
+
+        return chunk_step_triton
+    return _chunk_step_torch
+
+
+def _accumulate_dtype(hidden):
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+def _chunked_pass(hidden, weight, targets, delta, ce_scale, inv_temperature, ignore_index, chunk, backend,
+                  with_entropy, need_hidden, need_colsum, need_weight):
+    """Walk every batch entry's rows ``chunk`` at a time.
+
+    ``ce_scale`` ``[B]`` multiplies each entry's cross-entropy gradient (1/n in the forward; times the
+    upstream gradient when the backward recomputes). Returns per-row losses ``[B, T]``, entropies
+    ``[B]``, the entropy row's logit gradient ``[B, V]``, and, when asked for, the cross-entropy
+    gradient contracted three ways: with the weight per row (``[B, T, H]``), summed over rows
+    (``[B, V]``, which ``delta`` needs), and with the rows for the weight (``[V, H]``, the
+    ``hidden`` part only: the ``delta`` part is ``colsum.T @ delta``, added by the caller).
+    """
+    batch, tokens, width = hidden.shape
+    vocab = weight.shape[0]
+    accumulate = _accumulate_dtype(hidden)
+    options = dict(dtype=accumulate, device=hidden.device)
+    step = _chunk_step(backend)
+    compute_grad = need_hidden or need_colsum or need_weight
+    bias = _matmul(delta, weight.T, accumulate) if delta is not None else None
+    targets = targets.contiguous()
+    row_loss = torch.empty((batch, tokens), **options)
+    entropy = torch.full((batch,), float("nan"), **options)
+    entropy_grad = torch.zeros((batch, vocab), **options)
+    grad_hidden = torch.empty((batch, tokens, width), **options) if need_hidden else None
+    colsum = torch.zeros((batch, vocab), **options) if need_colsum else None
+    grad_weight = torch.zeros((vocab, width), **options) if need_weight else None
+    for b in range(batch):
+        for start in range(0, tokens, chunk):
+            stop = min(start + chunk, tokens)
+            rows = hidden[b, start:stop]
+            logits = _matmul(rows, weight.T, accumulate)
+            entropy_row = tokens - 1 - start if with_entropy and stop == tokens else -1
+            step(logits, bias[b] if bias is not None else None, targets[b, start:stop], ce_scale[b:b + 1],
+                 row_loss[b, start:stop], entropy[b:b + 1], entropy_grad[b], entropy_row, inv_temperature,
+                 ignore_index, compute_grad)
+            if need_hidden:
+                grad_hidden[b, start:stop] = _matmul(logits, weight, accumulate)
+            if need_colsum:
+                colsum[b] += logits.sum(0)
+            if need_weight:
+                grad_weight += _matmul(logits.T, rows, accumulate)
+            del logits  # before the next chunk's logits are allocated
+    return row_loss, entropy, entropy_grad, grad_hidden, colsum, grad_weight
+
+
+def _ce_scale(targets, ignore_index, accumulate):
+    """1 / (rows counted) per batch entry; 1 where none is, which makes that entry's ce and gradient 0."""
+    counted = (targets != ignore_index).sum(-1)
+    return 1.0 / counted.clamp_min(1).to(accumulate)
+
+
+def _forward(hidden, weight, targets, delta, temperature, ignore_index, chunk, backend, need_hidden, need_delta,
+             need_weight):
+    batch = hidden.shape[0]
+    accumulate = _accumulate_dtype(hidden)
+    ce_scale = _ce_scale(targets, ignore_index, accumulate)
+    # With B > 1 the weight gradient is recomputed in the backward (see the public docstring).
+    weight_now = need_weight and batch == 1
+    need_colsum = need_delta or (weight_now and delta is not None)
+    row_loss, entropy, entropy_grad, grad_hidden, colsum, grad_weight = _chunked_pass(
+        hidden, weight, targets, delta, ce_scale, 1.0 / temperature, ignore_index, chunk, backend, True,
+        need_hidden, need_colsum, weight_now)
+    ce = row_loss.sum(-1) * ce_scale
+    if weight_now and delta is not None:
+        grad_weight += _matmul(colsum.T, delta, accumulate)
+
+    def or_empty(tensor):  # a custom op's outputs may not alias each other: one fresh empty each
+        return tensor if tensor is not None else hidden.new_empty((0,), dtype=accumulate)
+
+    grad_delta = _matmul(colsum, weight, accumulate) if need_delta else None
+    entropy_grad_hidden = _matmul(entropy_grad, weight, accumulate) if need_hidden or need_delta else None
+    return (ce, entropy, ce_scale, or_empty(grad_hidden), or_empty(grad_delta), or_empty(grad_weight), entropy_grad,
+            or_empty(entropy_grad_hidden))
+
+
+def _register_ops():
+    @torch.library.custom_op("fusedecode::linear_ce_forward", mutates_args=())
+    def linear_ce_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          delta: Optional[torch.Tensor], temperature: float, ignore_index: int, chunk: int,
+                          backend: str, need_hidden: bool, need_delta: bool, need_weight: bool) -> Tuple[
+                              torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              torch.Tensor, torch.Tensor]:
+        """Batched ``[B, T, H]`` forward. Returns ``(ce [B], entropy [B], ce_scale [B],
+        grad_hidden_ce [B, T, H], grad_delta_ce [B, H], grad_weight_ce [V, H], entropy_grad_logits [B, V],
+        entropy_grad_hidden [B, H])``, the gradients for upstream 1 and empty when not needed."""
+        return _forward(hidden, weight, targets, delta, temperature, ignore_index, chunk, backend, need_hidden,
+                        need_delta, need_weight)
+
+    @linear_ce_forward.register_fake
+    def _(hidden, weight, targets, delta, temperature, ignore_index, chunk, backend, need_hidden, need_delta,
+          need_weight):
+        batch, tokens, width = hidden.shape
+        vocab = weight.shape[0]
+        accumulate = _accumulate_dtype(hidden)
+
+        def new(*shape):
+            return hidden.new_empty(shape, dtype=accumulate)
+
+        return (new(batch), new(batch), new(batch), new(batch, tokens, width) if need_hidden else new(0),
+                new(batch, width) if need_delta else new(0),
+                new(vocab, width) if need_weight and batch == 1 else new(0), new(batch, vocab),
+                new(batch, width) if need_hidden or need_delta else new(0))
+
+    @torch.library.custom_op("fusedecode::linear_ce_weight_grad", mutates_args=())
+    def linear_ce_weight_grad(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              delta: Optional[torch.Tensor], ce_scale: torch.Tensor, ignore_index: int, chunk: int,
+                              backend: str) -> torch.Tensor:
+        """The cross-entropy part of the weight gradient, ``ce_scale[b]`` weighing entry b: a second
+        chunked pass (the backward of batched inputs)."""
+        _, _, _, _, colsum, grad_weight = _chunked_pass(
+            hidden, weight, targets, delta, ce_scale, 1.0, ignore_index, chunk, backend, False, False,
+            delta is not None, True)
+        if delta is not None:
+            grad_weight += _matmul(colsum.T, delta, grad_weight.dtype)
+        return grad_weight
+
+    @linear_ce_weight_grad.register_fake
+    def _(hidden, weight, targets, delta, ce_scale, ignore_index, chunk, backend):
+        return weight.new_empty(weight.shape, dtype=_accumulate_dtype(hidden))
+
+    def setup_context(ctx, inputs, output):
+        hidden, weight, targets, delta, _, ignore_index, chunk, backend, need_hidden, need_delta, need_weight = inputs
+        ctx.flags = (ignore_index, chunk, backend, need_hidden, need_delta, need_weight, delta is not None)
+        ce_scale, grad_hidden, grad_delta, grad_weight, entropy_grad, entropy_grad_hidden = output[2:]
+        ctx.save_for_backward(hidden, weight, targets, delta, ce_scale, grad_hidden, grad_delta, grad_weight,
+                              entropy_grad, entropy_grad_hidden)
+
+    def backward(ctx, grad_ce, grad_entropy, *_unused):
+        ignore_index, chunk, backend, need_hidden, need_delta, need_weight, has_delta = ctx.flags
+        (hidden, weight, targets, delta, ce_scale, grad_hidden_ce, grad_delta_ce, grad_weight_ce, entropy_grad,
+         entropy_grad_hidden) = ctx.saved_tensors
+        accumulate = ce_scale.dtype
+        upstream_ce, upstream_entropy = grad_ce.to(accumulate), grad_entropy.to(accumulate)
+        grad_hidden = grad_delta = grad_weight = None
+        if need_hidden:
+            grad_hidden = grad_hidden_ce * upstream_ce.view(-1, 1, 1)
+            grad_hidden[:, -1] += upstream_entropy.unsqueeze(1) * entropy_grad_hidden
+            grad_hidden = grad_hidden.to(hidden.dtype)
+        if need_delta:
+            grad_delta = upstream_ce.unsqueeze(1) * grad_delta_ce + upstream_entropy.unsqueeze(1) * entropy_grad_hidden
+            grad_delta = grad_delta.to(delta.dtype)
+        if need_weight:
+            if hidden.shape[0] == 1:
+                grad_weight = grad_weight_ce * upstream_ce
+            else:
+                grad_weight = torch.ops.fusedecode.linear_ce_weight_grad(
+                    hidden, weight, targets, delta, ce_scale * upstream_ce, ignore_index, chunk, backend)
+            last_rows = hidden[:, -1].to(accumulate)
+            if has_delta:
+                last_rows = last_rows + delta.to(accumulate)
+            grad_weight = grad_weight + (upstream_entropy.unsqueeze(1) * entropy_grad).T @ last_rows
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, grad_delta, None, None, None, None, None, None, None
+
+    linear_ce_forward.register_autograd(backward, setup_context=setup_context)
+
+
+_register_ops()

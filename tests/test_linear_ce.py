@@ -1,0 +1,409 @@
+"""linear_cross_entropy_entropy (chunked lm_head + CE + last-row entropy) against the naive float64
+reference that materialises the [T, V] logits: losses and the gradients of hidden, weight and delta."""
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fusedecode
+from fusedecode.backends import unavailable_reason
+from fusedecode.linear_ce import default_chunk
+from fusedecode.reference import linear_cross_entropy_entropy_reference
+from helpers import require_backend
+
+CPU_BACKENDS = ["torch", "triton"]
+# The Triton interpreter evaluates padding lanes (-inf * 0) before masking them out.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning:triton.runtime.interpreter")
+IGNORE = -100
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request):
+    require_backend("cpu", request.param)
+    return request.param
+
+
+def randint(generator, low, high):
+    return int(torch.randint(low, high + 1, (), generator=generator))
+
+
+def make_inputs(generator, *, batch=None, tokens, width, vocab, dtype=torch.float32, delta="none",
+                ignored_fraction=0.3, device="cpu"):
+    """Random hidden/weight/targets/delta, all leaves that require grad. ``delta`` is "none",
+    "shared" ([H], float32) or "per_batch" ([B, H], hidden's dtype)."""
+    lead = (tokens,) if batch is None else (batch, tokens)
+    hidden = torch.randn(lead + (width,), generator=generator, dtype=torch.float64).to(dtype)
+    weight = (torch.randn((vocab, width), generator=generator, dtype=torch.float64) / math.sqrt(width) * 3).to(dtype)
+    targets = torch.randint(0, vocab, lead, generator=generator)
+    targets[torch.rand(lead, generator=generator) < ignored_fraction] = IGNORE
+    if delta == "none":
+        delta_t = None
+    elif delta == "shared":
+        delta_t = torch.randn((width,), generator=generator) * 0.5
+    else:
+        delta_t = (torch.randn((batch, width), generator=generator, dtype=torch.float64) * 0.5).to(dtype)
+    leaves = [hidden, weight] + ([delta_t] if delta_t is not None else [])
+    for leaf in leaves:
+        leaf.requires_grad_(True)
+    moved = [t.to(device).detach().requires_grad_(t.requires_grad) if t is not None else None
+             for t in (hidden, weight, targets, delta_t)]
+    return moved
+
+
+def losses_and_grads(fn, hidden, weight, targets, delta, upstream_ce, upstream_entropy, **kwargs):
+    ce, entropy = fn(hidden, weight, targets, delta=delta, **kwargs)
+    inputs = [t for t in (hidden, weight, delta) if t is not None and t.requires_grad]
+    total = (upstream_ce * ce + upstream_entropy * entropy).sum()
+    grads = torch.autograd.grad(total, inputs, allow_unused=False) if inputs else []
+    return ce, entropy, grads
+
+
+def reference(hidden, weight, targets, *, delta=None, temperature=1.0, ignore_index=IGNORE):
+    """The float64 oracle on the same (already rounded) inputs, with gradients for the same leaves."""
+    def as64(t):
+        return t.detach().cpu().double().requires_grad_(t.requires_grad) if t is not None else None
+
+    return linear_cross_entropy_entropy_reference(as64(hidden), as64(weight), targets.cpu(), as64(delta),
+                                                  temperature, ignore_index)
+
+
+def assert_close(actual, expected, what, rtol, atol):
+    """Elementwise |a - e| <= atol * max|e| + rtol * |e| (atol relative to the tensor's scale, since
+    gradient entries near 0 carry absolute, not relative, rounding error)."""
+    actual = actual.detach().cpu().double()
+    expected = expected.detach().double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = expected.abs().max().clamp_min(1e-30) if expected.numel() else 1.0
+    err = (actual - expected).abs()
+    tol = atol * scale + rtol * expected.abs()
+    assert bool((err <= tol).all()), f"{what}: max error {err.max().item():.3g} (scale {float(scale):.3g})"
+
+
+def check_against_reference(backend, hidden, weight, targets, delta=None, *, generator, temperature=1.0,
+                            chunk=None, rtol=1e-4, atol=2e-5, upstream=None):
+    batched = hidden.dim() == 3
+    shape = (hidden.shape[0],) if batched else ()
+    if upstream is None:
+        upstream = (torch.rand(shape, generator=generator, dtype=torch.float64) * 4 - 2,
+                    torch.rand(shape, generator=generator, dtype=torch.float64) * 4 - 2)
+    a, b = upstream
+    ce, entropy, grads = losses_and_grads(
+        fusedecode.linear_cross_entropy_entropy, hidden, weight, targets, delta, a.to(hidden.device).float(),
+        b.to(hidden.device).float(), temperature=temperature, chunk=chunk, backend=backend)
+    assert ce.dtype == entropy.dtype == torch.float32 and ce.shape == entropy.shape == shape
+    ref_leaves = [t.detach().cpu().double().requires_grad_(t.requires_grad) if t is not None else None
+                  for t in (hidden, weight, delta)]
+    ref_ce, ref_entropy = linear_cross_entropy_entropy_reference(
+        ref_leaves[0], ref_leaves[1], targets.cpu(), ref_leaves[2], temperature, IGNORE)
+    ref_inputs = [t for t in ref_leaves if t is not None and t.requires_grad]
+    ref_grads = torch.autograd.grad((a * ref_ce + b * ref_entropy).sum(), ref_inputs)
+    assert_close(ce, ref_ce, "ce", rtol, atol)
+    assert_close(entropy, ref_entropy, "entropy", rtol, atol)
+    names = [n for n, t in zip(("hidden", "weight", "delta"), (hidden, weight, delta)) if t is not None]
+    for name, grad, ref_grad, leaf in zip(names, grads, ref_grads, [t for t in (hidden, weight, delta) if t is not None]):
+        assert grad.dtype == leaf.dtype, f"grad of {name}: dtype {grad.dtype} != {leaf.dtype}"
+        assert_close(grad, ref_grad, f"grad of {name}", rtol, atol)
+    return ce, entropy
+
+
+# ------------------------------------------------------------------------------------------------
+# Against the reference: shapes, chunking, ignored rows, delta, temperature, upstream mixes
+
+CASES = ["T=1", "chunk=1", "several_chunks", "default_chunk", "all_ignored", "last_row_ignored", "unbatched_delta",
+         "batched", "batched_shared_delta", "batched_per_batch_delta", "temperature"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_reference(backend, case, generator):
+    batched = case.startswith("batched")
+    tokens = 1 if case == "T=1" else randint(generator, 2, 9)
+    vocab = randint(generator, 50, 700)
+    if vocab % 64 == 0:
+        vocab += 1  # never a multiple of the Triton block nor of the chunk
+    width = randint(generator, 4, 40)
+    delta = {"unbatched_delta": "shared", "batched_shared_delta": "shared",
+             "batched_per_batch_delta": "per_batch", "temperature": "shared"}.get(case, "none")
+    hidden, weight, targets, delta_t = make_inputs(
+        generator, batch=randint(generator, 2, 3) if batched else None, tokens=tokens, width=width, vocab=vocab,
+        delta=delta, ignored_fraction=1.0 if case == "all_ignored" else 0.3)
+    if case == "last_row_ignored":
+        targets[..., -1] = IGNORE
+    chunk = {"chunk=1": 1, "several_chunks": randint(generator, 2, max(2, tokens - 1)),
+             "default_chunk": None}.get(case, randint(generator, 1, tokens))
+    temperature = float(torch.rand((), generator=generator) * 2 + 0.3) if case == "temperature" else 1.0
+    ce, _ = check_against_reference(backend, hidden, weight, targets, delta_t, generator=generator,
+                                    temperature=temperature, chunk=chunk)
+    if case == "all_ignored":
+        assert torch.equal(ce, torch.zeros_like(ce))
+
+
+@pytest.mark.parametrize("upstream", [(1.0, 0.0), (0.0, 1.0), (0.95, 0.05)], ids=["ce_only", "entropy_only", "srgen"])
+def test_upstream_mixes(backend, upstream, generator):
+    batch = 2
+    hidden, weight, targets, delta = make_inputs(generator, batch=batch, tokens=5, width=12, vocab=301,
+                                                 delta="per_batch")
+    a, b = (torch.full((batch,), value, dtype=torch.float64) for value in upstream)
+    check_against_reference(backend, hidden, weight, targets, delta, generator=generator, chunk=2, upstream=(a, b))
+
+
+def test_many_blocks_per_row(generator, monkeypatch):
+    """A block much smaller than V: the online max/sum rescaling across blocks."""
+    require_backend("cpu", "triton")
+    from fusedecode.triton_kernels import linear_ce as kernels
+
+    monkeypatch.setattr(kernels, "MAX_BLOCK", 32)
+    hidden, weight, targets, delta = make_inputs(generator, tokens=4, width=8, vocab=333, delta="shared")
+    weight.data[:, :] *= 4  # wide logits: the running max moves between blocks
+    check_against_reference("triton", hidden, weight, targets, delta, generator=generator, chunk=3,
+                            temperature=0.7)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)], ids=["fp16", "bf16"])
+def test_half_precision(backend, dtype, rtol, generator):
+    # On CPU the half matmul rounds each logit to the input dtype and the gradient is cast back to
+    # it before its matmuls (as Liger-Kernel does); the tolerance is that rounding, a few ulps.
+    hidden, weight, targets, delta = make_inputs(generator, batch=2, tokens=6, width=32, vocab=257, dtype=dtype,
+                                                 delta="per_batch")
+    check_against_reference(backend, hidden, weight, targets, delta, generator=generator, chunk=4, rtol=rtol,
+                            atol=rtol)
+
+
+def test_float64_torch_backend(generator):
+    hidden, weight, targets, delta = make_inputs(generator, tokens=5, width=8, vocab=97, dtype=torch.float64,
+                                                 delta="shared")
+    ce, entropy = fusedecode.linear_cross_entropy_entropy(hidden, weight, targets, delta=delta, chunk=2,
+                                                          backend="torch")
+    ref_ce, ref_entropy = reference(hidden, weight, targets, delta=delta)
+    assert ce.dtype == torch.float64
+    torch.testing.assert_close(ce, ref_ce, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(entropy, ref_entropy, rtol=1e-12, atol=1e-12)
+
+
+def test_only_requested_gradients_are_computed(backend, generator):
+    """SRGen's case: only delta requires grad. No [B, T, H] or [V, H] gradient is produced."""
+    hidden, weight, targets, delta = make_inputs(generator, batch=1, tokens=6, width=10, vocab=120,
+                                                 delta="per_batch")
+    hidden, weight = hidden.detach(), weight.detach()
+    outputs = torch.ops.fusedecode.linear_ce_forward(hidden, weight, targets, delta, 1.0, IGNORE, 4, backend,
+                                                     False, True, False)
+    grad_hidden_ce, grad_delta_ce, grad_weight_ce = outputs[3:6]
+    assert grad_hidden_ce.numel() == 0 and grad_weight_ce.numel() == 0
+    assert grad_delta_ce.shape == (1, 10)
+    check_against_reference(backend, hidden, weight, targets, delta, generator=generator, chunk=4)
+
+    with torch.no_grad():
+        outputs = torch.ops.fusedecode.linear_ce_forward(hidden, weight, targets, delta, 1.0, IGNORE, 4, backend,
+                                                         False, False, False)
+    assert all(t.numel() == 0 for t in outputs[3:6]) and outputs[7].numel() == 0
+
+
+def test_no_tensor_of_size_t_times_v(generator):
+    """Every tensor the torch backend creates (forward and backward, all three gradients) is smaller
+    than the [T, V] logits: chunk * V and [V, H] at most."""
+    tokens, width, vocab, chunk = 64, 8, 500, 4
+    hidden, weight, targets, delta = make_inputs(generator, batch=2, tokens=tokens, width=width, vocab=vocab,
+                                                 delta="per_batch")
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    LargestTensor.largest = max(LargestTensor.largest, t.numel())
+            return out
+
+    with LargestTensor():
+        ce, entropy = fusedecode.linear_cross_entropy_entropy(hidden, weight, targets, delta=delta, chunk=chunk,
+                                                              backend="torch")
+        (ce.sum() + entropy.sum()).backward()
+    assert LargestTensor.largest <= max(chunk * vocab, vocab * width, 2 * tokens * width), LargestTensor.largest
+    assert LargestTensor.largest < tokens * vocab
+
+
+def test_default_chunk_size():
+    for vocab in (32000, 151936, 256000):
+        chunk_bytes = default_chunk(vocab) * vocab * 4
+        assert 32 << 20 <= chunk_bytes <= 64 << 20, (vocab, chunk_bytes)
+    assert default_chunk(10**9) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# NaN, backends, validation
+
+
+def test_nan_propagates(backend, generator):
+    hidden, weight, targets, _ = make_inputs(generator, tokens=5, width=8, vocab=90, ignored_fraction=0.0)
+    hidden = hidden.detach().clone()
+    hidden[1, 3] = math.nan  # a counted row that is not the last one
+    ce, entropy = fusedecode.linear_cross_entropy_entropy(hidden, weight.detach(), targets, chunk=2, backend=backend)
+    assert math.isnan(ce.item()) and math.isfinite(entropy.item())
+
+    hidden[1, 3] = 0.0
+    hidden[-1, 0] = math.nan
+    ce, entropy = fusedecode.linear_cross_entropy_entropy(hidden, weight.detach(), targets, chunk=2, backend=backend)
+    assert math.isnan(ce.item()) and math.isnan(entropy.item())
+
+    delta = torch.zeros(8)
+    delta[2] = math.nan
+    hidden[-1, 0] = 0.0
+    ce, entropy = fusedecode.linear_cross_entropy_entropy(hidden, weight.detach(), targets, delta=delta,
+                                                          backend=backend)
+    assert math.isnan(ce.item()) and math.isnan(entropy.item())
+
+
+def test_out_of_range_target_without_validation_gives_nan(backend, generator):
+    """On a GPU the range is not checked (it would synchronise): the op itself must give NaN."""
+    hidden, weight, targets, _ = make_inputs(generator, batch=2, tokens=3, width=8, vocab=40, ignored_fraction=0.0)
+    targets[0, 1] = 40
+    outputs = torch.ops.fusedecode.linear_ce_forward(hidden.detach(), weight.detach(), targets, None, 1.0, IGNORE, 2,
+                                                     backend, True, False, False)
+    ce, grad_hidden = outputs[0], outputs[3]
+    assert math.isnan(ce[0].item()) and math.isfinite(ce[1].item())
+    assert bool(grad_hidden[0, 1].isnan().all()) and bool(grad_hidden[1].isfinite().all())
+
+
+# ids without the word "cuda": conftest skips tests carrying that keyword on machines without a GPU.
+@pytest.mark.parametrize("name", ["cpp", "cuda"], ids=["named-cpp", "named-native-gpu"])
+def test_unimplemented_backends(name, generator, monkeypatch):
+    hidden, weight, targets, _ = make_inputs(generator, tokens=2, width=4, vocab=10)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        fusedecode.linear_cross_entropy_entropy(hidden, weight, targets, backend=name)
+    # Set process-wide for the other ops, it does not break this one: auto (torch on CPU) runs.
+    monkeypatch.setenv("FUSEDECODE_BACKEND", name)
+    ce, _ = fusedecode.linear_cross_entropy_entropy(hidden, weight, targets)
+    expected, _ = fusedecode.linear_cross_entropy_entropy(hidden, weight, targets, backend="torch")
+    torch.testing.assert_close(ce, expected)
+
+
+def test_backend_errors(generator):
+    hidden, weight, targets, _ = make_inputs(generator, tokens=2, width=4, vocab=10)
+    with pytest.raises(ValueError, match="backend"):
+        fusedecode.linear_cross_entropy_entropy(hidden, weight, targets, backend="fast")
+    if unavailable_reason("triton", "cpu") is None:
+        with pytest.raises(RuntimeError, match="float64"):
+            fusedecode.linear_cross_entropy_entropy(hidden.double(), weight.double(), targets, backend="triton")
+    else:
+        with pytest.raises(RuntimeError, match="triton"):
+            fusedecode.linear_cross_entropy_entropy(hidden, weight, targets, backend="triton")
+
+
+def _call(hidden=None, weight=None, targets=None, **kwargs):
+    hidden = torch.zeros(3, 4) if hidden is None else hidden
+    weight = torch.zeros(5, 4) if weight is None else weight
+    targets = torch.zeros(3, dtype=torch.int64) if targets is None else targets
+    return fusedecode.linear_cross_entropy_entropy(hidden, weight, targets, backend="torch", **kwargs)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: _call(hidden=[[1.0]]), TypeError, "hidden"),
+    (lambda: _call(hidden=torch.zeros(3, 4, dtype=torch.int32)), TypeError, "hidden"),
+    (lambda: _call(hidden=torch.zeros(4)), ValueError, "hidden"),
+    (lambda: _call(hidden=torch.zeros(1, 1, 3, 4)), ValueError, "hidden"),
+    (lambda: _call(hidden=torch.zeros(0, 4), targets=torch.zeros(0, dtype=torch.int64)), ValueError, "T >= 1"),
+    (lambda: _call(hidden=torch.zeros(0, 3, 4), targets=torch.zeros(0, 3, dtype=torch.int64)), ValueError, "B >= 1"),
+    (lambda: _call(weight=torch.zeros(5, 4, dtype=torch.float16)), TypeError, "weight"),
+    (lambda: _call(weight=torch.zeros(5, 3)), ValueError, "weight"),
+    (lambda: _call(weight=torch.zeros(5)), ValueError, "weight"),
+    (lambda: _call(weight=torch.zeros(0, 4)), ValueError, "weight"),
+    (lambda: _call(weight="w"), TypeError, "weight"),
+    (lambda: _call(targets=torch.zeros(3, dtype=torch.int32)), TypeError, "targets"),
+    (lambda: _call(targets=torch.zeros(3)), TypeError, "targets"),
+    (lambda: _call(targets=torch.zeros(4, dtype=torch.int64)), ValueError, "targets"),
+    (lambda: _call(hidden=torch.zeros(2, 3, 4), targets=torch.zeros(3, 3, dtype=torch.int64)), ValueError,
+     "targets"),
+    (lambda: _call(targets=torch.tensor([0, 5, 1])), ValueError, "targets"),
+    (lambda: _call(targets=torch.tensor([0, -1, 1])), ValueError, "targets"),
+    (lambda: _call(delta=torch.zeros(3)), ValueError, "delta"),
+    (lambda: _call(delta=torch.zeros(1, 4)), ValueError, "delta"),
+    (lambda: _call(hidden=torch.zeros(2, 3, 4), targets=torch.zeros(2, 3, dtype=torch.int64),
+                   delta=torch.zeros(3, 4)), ValueError, "delta"),
+    (lambda: _call(delta=torch.zeros(4, dtype=torch.float64)), TypeError, "delta"),
+    (lambda: _call(hidden=torch.zeros(3, 4, dtype=torch.float16), weight=torch.zeros(5, 4, dtype=torch.float16),
+                   delta=torch.zeros(4, dtype=torch.bfloat16)), TypeError, "delta"),
+    (lambda: _call(delta=[0.0] * 4), TypeError, "delta"),
+    (lambda: _call(temperature=0.0), ValueError, "temperature"),
+    (lambda: _call(temperature=-1.0), ValueError, "temperature"),
+    (lambda: _call(temperature=math.inf), ValueError, "temperature"),
+    (lambda: _call(temperature="hot"), TypeError, "temperature"),
+    (lambda: _call(chunk=0), ValueError, "chunk"),
+    (lambda: _call(chunk=2.5), TypeError, "chunk"),
+    (lambda: _call(ignore_index=1.5), TypeError, "ignore_index"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_validation_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_custom_ignore_index(backend, generator):
+    hidden, weight, targets, _ = make_inputs(generator, tokens=6, width=8, vocab=60, ignored_fraction=0.0)
+    targets[2] = -1
+    ce, _ = fusedecode.linear_cross_entropy_entropy(hidden, weight, targets, ignore_index=-1, backend=backend)
+    targets[2] = IGNORE
+    expected, _ = reference(hidden, weight, targets)
+    assert_close(ce, expected, "ce", 1e-4, 1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom ops: opcheck and torch.compile
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_opcheck(backend, batch, generator):
+    hidden, weight, targets, delta = make_inputs(generator, batch=batch, tokens=3, width=6, vocab=70,
+                                                 delta="per_batch")
+    args = (hidden, weight, targets, delta, 0.9, IGNORE, 2, backend, True, True, True)
+    torch.library.opcheck(torch.ops.fusedecode.linear_ce_forward.default, args)
+    scale = torch.rand(batch, generator=generator)
+    torch.library.opcheck(torch.ops.fusedecode.linear_ce_weight_grad.default,
+                          (hidden.detach(), weight.detach(), targets, delta.detach(), scale, IGNORE, 2, backend))
+
+
+def test_torch_compile_fullgraph(generator):
+    hidden, weight, targets, _ = make_inputs(generator, batch=2, tokens=5, width=8, vocab=64)
+    hidden, weight = hidden.detach(), weight.detach()
+
+    def srgen_loss(delta):
+        ce, entropy = fusedecode.linear_cross_entropy_entropy(hidden, weight, targets, delta=delta, chunk=2,
+                                                              temperature=0.7, backend="torch")
+        return (0.95 * ce + 0.05 * entropy).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(srgen_loss, fullgraph=True)
+    delta = (torch.randn((2, 8), generator=generator) * 0.1).requires_grad_(True)
+    eager_delta = delta.detach().clone().requires_grad_(True)
+    loss = compiled(delta)
+    loss.backward()
+    eager = srgen_loss(eager_delta)
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(delta.grad, eager_delta.grad)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU only
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("gpu_backend", ["triton", "torch"])
+def test_bf16_on_gpu(gpu_backend, generator):
+    require_backend("cuda", gpu_backend)
+    hidden, weight, targets, delta = make_inputs(generator, batch=2, tokens=300, width=64, vocab=5003,
+                                                 dtype=torch.bfloat16, delta="shared", device="cuda")
+    # Logits come back unrounded from the bf16 matmul (out_dtype=float32); gradients are rounded to
+    # bf16 before their matmuls.
+    check_against_reference(gpu_backend, hidden, weight, targets, delta, generator=generator, chunk=128,
+                            rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.cuda
+def test_auto_picks_triton_on_gpu(generator):
+    require_backend("cuda", "triton")
+    hidden, weight, targets, _ = make_inputs(generator, tokens=40, width=32, vocab=1000, device="cuda")
+    ce, entropy = fusedecode.linear_cross_entropy_entropy(hidden, weight, targets)
+    ref_ce, ref_entropy = reference(hidden, weight, targets)
+    assert_close(ce, ref_ce, "ce", 1e-4, 2e-5)
+    assert_close(entropy, ref_entropy, "entropy", 1e-4, 2e-5)
