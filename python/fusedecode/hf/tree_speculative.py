@@ -1,0 +1,550 @@
+"""Tree speculative decoding for Hugging Face ``generate`` (draft/target collaboration).
+
+A small draft model grows a token tree (EAGLE-2 style: each level expands the ``top_k`` most probable
+frontier nodes by cumulative log-probability, one batched draft forward per level; LLMCad's fallback
+stops growing when the best branch's cumulative probability falls below an adaptive threshold
+alpha). The target scores the whole tree in one forward pass with a tree attention mask
+(``fusedecode.tree``), ``fusedecode.verify_tree`` walks it in one fused pass over the target
+logits, and both KV caches keep exactly the accepted path: no re-prefill.
+
+Each row of the batch keeps its own tree and accepts its own number of tokens (ragged acceptance).
+The KV caches therefore hold per-row validity masks: slots of rejected nodes are compacted away
+after each verification, and every forward gets an explicit 4D additive attention mask and explicit
+position ids, which any decoder-only HF model built on ``create_causal_mask`` accepts.
+"""
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..tree import tree_attention_mask
+from ..verify_tree import verify_tree
+
+__all__ = ["TreeConfig", "tree_speculative"]
+
+SAMPLING_MODES = ("target_only", "multi_draft")
+
+
+@dataclass
+class TreeConfig:
+    """How the draft grows its token tree in ``tree_speculative``.
+
+    Args:
+        max_depth: drafted tokens on the longest branch (tree depth, root excluded).
+        top_k: children per expanded node, and nodes expanded per level.
+        max_nodes: drafted tokens per tree (root excluded); the target scores ``max_nodes + 1`` rows.
+        alpha: initial fallback threshold: a row stops growing its tree when the most probable
+            frontier branch has cumulative draft probability below alpha.
+        adaptive: LLMCad's update after each verification: halve alpha when every drafted token on
+            the accepted branch was accepted (the walk reached a leaf), else set alpha to the
+            fraction of the branch that was rejected (``1 - accepted / drafted depth``).
+        min_alpha: floor for the halving, so alpha stays meaningful after long accepted runs (an
+            alpha already below it, such as 0 for "never stop early", is left as it is).
+        sampling: when sampling (``do_sample=True``), how children are drafted and verified.
+            ``"target_only"``: the top-k children of the draft (any tree is lossless; verification
+            samples the target only). ``"multi_draft"``: each expanded node gets ``top_k`` children
+            drawn i.i.d. from the draft's distribution and verification is SpecInfer's multi-draft
+            rejection sampling with the draft probabilities (sibling groups are kept or dropped
+            whole, as the i.i.d. assumption requires). Greedy decoding ignores this field.
+    """
+
+    max_depth: int = 6
+    top_k: int = 4
+    max_nodes: int = 32
+    alpha: float = 0.02
+    adaptive: bool = True
+    min_alpha: float = 1e-4
+    sampling: str = "target_only"
+
+    def __post_init__(self):
+        for name in ("max_depth", "top_k", "max_nodes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TreeConfig.{name} must be an int >= 1, got {value!r}")
+        for name in ("alpha", "min_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"TreeConfig.{name} must be a number in [0, 1], got {value!r}")
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"TreeConfig.adaptive must be a bool, got {self.adaptive!r}")
+        if self.sampling not in SAMPLING_MODES:
+            raise ValueError(f"TreeConfig.sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _output_class():
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    @dataclass
+    class TreeSpeculativeOutput(GenerateDecoderOnlyOutput):
+        """``generate`` output of ``tree_speculative`` with ``return_dict_in_generate=True``.
+
+        ``num_accepted``: ``[steps, B]`` int64, drafted tokens accepted by each verification (-1 for
+        rows already finished). ``mean_accepted_length``: tokens emitted per row per target forward
+        (accepted drafts plus the bonus/correction token), over the rows still generating.
+        ``past_key_values`` is None: the caches hold per-row holes only this loop understands.
+        """
+
+        num_accepted: Optional[torch.LongTensor] = None
+        mean_accepted_length: Optional[float] = None
+
+    return TreeSpeculativeOutput
+
+
+class _SlotCache:
+    """A DynamicCache whose slots may be invalid per row (padding, dummy queries, compacted holes).
+
+    ``valid[b, s]`` says whether slot s of row b holds a real token's key/value. Every forward gets a
+    4D additive mask built from it, so the model never attends an invalid slot.
+    """
+
+    def __init__(self, model, batch, device):
+        from transformers import DynamicCache
+
+        self.model = model
+        self.cache = DynamicCache()
+        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+
+    @property
+    def length(self):
+        return self.valid.shape[1]
+
+    def forward(self, tokens, token_valid, positions, new_mask, past_allowed=None):
+        """Run the model on ``tokens [B, q]`` and append them to the cache; returns float32 logits.
+
+        ``new_mask [B, q, q]``: which new tokens each new token attends (must include itself, so no
+        query row is fully masked). ``past_allowed [B, q, S]``: which cached slots each new token
+        attends (default: every valid slot).
+        """
+        batch, count = tokens.shape
+        if past_allowed is None:
+            past_allowed = self.valid[:, None, :].expand(batch, count, self.length)
+        allowed = torch.cat([past_allowed & self.valid[:, None, :], new_mask], dim=2)
+        dtype = self.model.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=tokens.device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        outputs = self.model(input_ids=tokens, attention_mask=mask[:, None], position_ids=positions,
+                             past_key_values=self.cache, use_cache=True, return_dict=True)
+        self.valid = torch.cat([self.valid, token_valid], dim=1)
+        return outputs.logits.float()
+
+    def keep(self, keep):
+        """Keep the slots where ``keep [B, S]`` is True, compacted to the left in slot order."""
+        keep = keep & self.valid
+        kept = keep.sum(1)
+        width = int(kept.max()) if keep.numel() else 0
+        # A stable sort puts each row's kept slots first, in their original order.
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        for layer in self.cache.layers:
+            if layer.keys is None or layer.keys.numel() == 0:
+                continue
+            heads, dim = layer.keys.shape[1], layer.keys.shape[3]
+            index = order[:, None, :, None].expand(-1, heads, -1, dim)
+            layer.keys = layer.keys.gather(2, index)
+            layer.values = layer.values.gather(2, index.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
+        self.valid = torch.arange(width, device=keep.device)[None, :] < kept[:, None]
+
+
+def _check_model(model, name):
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"tree_speculative supports decoder-only models; {name} is encoder-decoder")
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text_config, "layer_types", None) or ()
+    if any(kind != "full_attention" for kind in layer_types):
+        raise ValueError(f"tree_speculative needs full attention in every layer; {name} has layer types "
+                         f"{sorted(set(layer_types))} (sliding-window caches are not supported)")
+
+
+class _Tree:
+    """The draft tree of one row, grown level by level. Node 0 is the root (last committed token)."""
+
+    def __init__(self, root_token):
+        self.tokens = [root_token]
+        self.parents = [-1]
+        self.depths = [0]
+        self.cum_logprob = [0.0]
+        self.draft_slot = [None]  # draft-cache slot of nodes fed to the draft (expanded nodes)
+        self.draft_row = {}  # node -> row of the draft distribution it was expanded with
+        self.growing = True
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def add(self, token, parent, logprob):
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.depths.append(self.depths[parent] + 1)
+        self.cum_logprob.append(self.cum_logprob[parent] + logprob)
+        self.draft_slot.append(None)
+        return len(self.tokens) - 1
+
+    def nodes_at(self, depth):
+        return [i for i, d in enumerate(self.depths) if d == depth]
+
+
+def _ancestors(tree, node):
+    path = []
+    while node > 0:
+        path.append(node)
+        node = tree.parents[node]
+    return path[::-1]
+
+
+def _prune(tree, max_nodes, whole_groups):
+    """Keep at most ``max_nodes`` drafted nodes, best cumulative log-probability first.
+
+    The kept set is closed under parents because a child never beats its parent (ties go to the
+    shallower node). Returns (tokens, parents, old index of each kept node) in topological order,
+    siblings in drafting order. ``whole_groups`` trees were already grown within budget.
+    """
+    drafted = list(range(1, len(tree)))
+    if not whole_groups and len(drafted) > max_nodes:
+        drafted.sort(key=lambda i: (-tree.cum_logprob[i], tree.depths[i], i))
+        drafted = drafted[:max_nodes]
+    kept = [0] + sorted(drafted, key=lambda i: (tree.depths[i], i))
+    new_index = {old: new for new, old in enumerate(kept)}
+    parents = [-1] + [new_index[tree.parents[old]] for old in kept[1:]]
+    return [tree.tokens[i] for i in kept], parents, kept
+
+
+def _processes_positions(logits_processor):
+    """Whether some processor's output depends on the token ids (then each tree node needs its own
+    path as input_ids); pure warpers (temperature, top-k/p, ...) only look at the scores."""
+    from transformers import generation as hf_generation
+
+    pure = tuple(getattr(hf_generation, name) for name in (
+        "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper",
+        "TypicalLogitsWarper", "EpsilonLogitsWarper", "EtaLogitsWarper") if hasattr(hf_generation, name))
+    return any(not isinstance(processor, pure) for processor in logits_processor)
+
+
+def _apply_processors(logits_processor, logits, row_ids, trees_kept, depth_of):
+    """Run the generate loop's logits processors on every tree node's logits, as plain decoding
+    would have at that node: input_ids = the row's committed ids + the node's drafted path."""
+    if len(logits_processor) == 0:
+        return logits
+    batch, nodes, vocab = logits.shape
+    if not _processes_positions(logits_processor):
+        ids = torch.stack(row_ids)[:, None, :].expand(batch, nodes, -1).reshape(batch * nodes, -1) \
+            if len({len(r) for r in row_ids}) == 1 else None
+        if ids is not None:
+            return logits_processor(ids, logits.reshape(batch * nodes, vocab)).view(batch, nodes, vocab)
+    processed = logits.clone()
+    for b, (tokens, parents) in enumerate(trees_kept):
+        by_depth = {}
+        for node in range(len(tokens)):
+            by_depth.setdefault(depth_of[b][node], []).append(node)
+        for depth, members in by_depth.items():
+            paths = []
+            for node in members:
+                path, cursor = [], node
+                while cursor > 0:
+                    path.append(tokens[cursor])
+                    cursor = parents[cursor]
+                paths.append(path[::-1])
+            suffix = torch.tensor(paths, dtype=row_ids[b].dtype, device=logits.device).view(len(members), depth)
+            ids = torch.cat([row_ids[b][None, :].expand(len(members), -1), suffix], dim=1)
+            index = torch.tensor(members, device=logits.device)
+            processed[b, index] = logits_processor(ids, logits[b, index])
+    return processed
+
+
+def _draft_distribution(logits, target_vocab, temperature):
+    """Draft log-probabilities over the target's vocabulary (a draft with a padded or smaller
+    vocabulary proposes only ids both models have)."""
+    vocab = logits.shape[-1]
+    if vocab > target_vocab:
+        logits = logits[..., :target_vocab]
+    elif vocab < target_vocab:
+        logits = torch.nn.functional.pad(logits, (0, target_vocab - vocab), value=-math.inf)
+    return torch.log_softmax(logits / temperature, dim=-1)
+
+
+def _grow(trees, draft, distributions, config, multi_draft, alpha, tree_start, num_real, vocab, temperature):
+    """Grow every row's tree level by level; one batched draft forward per level.
+
+    Level d expands the fed nodes of depth d - 1 (their draft distributions are known): top-k
+    children, or ``top_k`` i.i.d. samples in multi-draft mode. Then the ``top_k`` most probable new
+    nodes are fed to the draft so the next level can expand them, unless the best of them is below
+    the row's alpha (LLMCad's fallback) or can no longer make the final ``max_nodes`` cut.
+    """
+    device = draft.valid.device
+    batch = len(trees)
+    for depth in range(1, config.max_depth + 1):
+        for tree in trees:
+            if not tree.growing:
+                continue
+            for node in [n for n in tree.nodes_at(depth - 1) if n in tree.draft_row]:
+                level, row = tree.draft_row[node]
+                logprobs = distributions[level][row]
+                if multi_draft:
+                    if len(tree) - 1 + config.top_k > config.max_nodes:
+                        tree.growing = False
+                        break
+                    children = torch.multinomial(logprobs.exp(), config.top_k, replacement=True)
+                else:
+                    best = logprobs.topk(min(config.top_k, logprobs.shape[-1]))
+                    children = best.indices[torch.isfinite(best.values)]
+                for token, logprob in zip(children.tolist(), logprobs[children].tolist()):
+                    tree.add(token, node, logprob)
+        if depth == config.max_depth:
+            break
+        feeds = []
+        for b, tree in enumerate(trees):
+            feed = []
+            if tree.growing:
+                frontier = sorted(tree.nodes_at(depth), key=lambda i: (-tree.cum_logprob[i], i))[:config.top_k]
+                if frontier:
+                    best = tree.cum_logprob[frontier[0]]
+                    at_least_as_good = sum(1 for c in tree.cum_logprob[1:] if c >= best)
+                    if math.exp(best) < alpha[b] or (not multi_draft and at_least_as_good >= config.max_nodes):
+                        frontier = []
+                tree.growing = bool(frontier)
+                feed = frontier
+            feeds.append(feed)
+        width = max(len(f) for f in feeds)
+        if width == 0:
+            break
+        tokens = torch.zeros(batch, width, dtype=torch.long, device=device)
+        token_valid = torch.zeros(batch, width, dtype=torch.bool, device=device)
+        past_allowed = torch.zeros(batch, width, draft.length, dtype=torch.bool, device=device)
+        past_allowed[:, :, :tree_start] = True
+        first_slot = draft.length
+        for b, feed in enumerate(feeds):
+            tree = trees[b]
+            for j, node in enumerate(feed):
+                tokens[b, j] = tree.tokens[node]
+                token_valid[b, j] = True
+                for ancestor in _ancestors(tree, node)[:-1]:
+                    past_allowed[b, j, tree.draft_slot[ancestor]] = True
+                tree.draft_slot[node] = first_slot + j
+                tree.draft_row[node] = (len(distributions), b * width + j)
+        positions = (num_real - 1)[:, None] + depth
+        eye = torch.eye(width, dtype=torch.bool, device=device)[None].expand(batch, -1, -1)
+        logits = draft.forward(tokens, token_valid, positions.expand(batch, width), eye, past_allowed)
+        distributions.append(_draft_distribution(logits.reshape(batch * width, -1), vocab, temperature))
+
+
+def _emit(emitted, new_tokens, row_ids, stopping_criteria):
+    """Append tokens one at a time, as plain decoding would, until a stopping criterion fires.
+    ``row_ids`` already ends with all of ``new_tokens``. Returns whether the row is finished."""
+    base = row_ids.shape[0] - len(new_tokens)
+    for i, token in enumerate(new_tokens):
+        emitted.append(token)
+        if len(stopping_criteria) and bool(stopping_criteria(row_ids[None, :base + i + 1], None).any()):
+            return True
+    return False
+
+
+def _update_alpha(alpha, row, accepted, drafted_depth, config):
+    """LLMCad's fallback threshold: halve it when the whole drafted branch was accepted, else set
+    it to the fraction of the branch that was rejected."""
+    if drafted_depth == 0:
+        return
+    if accepted >= drafted_depth:
+        halved = alpha[row] / 2
+        alpha[row] = halved if halved >= config.min_alpha else min(alpha[row], config.min_alpha)
+    else:
+        alpha[row] = 1.0 - accepted / drafted_depth
+
+
+def _assemble(input_ids, emitted, pad_token):
+    width = max(len(tokens) for tokens in emitted)
+    if any(len(tokens) < width for tokens in emitted) and pad_token is None:
+        raise ValueError("rows finished at different lengths and generation_config has no pad_token_id "
+                         "(nor eos_token_id) to pad them with")
+    fill = int(pad_token) if pad_token is not None else 0
+    new = torch.full((input_ids.shape[0], width), fill, dtype=input_ids.dtype, device=input_ids.device)
+    for b, tokens in enumerate(emitted):
+        new[b, :len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype, device=input_ids.device)
+    return torch.cat([input_ids, new], dim=1)
+
+
+def tree_speculative(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                     synced_gpus=False, streamer=None, draft_model=None, tree_config=None, token_streamer=None,
+                     **model_kwargs):
+    """Tree speculative decoding as a ``custom_generate`` callable for ``model.generate``.
+
+    Greedy output is token-for-token what ``model.generate(do_sample=False)`` gives (up to float
+    rounding of batched vs one-token forwards); sampled output has the target's distribution. The
+    user's logits processors and stopping criteria apply at every emitted position, as in plain
+    decoding. Beam search, encoder-decoder models and sliding-window attention are not supported.
+
+    Streaming: transformers does not hand ``streamer=`` to ``custom_generate`` callables (it only
+    puts the prompt), so pass ``token_streamer=<a BaseStreamer>`` instead: it gets the prompt, then
+    the accepted tokens after every verification, then ``end()``.
+
+    Example::
+
+        >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+        >>> from fusedecode.hf import TreeConfig, bundled_model_path, tree_speculative
+        >>> target = AutoModelForCausalLM.from_pretrained(bundled_model_path("target"))
+        >>> draft = AutoModelForCausalLM.from_pretrained(bundled_model_path("draft"))
+        >>> tok = AutoTokenizer.from_pretrained(bundled_model_path("target"))
+        >>> inputs = tok(["12+34="], return_tensors="pt")
+        >>> out = target.generate(**inputs, custom_generate=tree_speculative, draft_model=draft,
+        ...                       tree_config=TreeConfig(max_depth=4, top_k=3), max_new_tokens=20,
+        ...                       do_sample=False, return_dict_in_generate=True)
+        >>> out.mean_accepted_length > 1
+        True
+    """
+    config = TreeConfig() if tree_config is None else tree_config
+    if not isinstance(config, TreeConfig):
+        raise TypeError(f"tree_config must be a fusedecode.hf.TreeConfig, got {type(tree_config).__name__}")
+    if draft_model is None:
+        raise ValueError("tree_speculative needs draft_model=<a causal LM sharing the target's tokenizer>")
+    if getattr(generation_config, "num_beams", 1) != 1:
+        raise ValueError(f"tree_speculative does not do beam search (num_beams={generation_config.num_beams})")
+    if synced_gpus:
+        raise ValueError("tree_speculative does not support synced_gpus")
+    for flag in ("output_scores", "output_logits", "output_attentions", "output_hidden_states"):
+        if getattr(generation_config, flag, False):
+            raise ValueError(f"tree_speculative does not return {flag.replace('output_', '')} "
+                             f"({flag}=True); use fusedecode.hf.UncertaintyProcessor with plain generate")
+    if token_streamer is not None:
+        if input_ids.shape[0] != 1:
+            raise ValueError("token_streamer takes one sequence: use a batch of 1 with a streamer")
+        streamer = token_streamer
+        streamer.put(input_ids.cpu())
+    if model_kwargs.get("inputs_embeds") is not None:
+        raise ValueError("tree_speculative needs input_ids, not inputs_embeds")
+    _check_model(model, "the target model")
+    _check_model(draft_model, "draft_model")
+
+    device = input_ids.device
+    batch, prompt_length = input_ids.shape
+    do_sample = bool(generation_config.do_sample)
+    multi_draft = do_sample and config.sampling == "multi_draft"
+    draft_temperature = float(generation_config.temperature or 1.0) if do_sample else 1.0
+    attention_mask = model_kwargs.get("attention_mask")
+    prompt_valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                    else attention_mask.to(device=device, dtype=torch.bool))
+    pad_token = generation_config._pad_token_tensor
+    target = _SlotCache(model, batch, device)
+    draft = _SlotCache(draft_model, batch, device)
+    target_vocab = None
+
+    num_real = prompt_valid.sum(1)  # real tokens committed per row (the root included)
+    if prompt_length > 1:  # caches hold every committed token but the last (the next tree's root)
+        context, context_valid = input_ids[:, :-1], prompt_valid[:, :-1]
+        positions = (context_valid.long().cumsum(1) - 1).clamp(min=0)
+        causal = torch.tril(torch.ones(prompt_length - 1, prompt_length - 1, dtype=torch.bool, device=device))
+        new_mask = (causal[None] & context_valid[:, None, :]) | torch.eye(prompt_length - 1, dtype=torch.bool,
+                                                                          device=device)[None]
+        for cache in (target, draft):
+            cache.forward(context, context_valid, positions, new_mask)
+
+    row_ids = [input_ids[b] for b in range(batch)]  # what plain decoding's processors would see
+    emitted = [[] for _ in range(batch)]  # tokens the caller gets, cut by the stopping criteria
+    finished = [False] * batch
+    pending = [[int(input_ids[b, -1])] for b in range(batch)]  # committed tokens not yet fed to the draft
+    alpha = [float(config.alpha)] * batch
+    accepted_per_step, tokens_this_run, row_forwards = [], 0, 0
+
+    while not all(finished):
+        # 1. Feed the draft the committed tokens it has not seen; the last one is the tree's root.
+        width = max(len(p) for p in pending)
+        tokens = torch.zeros(batch, width, dtype=torch.long, device=device)
+        token_valid = torch.zeros(batch, width, dtype=torch.bool, device=device)
+        for b, chain in enumerate(pending):
+            tokens[b, :len(chain)] = torch.tensor(chain, device=device)
+            token_valid[b, :len(chain)] = True
+        lengths = token_valid.sum(1)
+        positions = num_real[:, None] - lengths[:, None] + torch.arange(width, device=device)[None]
+        causal = torch.tril(torch.ones(width, width, dtype=torch.bool, device=device))
+        new_mask = (causal[None] & token_valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)[None]
+        draft_logits = draft.forward(tokens, token_valid, positions, new_mask)
+        root_logits = draft_logits[torch.arange(batch, device=device), lengths - 1]
+        tree_start = draft.length
+
+        if target_vocab is None:
+            target_vocab = model.get_output_embeddings().weight.shape[0]
+        trees = [_Tree(int(row_ids[b][-1])) for b in range(batch)]
+        distributions = [_draft_distribution(root_logits, target_vocab, draft_temperature)]
+        for b, tree in enumerate(trees):
+            tree.draft_row[0] = (0, b)
+        _grow(trees, draft, distributions, config, multi_draft, alpha, tree_start, num_real, target_vocab,
+              draft_temperature)
+
+        # 2. One target forward over every row's pruned tree.
+        kept = [_prune(tree, config.max_nodes, multi_draft) for tree in trees]
+        nodes = max(len(k[0]) for k in kept)
+        draft_tokens = torch.full((batch, nodes), -1, dtype=torch.long, device=device)
+        parents = torch.zeros(batch, nodes, dtype=torch.long, device=device)
+        depth_of = []
+        for b, (tree_tokens, tree_parents, old) in enumerate(kept):
+            draft_tokens[b, :len(tree_tokens)] = torch.tensor(tree_tokens, device=device)
+            parents[b, :len(tree_parents)] = torch.tensor(tree_parents, device=device)
+            depth_of.append([trees[b].depths[i] for i in old])
+        parents[:, 0] = -1
+        node_valid = draft_tokens >= 0
+        node_valid[:, 0] = True
+        depths = torch.zeros(batch, nodes, dtype=torch.long, device=device)
+        for b, row_depths in enumerate(depth_of):
+            depths[b, :len(row_depths)] = torch.tensor(row_depths, device=device)
+        positions = (num_real - 1)[:, None] + depths
+        target_start = target.length
+        logits = target.forward(draft_tokens.clamp(min=0), node_valid, positions, tree_attention_mask(parents))
+        row_forwards += sum(not f for f in finished)
+
+        # 3. Verify: the usual processors at every node, then one fused walk.
+        scores = _apply_processors(logits_processor, logits, row_ids, [(k[0], k[1]) for k in kept], depth_of)
+        draft_probs = None
+        if multi_draft:
+            draft_probs = torch.zeros(batch, nodes, scores.shape[-1], dtype=torch.float32, device=device)
+            for b, (_, _, old) in enumerate(kept):
+                for new, old_index in enumerate(old):
+                    if old_index in trees[b].draft_row:
+                        level, row = trees[b].draft_row[old_index]
+                        draft_probs[b, new] = distributions[level][row].exp()
+        result = verify_tree(scores, draft_tokens, parents, temperature=1.0 if do_sample else 0.0,
+                             draft_probs=draft_probs)
+        num_accepted = result.num_accepted.tolist()
+        accepted_nodes = result.accepted_nodes.tolist()
+        output_tokens = result.output_tokens.tolist()
+
+        # 4. Commit, emit what the stopping criteria allow, and keep only the accepted path cached.
+        step_accepted = []
+        target_keep = torch.zeros(batch, target.length, dtype=torch.bool, device=device)
+        target_keep[:, :target_start] = True
+        draft_keep = torch.zeros(batch, draft.length, dtype=torch.bool, device=device)
+        draft_keep[:, :tree_start] = True
+        for b in range(batch):
+            count = num_accepted[b]
+            path = accepted_nodes[b][:count + 1]
+            new_tokens = output_tokens[b][:count + 1]
+            target_keep[b, [target_start + node for node in path]] = True
+            fed = [kept[b][2][node] for node in path[1:]]
+            fed_slots = [trees[b].draft_slot[old] for old in fed]
+            fed_count = next((i for i, slot in enumerate(fed_slots) if slot is None), len(fed_slots))
+            for slot in fed_slots[:fed_count]:
+                draft_keep[b, slot] = True
+            pending[b] = new_tokens[fed_count:]
+            row_ids[b] = torch.cat([row_ids[b], torch.tensor(new_tokens, dtype=row_ids[b].dtype, device=device)])
+            num_real[b] += len(new_tokens)
+            step_accepted.append(-1 if finished[b] else count)
+            if not finished[b]:
+                before = len(emitted[b])
+                finished[b] = _emit(emitted[b], new_tokens, row_ids[b], stopping_criteria)
+                tokens_this_run += len(emitted[b]) - before
+                if streamer is not None and b == 0:
+                    streamer.put(torch.tensor(emitted[b][before:], dtype=torch.long))
+            if config.adaptive:
+                _update_alpha(alpha, b, count, max(depth_of[b]), config)
+        accepted_per_step.append(step_accepted)
+        target.keep(target_keep)
+        draft.keep(draft_keep)
+
+    if streamer is not None:
+        streamer.end()
+    sequences = _assemble(input_ids, emitted, pad_token)
+    if not generation_config.return_dict_in_generate:
+        return sequences
+    output_class = _output_class()
+    return output_class(sequences=sequences,
+                        num_accepted=torch.tensor(accepted_per_step, dtype=torch.long),
+                        mean_accepted_length=tokens_this_run / max(row_forwards, 1))
