@@ -4,12 +4,17 @@
   self-certainty, ... for every row at every step (one fused op per step, no ``[B, V]`` history).
 - ``ConfidenceStopping``: DeepConf's online early stop on the sliding mean of top-k confidence.
 - ``best_of_n``: Borda voting with self-certainty (Kang et al.).
+- ``tree_speculative`` / ``TreeConfig``: tree speculative decoding with a draft model, verified by
+  ``fusedecode.verify_tree`` (``model.generate(..., custom_generate=tree_speculative, draft_model=...)``).
 - ``bundled_model_path``: the small arithmetic target/draft models shipped with fusedecode.
+- ``srgen``, ``SRGenConfig``: SRGen entropy-triggered corrective decoding, a ``custom_generate`` callable.
 """
 
 import os
 
 from .processors import ConfidenceStopping, UncertaintyProcessor, best_of_n
+from .srgen import SRGenConfig, srgen
+from .tree_speculative import TreeConfig, tree_speculative
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 BUNDLED = ("target", "draft")
@@ -27,4 +32,5 @@ def bundled_model_path(name="target"):
     return path
 
 
-__all__ = ["UncertaintyProcessor", "ConfidenceStopping", "best_of_n", "bundled_model_path"]
+__all__ = ["UncertaintyProcessor", "ConfidenceStopping", "best_of_n", "bundled_model_path", "TreeConfig",
+           "tree_speculative", "SRGenConfig", "srgen"]

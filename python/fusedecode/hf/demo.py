@@ -5,6 +5,8 @@ arithmetic model (or any local checkpoint trained on the same task format).
    red: uncertain), with each sequence's self-certainty.
 2. Best-of-N on held-out problems: N samples per problem; accuracy of a single sample, of the
    majority vote, and of self-certainty Borda voting (Kang et al.).
+3. Speculative decoding with the draft model: plain greedy decoding, HF assisted generation and
+   fusedecode tree speculation, compared by target forward passes and tokens per forward.
 
 ``--html PATH`` writes the same view as a self-contained HTML page.
 """
@@ -19,6 +21,7 @@ import torch
 
 from . import arithmetic, best_of_n, bundled_model_path
 from .processors import UncertaintyProcessor
+from .tree_speculative import TreeConfig, tree_speculative
 
 
 def entropy_rgb(entropy, scale):
@@ -139,6 +142,56 @@ def best_of_n_table(model, tokenizer, problems, n, temperature, batch_problems, 
     return dict(rows)
 
 
+class _ForwardCounter:
+    """Counts forward passes of a model (a pre-hook, so nothing changes in the computation)."""
+
+    def __init__(self, model):
+        self.count = 0
+        self.handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.count += 1
+
+
+def speculation_table(model, draft, tokenizer, problems, html_parts, config=None):
+    """Greedy answers by plain decoding, HF assisted generation and fusedecode tree speculation with
+    the same draft: target forward passes, tokens per target forward, and whether the text is the same."""
+    config = config or TreeConfig(max_depth=32, top_k=2, max_nodes=64)
+    counter = _ForwardCounter(model)
+    common = dict(max_new_tokens=60, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    prompts = [arithmetic.prompt_text(a, b) for a, b in problems]
+    results = {}
+    try:
+        for name in ("plain generate", "HF assisted generation", "fusedecode tree speculation"):
+            counter.count, texts, tokens, start_time = 0, [], 0, time.time()
+            for prompt in prompts:  # batch 1: HF assisted generation supports no other
+                enc = tokenizer([prompt], return_tensors="pt")
+                extra = {"HF assisted generation": dict(assistant_model=draft),
+                         "fusedecode tree speculation": dict(custom_generate=tree_speculative, draft_model=draft,
+                                                            tree_config=config)}.get(name, {})
+                out = model.generate(**enc, **common, **extra)
+                new = out[0, enc["input_ids"].shape[1]:]
+                tokens += int((new != tokenizer.pad_token_id).sum())
+                texts.append(tokenizer.decode(new, skip_special_tokens=True))
+            results[name] = (counter.count, tokens / max(counter.count, 1), texts, time.time() - start_time)
+    finally:
+        counter.handle.remove()
+    plain_texts = results["plain generate"][2]
+    print(f"Speculative decoding with the draft, greedy, {len(problems)} problems (batch 1):\n")
+    print(f"  {'method':<30} {'target forwards':>15} {'tokens/forward':>15} {'seconds':>8}  same text as plain")
+    rows = []
+    for name, (forwards, per_forward, texts, seconds) in results.items():
+        same = "yes" if texts == plain_texts else "NO"
+        print(f"  {name:<30} {forwards:>15} {per_forward:>15.2f} {seconds:>8.2f}  {same}")
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{forwards}</td><td>{per_forward:.2f}</td>"
+                    f"<td>{seconds:.2f}</td><td>{same}</td></tr>")
+    print()
+    html_parts.append(f"<h2>Speculative decoding (greedy, {len(problems)} problems, batch 1)</h2><table><tr>"
+                      "<th>method</th><th>target forwards</th><th>tokens per forward</th><th>seconds</th>"
+                      "<th>same text as plain</th></tr>" + "".join(rows) + "</table>")
+    return {name: value[1] for name, value in results.items()}
+
+
 def write_html(path, parts, title):
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title><style>"
             "body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}"
@@ -153,6 +206,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fusedecode demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="local checkpoint (default: the bundled target)")
+    parser.add_argument("--draft", default=None, help="draft checkpoint for speculative decoding "
+                        "(default: the bundled draft with the bundled target, none with --model)")
+    parser.add_argument("--speculate", type=int, default=10, help="problems decoded speculatively (0: skip)")
     parser.add_argument("--problems", type=int, default=100, help="held-out problems for Best-of-N")
     parser.add_argument("--n", type=int, default=8, help="samples per problem")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -171,6 +227,10 @@ def main(argv=None):
     if shown:
         show_problems(model, tokenizer, shown, args.scale, parts)
     best_of_n_table(model, tokenizer, problems[:args.problems], args.n, args.temperature, 25, parts, args.seed)
+    draft_path = args.draft or (bundled_model_path("draft") if args.model is None else None)
+    if draft_path and args.speculate > 0:
+        draft, _ = load(draft_path)
+        speculation_table(model, draft, tokenizer, problems[:args.speculate], parts)
     if args.html:
         write_html(args.html, parts, "fusedecode demo")
         print(f"wrote {args.html}")

@@ -329,6 +329,24 @@ def _grow(trees, draft, distributions, config, multi_draft, alpha, tree_start, n
         distributions.append(_draft_distribution(logits.reshape(batch * width, -1), vocab, temperature))
 
 
+def _target_forward(target, chain, tokens, token_valid, positions, tree_mask):
+    """The target's forward over the tree, preceded by a causal chain of committed tokens not yet in
+    its cache (the prompt, on the first step). Returns the tree nodes' logits."""
+    if chain is None:
+        return target.forward(tokens, token_valid, positions, tree_mask)
+    chain_tokens, chain_valid, chain_positions = chain
+    batch, length = chain_tokens.shape
+    nodes = tokens.shape[1]
+    device = tokens.device
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=device))[None] & chain_valid[:, None, :]
+    eye = torch.eye(length, dtype=torch.bool, device=device)[None]
+    top = torch.cat([causal | eye, torch.zeros(batch, length, nodes, dtype=torch.bool, device=device)], dim=2)
+    bottom = torch.cat([chain_valid[:, None, :].expand(batch, nodes, length), tree_mask], dim=2)
+    logits = target.forward(torch.cat([chain_tokens, tokens], 1), torch.cat([chain_valid, token_valid], 1),
+                            torch.cat([chain_positions, positions], 1), torch.cat([top, bottom], 1))
+    return logits[:, length:]
+
+
 def _emit(emitted, new_tokens, row_ids, stopping_criteria):
     """Append tokens one at a time, as plain decoding would, until a stopping criterion fires.
     ``row_ids`` already ends with all of ``new_tokens``. Returns whether the row is finished."""
@@ -429,19 +447,18 @@ def tree_speculative(model, input_ids, logits_processor, stopping_criteria, gene
     target_vocab = None
 
     num_real = prompt_valid.sum(1)  # real tokens committed per row (the root included)
-    if prompt_length > 1:  # caches hold every committed token but the last (the next tree's root)
-        context, context_valid = input_ids[:, :-1], prompt_valid[:, :-1]
-        positions = (context_valid.long().cumsum(1) - 1).clamp(min=0)
-        causal = torch.tril(torch.ones(prompt_length - 1, prompt_length - 1, dtype=torch.bool, device=device))
-        new_mask = (causal[None] & context_valid[:, None, :]) | torch.eye(prompt_length - 1, dtype=torch.bool,
-                                                                          device=device)[None]
-        for cache in (target, draft):
-            cache.forward(context, context_valid, positions, new_mask)
+    # The caches hold every committed token but the last (the next tree's root). The prompt is not
+    # prefilled on its own: the first target forward scores it together with the first tree, and the
+    # draft's first forward takes it as its pending chain, so no pass is spent on the prompt alone.
+    target_chain = None
+    if prompt_length > 1:
+        chain_valid = prompt_valid[:, :-1]
+        target_chain = (input_ids[:, :-1], chain_valid, (chain_valid.long().cumsum(1) - 1).clamp(min=0))
 
     row_ids = [input_ids[b] for b in range(batch)]  # what plain decoding's processors would see
     emitted = [[] for _ in range(batch)]  # tokens the caller gets, cut by the stopping criteria
     finished = [False] * batch
-    pending = [[int(input_ids[b, -1])] for b in range(batch)]  # committed tokens not yet fed to the draft
+    pending = [input_ids[b][prompt_valid[b]].tolist() for b in range(batch)]  # committed, not yet fed to the draft
     alpha = [float(config.alpha)] * batch
     accepted_per_step, tokens_this_run, row_forwards = [], 0, 0
 
@@ -487,8 +504,10 @@ def tree_speculative(model, input_ids, logits_processor, stopping_criteria, gene
         for b, row_depths in enumerate(depth_of):
             depths[b, :len(row_depths)] = torch.tensor(row_depths, device=device)
         positions = (num_real - 1)[:, None] + depths
-        target_start = target.length
-        logits = target.forward(draft_tokens.clamp(min=0), node_valid, positions, tree_attention_mask(parents))
+        logits = _target_forward(target, target_chain, draft_tokens.clamp(min=0), node_valid, positions,
+                                 tree_attention_mask(parents))
+        target_start = target.length - nodes
+        target_chain = None
         row_forwards += sum(not f for f in finished)
 
         # 3. Verify: the usual processors at every node, then one fused walk.

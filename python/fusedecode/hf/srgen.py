@@ -1,0 +1,450 @@
+"""SRGen: entropy-triggered corrective decoding for ``model.generate`` (Mu et al., 2025).
+
+Each step the model's entropy at the sampling temperature is compared with a threshold drawn from the
+row's recent entropies. When it exceeds the threshold, a vector ``delta`` added to the final hidden
+state (after the last norm, before ``lm_head``) is optimised for a few AdamW steps so that the context
+becomes more likely (cross-entropy of the tokens so far) and the current step less uncertain; the
+token is then drawn from ``lm_head(hidden + delta)`` and ``delta`` is dropped. The KV cache is left
+untouched because ``delta`` acts after the last layer.
+
+The cross-entropy over the whole context uses ``fusedecode.linear_cross_entropy_entropy``, which never
+materialises ``[T, V]`` logits; the context's final hidden states are kept from the forward passes
+generation already makes, so a correction never re-runs the model.
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .. import linear_cross_entropy_entropy, logit_stats
+from .._validation import ArgumentTypeError
+
+__all__ = ["SRGenConfig", "SRGenOutput", "srgen"]
+
+IGNORE_INDEX = -100
+ADAMW_WEIGHT_DECAY = 1e-8
+ADAMW_EPS = 1e-5
+CACHE_NAMES = ("past_key_values", "cache_params", "state", "mems", "past_buckets_states")
+
+
+def _check_int(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentTypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def _check_float(name, value, low=-math.inf, high=math.inf, allow_infinite=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ArgumentTypeError(f"{name} must be a float, got {type(value).__name__}")
+    if math.isnan(value) or (not allow_infinite and math.isinf(value)):
+        raise ValueError(f"{name} must be a {'non-NaN' if allow_infinite else 'finite'} float, got {value}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+
+
+@dataclass
+class SRGenConfig:
+    r"""Settings of SRGen's entropy trigger and of its corrective optimisation.
+
+    A row's step triggers a correction when its entropy (at the sampling temperature, on the model's
+    raw logits) is above ``max(mean + k * max(std, min_std), min_threshold)``, mean and unbiased std
+    taken over the row's last ``window`` step entropies, the current one included. Until a row has
+    ``window`` entropies the threshold is ``warmup_threshold``. Because the current entropy is part of
+    the window, it is at most ``(window - 1) / sqrt(window)`` standard deviations above the mean
+    (Samuelson's inequality): once the window is full nothing triggers unless ``k`` is below that
+    (4.8 for the default window of 25).
+
+    Args:
+        window: number of recent step entropies the threshold is computed from (>= 2).
+        k: how many standard deviations above the mean an entropy must be to trigger.
+        min_std: floor of the standard deviation, so that a flat history does not trigger on noise.
+        min_threshold: floor of the threshold (nats).
+        warmup_threshold: threshold (nats) while the history is shorter than ``window``.
+            ``float("inf")`` in both thresholds disables triggering.
+        steps: AdamW steps per correction (>= 1).
+        lr: AdamW learning rate (weight decay 1e-8, eps 1e-5).
+        entropy_weight: weight ``w`` of the loss ``(1 - w) * CE(context) + w * entropy(current step)``.
+        max_corrections: most corrections per row (0 disables SRGen).
+        context_window: if set, the cross-entropy covers only the last ``context_window`` context
+            tokens (the most recent ones), bounding the cost of a correction on long contexts.
+
+    Example::
+
+        >>> from fusedecode.hf import SRGenConfig
+        >>> SRGenConfig(k=3.0, max_corrections=5).window
+        25
+        >>> SRGenConfig(window=1)
+        Traceback (most recent call last):
+        ...
+        ValueError: window must be >= 2, got 1
+    """
+
+    window: int = 25
+    k: float = 4.0
+    min_std: float = 0.5
+    min_threshold: float = 1.8
+    warmup_threshold: float = 3.0
+    steps: int = 3
+    lr: float = 0.01
+    entropy_weight: float = 0.05
+    max_corrections: int = 20
+    context_window: Optional[int] = None
+
+    def __post_init__(self):
+        _check_int("window", self.window, 2)  # an unbiased std needs two entries
+        _check_float("k", self.k)
+        _check_float("min_std", self.min_std, low=0.0)
+        _check_float("min_threshold", self.min_threshold, allow_infinite=True)
+        _check_float("warmup_threshold", self.warmup_threshold, allow_infinite=True)
+        _check_int("steps", self.steps, 1)
+        _check_float("lr", self.lr, low=0.0)
+        if self.lr == 0:
+            raise ValueError("lr must be > 0, got 0")
+        _check_float("entropy_weight", self.entropy_weight, low=0.0, high=1.0)
+        _check_int("max_corrections", self.max_corrections, 0)
+        if self.context_window is not None:
+            _check_int("context_window", self.context_window, 1)
+
+
+@dataclass
+class SRGenOutput(GenerateDecoderOnlyOutput):
+    """``GenerateDecoderOnlyOutput`` plus ``corrections``: one list per row of
+    ``(step, entropy_before, entropy_after)``, ``step`` counting generated tokens from 0. ``logits``
+    (with ``output_logits=True``) holds, for corrected rows, the corrected logits the token came from."""
+
+    corrections: Optional[List[List[Tuple[int, float, float]]]] = None
+
+
+class EntropyTrigger:
+    """Per-row history of step entropies and SRGen's trigger decision, kept on the device.
+
+    The last ``window`` entropies of each row live in a ring buffer; mean and std are taken only
+    once it is full, so the ring order never matters. ``threshold`` holds each row's threshold of
+    the last ``update``.
+
+    Example::
+
+        >>> trigger = EntropyTrigger(SRGenConfig(window=4, k=1.0, min_std=0.0, min_threshold=0.0,
+        ...                                      warmup_threshold=9.0), batch_size=1, device="cpu")
+        >>> active = torch.tensor([True])
+        >>> [bool(trigger.update(torch.tensor([e]), active)) for e in (1.0, 1.0, 1.0, 1.0, 5.0)]
+        [False, False, False, False, True]
+        >>> trigger.threshold  # mean 2 + 1 * std 2 of the window [5, 1, 1, 1]
+        tensor([4.])
+    """
+
+    def __init__(self, config, batch_size, device):
+        self.config = config
+        self.history = torch.zeros(batch_size, config.window, dtype=torch.float32, device=device)
+        self.count = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.threshold = torch.full((batch_size,), config.warmup_threshold, device=device)
+
+    def update(self, entropy, active):
+        """Adds ``entropy`` ``[B]`` to the history of the ``active`` rows and returns ``[B]`` bool:
+        which active rows are above their threshold. Finished rows keep their history unchanged."""
+        config = self.config
+        entropy = entropy.float()
+        slot = (self.count % config.window).unsqueeze(1)
+        written = self.history.scatter(1, slot, entropy.unsqueeze(1))
+        self.history = torch.where(active.unsqueeze(1), written, self.history)
+        self.count = self.count + active.long()
+        spread = self.history.std(dim=1).clamp(min=config.min_std)
+        threshold = (self.history.mean(dim=1) + config.k * spread).clamp(min=config.min_threshold)
+        self.threshold = torch.where(self.count >= config.window, threshold,
+                                     torch.full_like(threshold, config.warmup_threshold))
+        return active & (entropy > self.threshold)
+
+
+class HiddenBuffer:
+    """The final hidden states of every position of the sequences, ``[B, length, H]``, grown by one
+    position per step with amortised doubling (no re-copy of the whole context each step)."""
+
+    def __init__(self, prompt_hidden):
+        self.storage = prompt_hidden.contiguous()
+        self.length = prompt_hidden.shape[1]
+
+    def append(self, step_hidden):
+        """Adds ``[B, H]`` as the next position."""
+        if self.length == self.storage.shape[1]:
+            grown = self.storage.new_zeros(self.storage.shape[0], max(2 * self.length, 16), self.storage.shape[2])
+            grown[:, :self.length] = self.storage[:, :self.length]
+            self.storage = grown
+        self.storage[:, self.length] = step_hidden
+        self.length += 1
+
+    def view(self, rows, start):
+        """``[len(rows), length - start, H]``: positions ``start..length-1`` of ``rows``."""
+        return self.storage[rows, start:self.length]
+
+
+def context_targets(input_ids, attention_mask, rows, start):
+    """Targets of positions ``start..L-1`` of ``rows`` (``L = input_ids.shape[1]``): position ``t``
+    predicts token ``t + 1``; padding and the last position (the current step, whose token is not
+    known yet) get ``IGNORE_INDEX``.
+
+    Example::
+
+        >>> ids, mask = torch.tensor([[0, 5, 6, 7]]), torch.tensor([[0, 1, 1, 1]])
+        >>> context_targets(ids, mask, torch.tensor([0]), 0)
+        tensor([[-100,    6,    7, -100]])
+    """
+    ids, mask = input_ids[rows], attention_mask[rows].bool()
+    valid = mask[:, :-1] & mask[:, 1:]
+    targets = torch.where(valid, ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE_INDEX))
+    targets = torch.cat([targets, torch.full_like(ids[:, :1], IGNORE_INDEX)], dim=1)
+    return targets[:, start:]
+
+
+def optimise_delta(context_hidden, targets, weight, config, temperature):
+    """SRGen's corrective vector for each row of ``context_hidden`` ``[n, T, H]``, whose last position
+    is the current step: ``steps`` AdamW steps from zero on
+    ``(1 - entropy_weight) * CE(context) + entropy_weight * entropy(current step at temperature)``.
+    Returns ``[n, H]`` float32. Adam is elementwise and the loss a sum over rows, so rows stay
+    independent."""
+    # Generation may run under inference_mode, whose tensors cannot be saved for backward.
+    with torch.inference_mode(False), torch.enable_grad():
+        if context_hidden.is_inference():
+            context_hidden, targets = context_hidden.clone(), targets.clone()
+        weight = weight.detach()  # never accumulate into lm_head's .grad
+        if weight.is_inference():
+            weight = weight.clone()
+        delta = torch.zeros(context_hidden.shape[0], context_hidden.shape[2], dtype=torch.float32,
+                            device=context_hidden.device, requires_grad=True)
+        optimizer = torch.optim.AdamW([delta], lr=config.lr, weight_decay=ADAMW_WEIGHT_DECAY, eps=ADAMW_EPS)
+        for _ in range(config.steps):
+            optimizer.zero_grad(set_to_none=True)
+            cross_entropy, entropy = linear_cross_entropy_entropy(
+                context_hidden, weight, targets, delta=delta, temperature=temperature, ignore_index=IGNORE_INDEX)
+            loss = ((1 - config.entropy_weight) * cross_entropy + config.entropy_weight * entropy).sum()
+            loss.backward()
+            optimizer.step()
+    return delta.detach()
+
+
+def corrected_logits(step_logits, delta, weight):
+    """``lm_head(hidden + delta)`` as float32 ``[n, V]``, from the step's logits ``lm_head(hidden)``:
+    ``logits + delta @ weight.T``. As in ``linear_cross_entropy_entropy``, the small ``delta`` is
+    never added to half-precision hidden states, where it would be rounded away."""
+    return step_logits + torch.nn.functional.linear(delta.to(weight.dtype), weight).float()
+
+
+def _output_embedding_weight(model):
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError("srgen needs a model whose get_output_embeddings() is a linear layer with a [V, H] weight")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("srgen does not support an output embedding with a bias")
+    return weight
+
+
+def _check_supported(model, generation_config, model_kwargs):
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError("srgen supports decoder-only models; this model is an encoder-decoder")
+    if (generation_config.num_beams or 1) > 1:
+        raise ValueError(f"srgen does not support beam search (num_beams={generation_config.num_beams}); "
+                         "use greedy decoding or sampling")
+    if getattr(generation_config, "prefill_chunk_size", None) is not None:
+        raise ValueError("srgen does not support prefill_chunk_size")
+    if model_kwargs.get("inputs_embeds") is not None:
+        raise ValueError("srgen needs input_ids (the context tokens), not inputs_embeds")
+    cache = next((model_kwargs[name] for name in CACHE_NAMES if model_kwargs.get(name) is not None), None)
+    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        raise ValueError("srgen needs the final hidden state of every context position: pass no cache or an "
+                         "empty one, not a filled past_key_values")
+
+
+def _slices_by_next_sequence_length(model):
+    """True for transformers >= 5, whose input preparation slices by ``next_sequence_length``;
+    transformers 4 slices by ``cache_position`` instead."""
+    return "next_sequence_length" in inspect.signature(model.prepare_inputs_for_generation).parameters
+
+
+def _forward(model, input_ids, model_kwargs, is_prefill, transformers5, output_attentions):
+    """One forward pass through the model's own input preparation and cache, as ``_sample`` makes it,
+    also returning all hidden states (the last is the final one, after the last norm)."""
+    if transformers5:
+        extra = {"is_first_iteration": True} if is_prefill else {
+            "next_sequence_length": 1 if model_kwargs.get("use_cache", True) else None}
+        model_inputs = model.prepare_inputs_for_generation(input_ids, **extra, **model_kwargs)
+    else:
+        if is_prefill:  # _update_model_kwargs_for_generation advances it from here
+            model_kwargs["cache_position"] = torch.arange(input_ids.shape[1], device=input_ids.device)
+        model_inputs = model.prepare_inputs_for_generation(input_ids, **model_kwargs)
+    model_inputs["output_hidden_states"] = True
+    if output_attentions:
+        model_inputs["output_attentions"] = True
+    return model(**model_inputs, return_dict=True)
+
+
+def _check_plain_head(logits, hidden, weight):
+    """Corrected logits are ``lm_head(hidden + delta)``: refuse models whose logits are something
+    else (soft-capping, scaling), which would make corrected and uncorrected logits incomparable."""
+    recomputed = torch.nn.functional.linear(hidden.to(weight.dtype), weight).float()
+    tolerance = 1e-4 if weight.dtype == torch.float32 else 2e-2
+    if not torch.allclose(recomputed, logits, rtol=tolerance, atol=tolerance * logits.abs().max().clamp(min=1)):
+        raise ValueError("srgen needs logits = get_output_embeddings()(final hidden state); this model transforms "
+                         "its logits further (soft-capping or scaling?)")
+
+
+def _pad_token(generation_config, device):
+    pad_token_id = generation_config.pad_token_id
+    if pad_token_id is None:
+        eos = generation_config.eos_token_id
+        pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+    return None if pad_token_id is None else torch.as_tensor(pad_token_id, device=device)
+
+
+class Corrector:
+    """SRGen's state across the steps of one ``generate`` call: the context's final hidden states,
+    the entropy trigger, and the corrections made so far (``corrections``, one list per row)."""
+
+    def __init__(self, config, weight, temperature, input_ids):
+        batch_size = input_ids.shape[0]
+        self.config, self.weight, self.temperature = config, weight, temperature
+        self.prompt_length = input_ids.shape[1]
+        self.trigger = EntropyTrigger(config, batch_size, input_ids.device)
+        self.count = torch.zeros(batch_size, dtype=torch.long, device=input_ids.device)
+        self.corrections = [[] for _ in range(batch_size)]
+        self.buffer = None
+
+    def observe(self, final_hidden, attention_mask, is_prefill, logits):
+        """Keeps the final hidden states of the positions the forward pass just ran."""
+        if is_prefill:
+            _check_plain_head(logits, final_hidden[:, -1], self.weight)
+            # Padding positions may hold anything (even NaN); their targets are ignored anyway.
+            self.buffer = HiddenBuffer(final_hidden.masked_fill(~attention_mask.bool().unsqueeze(-1), 0))
+        else:
+            self.buffer.append(final_hidden[:, -1])
+
+    def correct(self, input_ids, attention_mask, logits, active):
+        """Replaces, in place, the float32 ``logits`` ``[B, V]`` of the ``active`` rows that trigger
+        (and have corrections left) by their corrected logits, and records the corrections."""
+        config = self.config
+        entropy = logit_stats(logits, temperature=self.temperature).entropy
+        triggered = self.trigger.update(entropy, active)
+        rows = (triggered & (self.count < config.max_corrections)).nonzero().flatten()
+        if not rows.numel():
+            return
+        self.count[rows] += 1
+        length = input_ids.shape[1]
+        start = max(0, length - 1 - config.context_window) if config.context_window else 0
+        targets = context_targets(input_ids, attention_mask[:, :length], rows, start)
+        delta = optimise_delta(self.buffer.view(rows, start), targets, self.weight, config, self.temperature)
+        logits[rows] = corrected_logits(logits[rows], delta, self.weight)
+        entropy_after = logit_stats(logits[rows], temperature=self.temperature).entropy
+        for row, before, after in zip(rows.tolist(), entropy[rows].tolist(), entropy_after.tolist()):
+            self.corrections[row].append((length - self.prompt_length, before, after))
+
+
+class StepRecord:
+    """The per-step outputs ``return_dict_in_generate`` asks for, as ``_sample`` keeps them
+    (``None`` for those not asked)."""
+
+    def __init__(self, generation_config):
+        wanted = generation_config.return_dict_in_generate
+        self.scores = () if wanted and generation_config.output_scores else None
+        self.logits = () if wanted and generation_config.output_logits else None
+        self.attentions = () if wanted and generation_config.output_attentions else None
+        self.hidden_states = () if wanted and generation_config.output_hidden_states else None
+
+    def add(self, scores, logits, outputs):
+        if self.scores is not None:
+            self.scores += (scores,)
+        if self.logits is not None:
+            self.logits += (logits,)
+        if self.attentions is not None:
+            self.attentions += (outputs.attentions,)
+        if self.hidden_states is not None:
+            self.hidden_states += (outputs.hidden_states,)
+
+
+def srgen(model, input_ids, logits_processor, stopping_criteria, generation_config, srgen_config=None,
+          srgen_streamer=None, **model_kwargs):
+    r"""SRGen decoding as a ``custom_generate`` callable of ``model.generate`` (greedy or sampling).
+
+    Called by ``generate`` after it has prepared the logits processors, stopping criteria, cache and
+    model inputs; the extra ``generate`` keywords ``srgen_config`` and ``srgen_streamer`` are routed
+    here. Without a trigger the output is token for token that of plain ``generate`` (same torch seed
+    when sampling). See ``SRGenConfig`` for the trigger and the correction.
+
+    Args:
+        srgen_config: an ``SRGenConfig`` (default: ``SRGenConfig()``).
+        srgen_streamer: a streamer (``TextStreamer``, ...). transformers does not hand the usual
+            ``streamer=`` of ``generate`` to a ``custom_generate`` callable (it would only receive the
+            prompt and never ``end()``), so pass it as ``srgen_streamer=`` instead: it gets the prompt,
+            every new token, then ``end()``.
+
+    Returns:
+        The sequences ``[B, prompt + new]`` (LongTensor), or with ``return_dict_in_generate=True`` an
+        ``SRGenOutput`` whose ``corrections`` lists ``(step, entropy_before, entropy_after)`` per row.
+
+    Example::
+
+        >>> import fusedecode.hf
+        >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+        >>> path = fusedecode.hf.bundled_model_path("target")
+        >>> model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        >>> inputs = tokenizer(["47+385="], return_tensors="pt")
+        >>> out = model.generate(**inputs, custom_generate=fusedecode.hf.srgen, do_sample=True, temperature=0.6,
+        ...                      srgen_config=fusedecode.hf.SRGenConfig(), max_new_tokens=40,
+        ...                      return_dict_in_generate=True)
+        >>> len(out.corrections)
+        1
+    """
+    config = SRGenConfig() if srgen_config is None else srgen_config
+    if not isinstance(config, SRGenConfig):
+        raise ArgumentTypeError(f"srgen_config must be a fusedecode.hf.SRGenConfig, got {type(config).__name__}")
+    _check_supported(model, generation_config, model_kwargs)
+    do_sample = generation_config.do_sample
+    temperature = float(generation_config.temperature or 1.0) if do_sample else 1.0
+    has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
+    pad_token_id = _pad_token(generation_config, input_ids.device)
+    if has_eos_stopping_criteria and pad_token_id is None:
+        raise ValueError("stopping at EOS needs a pad_token_id (or an eos_token_id) in the generation config")
+    record = StepRecord(generation_config)
+    corrector = Corrector(config, _output_embedding_weight(model), temperature, input_ids)
+    if srgen_streamer is not None:
+        srgen_streamer.put(input_ids.cpu())
+    unfinished_sequences = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    is_prefill, transformers5 = True, _slices_by_next_sequence_length(model)
+    while True:
+        outputs = _forward(model, input_ids, model_kwargs, is_prefill, transformers5, record.attentions is not None)
+        attention_mask = model_kwargs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
+        next_token_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
+        corrector.observe(outputs.hidden_states[-1], attention_mask, is_prefill, next_token_logits)
+        is_prefill = False
+        corrector.correct(input_ids, attention_mask, next_token_logits, unfinished_sequences.bool())
+
+        next_token_scores = logits_processor(input_ids, next_token_logits)
+        record.add(next_token_scores, next_token_logits, outputs)
+        if do_sample:
+            probs = torch.nn.functional.softmax(next_token_scores, dim=-1)
+            next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+        else:
+            next_tokens = torch.argmax(next_token_scores, dim=-1)
+        if has_eos_stopping_criteria:
+            next_tokens = next_tokens * unfinished_sequences + pad_token_id * (1 - unfinished_sequences)
+        input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+        if srgen_streamer is not None:
+            srgen_streamer.put(next_tokens.cpu())
+        unfinished_sequences = unfinished_sequences & ~stopping_criteria(input_ids, record.scores)
+        del outputs
+        if unfinished_sequences.max() == 0:
+            break
+
+    if srgen_streamer is not None:
+        srgen_streamer.end()
+    if not generation_config.return_dict_in_generate:
+        return input_ids
+    cache = next((model_kwargs[name] for name in CACHE_NAMES if name in model_kwargs), None)
+    return SRGenOutput(sequences=input_ids, scores=record.scores, logits=record.logits, attentions=record.attentions,
+                       hidden_states=record.hidden_states, past_key_values=cache, corrections=corrector.corrections)
