@@ -9,4 +9,4 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/python" -m pip install -q "torch==2.13.0" "transformers==4.57.6" numpy pytest
 fi
 "$VENV/bin/python" -c "import transformers; print('transformers', transformers.__version__)"
-PYTHONPATH=python "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_hf.py
+PYTHONPATH=python "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_hf.py tests/test_tree_speculative.py tests/test_srgen.py
