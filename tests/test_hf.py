@@ -9,27 +9,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 from fusedecode.hf import ConfidenceStopping, UncertaintyProcessor, best_of_n, bundled_model_path  # noqa: E402
 from fusedecode.reference import logit_stats_reference  # noqa: E402
-
-
-def tiny_model(kind, seed=0):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, eos_token_id=2, pad_token_id=0,
-                  bos_token_id=1)
-    if kind == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    else:
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
-    return model.eval()
-
-
-def prompts(batch, length, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 96, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0  # left padding on the first row
-    ids[0, :2] = 0
-    return dict(input_ids=ids, attention_mask=mask)
+from hf_models import prompts, tiny_model  # noqa: E402
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 from fusedecode.hf import SRGenConfig, bundled_model_path, srgen  # noqa: E402
 from fusedecode.hf.srgen import EntropyTrigger, SRGenOutput  # noqa: E402
+from hf_models import prompts, tiny_model  # noqa: E402
 
 NEVER = SRGenConfig(min_threshold=math.inf, warmup_threshold=math.inf)
 # Entropies are below log(96) < 5 nats, so mean - 100 * max(std, 1) is always below them.
@@ -25,28 +26,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny_model(kind, seed=0):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, eos_token_id=2, pad_token_id=0,
-                  bos_token_id=1)
-    if kind == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    else:
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
-    return model.eval()
-
-
-def prompts(batch, length, seed=0):
-    """Random prompts; row 0 is left-padded by two positions."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 96, (batch, length), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-    ids[0, :2] = 0
-    return dict(input_ids=ids, attention_mask=mask)
 
 
 class RecordingStreamer(transformers.generation.BaseStreamer):

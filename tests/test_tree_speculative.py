@@ -9,40 +9,16 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
 from fusedecode.hf import TreeConfig, bundled_model_path, tree_speculative  # noqa: E402
+from hf_models import VOCAB, prompts, tiny_model  # noqa: E402
 
 # fusedecode.hf re-exports the function under the module's name; the module holds the cache helpers.
 speculative_module = importlib.import_module("fusedecode.hf.tree_speculative")
-
-VOCAB = 96
-
-
-def tiny_model(kind="llama", seed=0, layers=2):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=2,
-                  pad_token_id=0, bos_token_id=1)
-    if kind == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    else:
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
-    return model.eval()
-
 
 def sharpened(model, factor=6.0):
     """Scale lm_head so the random model has peaked distributions (drafts then get accepted)."""
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(factor)
     return model
-
-
-def prompts(batch, length, seed=0, pad_rows=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    for row in range(min(pad_rows, batch)):  # left padding, more on later rows
-        mask[row, :row + 2] = 0
-        ids[row, :row + 2] = 0
-    return dict(input_ids=ids, attention_mask=mask)
 
 
 CONFIGS = [TreeConfig(max_depth=4, top_k=1, max_nodes=4, alpha=0.0),
@@ -62,7 +38,7 @@ def test_greedy_identical_to_plain_generate(kind, draft_kind):
     draft = {"same": target, "random": sharpened(tiny_model(kind, seed=7)),
              "one_layer": sharpened(tiny_model(kind, seed=0, layers=1))}[draft_kind]
     for batch in (1, 3):
-        inputs = prompts(batch, 7, seed=batch, pad_rows=batch - 1)
+        inputs = prompts(batch, 7, seed=batch, padded_rows=batch - 1)
         plain = target.generate(**inputs, max_new_tokens=16, do_sample=False, pad_token_id=0)
         for config in CONFIGS:
             out = speculate(target, inputs, draft, config, max_new_tokens=16, do_sample=False,
@@ -78,7 +54,7 @@ def test_greedy_with_id_dependent_processors_and_stopping():
     target = sharpened(tiny_model("llama", seed=1), 4.0)
     draft = sharpened(tiny_model("llama", seed=2, layers=1), 4.0)
     inputs = prompts(2, 6, seed=5)
-    stop_token = int(target.generate(**prompts(1, 6, seed=5, pad_rows=0), max_new_tokens=12,
+    stop_token = int(target.generate(**prompts(1, 6, seed=5, padded_rows=0), max_new_tokens=12,
                                      do_sample=False, pad_token_id=0)[0, 12])
 
     class StopOn(transformers.StoppingCriteria):
@@ -191,7 +167,7 @@ def test_return_dict_and_streamer():
             self.ended = True
 
     streamer = Collect()
-    inputs = prompts(1, 6, pad_rows=0)
+    inputs = prompts(1, 6, padded_rows=0)
     out = speculate(target, inputs, target, TreeConfig(max_depth=4, top_k=2), max_new_tokens=15, do_sample=False,
                     token_streamer=streamer, return_dict_in_generate=True)
     streamed = [t for chunk in streamer.chunks[1:] for t in chunk]  # chunk 0 is the prompt
