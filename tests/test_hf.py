@@ -131,9 +131,12 @@ def test_demo_runs_and_writes_html(tmp_path):
 
     page = tmp_path / "demo.html"
     out = subprocess.run([sys.executable, "-m", "fusedecode", "demo", "--problems", "6", "--n", "3", "--show", "2",
-                          "--html", str(page)], capture_output=True, text=True, timeout=600)
+                          "--speculate", "2", "--html", str(page)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "self-certainty Borda voting" in out.stdout and "majority vote" in out.stdout
     assert "\x1b[38;2;" in out.stdout  # tokens coloured by entropy
+    speculation = [line for line in out.stdout.splitlines() if "tree speculation" in line]
+    assert speculation and speculation[0].rstrip().endswith("yes")  # same text as plain greedy decoding
     text = page.read_text()
     assert text.startswith("<!doctype html>") and "entropy" in text and "Best-of-3" in text
+    assert "Speculative decoding" in text
