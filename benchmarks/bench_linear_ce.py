@@ -3,6 +3,7 @@
 
     python benchmarks/bench_linear_ce.py                          # T in {512, 2048}, V = 32000, H = 256
     python benchmarks/bench_linear_ce.py --tokens 1024 --vocab 50000 --width 512 --chunks default 64
+    python benchmarks/bench_linear_ce.py --device cuda --json out.json   # T = 8192, V = 151936, H = 896, bf16
 
 A correction step optimises a delta added to the final hidden states for 3 AdamW steps on
 ``0.95 * CE(context) + 0.05 * entropy(last row)``: forward, backward w.r.t. delta, optimiser step.
@@ -79,6 +80,87 @@ def worker(variant, tokens, vocab, width, chunk):
                           ce=float(ce), entropy=float(entropy), delta_norm=float(delta.detach().norm()))))
 
 
+def cuda_measure(tokens, vocab, width, dtype_name, repeats):
+    """On a GPU, in process: peak extra allocated memory (torch's allocator counter, reset after the
+    inputs exist) and median time of one correction step, naive vs fused (backend auto: Triton)."""
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+
+    import fusedecode
+
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    hidden = torch.randn(tokens, width, device="cuda", dtype=dtype)
+    weight = (torch.randn(vocab, width, device="cuda") / width ** 0.5).to(dtype)
+    targets = torch.randint(0, vocab, (tokens,), device="cuda")
+    targets[-1] = -100
+
+    def naive_loss(delta):
+        logits = ((hidden + delta.to(dtype)) @ weight.T).float()
+        ce = F.cross_entropy(logits, targets, ignore_index=-100)
+        log_p = torch.log_softmax(logits[-1], dim=-1)
+        return ce, -(log_p.exp() * log_p).sum()
+
+    def fused_loss(delta):
+        return fusedecode.linear_cross_entropy_entropy(hidden, weight, targets, delta=delta)
+
+    rows = []
+    for variant, loss_fn in (("naive", naive_loss), ("fused", fused_loss)):
+        def step():
+            delta = torch.zeros(width, device="cuda", requires_grad=True)
+            optimizer = torch.optim.AdamW([delta], lr=0.01)
+            for _ in range(STEPS):
+                optimizer.zero_grad(set_to_none=True)
+                ce, entropy = loss_fn(delta)
+                ((1 - ENTROPY_WEIGHT) * ce + ENTROPY_WEIGHT * entropy).backward()
+                optimizer.step()
+            return ce
+
+        step()  # warm-up (Triton compilation, cuBLAS handles)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+        ce = step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - baseline
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        rows.append(dict(variant=variant, tokens=tokens, vocab=vocab, width=width, dtype=dtype_name,
+                         peak_extra_bytes=peak, seconds=statistics.median(times), ce=float(ce)))
+    rows[1]["memory_ratio"] = rows[0]["peak_extra_bytes"] / max(rows[1]["peak_extra_bytes"], 1)
+    rows[1]["speedup"] = rows[0]["seconds"] / rows[1]["seconds"]
+    return rows
+
+
+def cuda_main(args):
+    import torch
+
+    rows = []
+    for tokens in args.tokens:
+        rows += cuda_measure(tokens, args.vocab, args.width, args.dtype, args.repeats)
+    name = torch.cuda.get_device_name()
+    lines = [f"# linear_cross_entropy_entropy on {name}", "",
+             f"One SRGen correction step ({STEPS} AdamW steps on delta), {args.dtype} hidden/weight; peak extra "
+             "memory from torch.cuda.max_memory_allocated after the inputs; time = median of CUDA-event timings.",
+             "", "| T | V | H | variant | peak extra MiB | time ms | memory ratio | speed-up |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['tokens']} | {r['vocab']} | {r['width']} | {r['variant']} | "
+                     f"{r['peak_extra_bytes'] / 2**20:.0f} | {r['seconds'] * 1e3:.2f} | "
+                     f"{r.get('memory_ratio', 1.0):.1f}x | {r.get('speedup', 1.0):.2f}x |")
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(dict(gpu=name, rows=rows), handle, indent=2)
+
+
 def run_variant(variant, tokens, vocab, width, chunk):
     command = [sys.executable, __file__, "--worker", variant, str(tokens), str(vocab), str(width), str(chunk)]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -93,7 +175,17 @@ def main():
     parser.add_argument("--chunks", nargs="+", default=["default", "64"],
                         help="rows per chunk of the fused op ('default': about 48 MiB of float32 logits)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: measure in process with torch's allocator counters (default T = 8192, "
+                             "V = 151936, H = 896, bfloat16)")
+    parser.add_argument("--dtype", default="bfloat16", help="hidden/weight dtype for --device cuda")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", help="--device cuda: write the rows here")
     args = parser.parse_args()
+    if args.device == "cuda":
+        if args.tokens == [512, 2048]:
+            args.tokens, args.vocab, args.width = [BIG["tokens"]], BIG["vocab"], BIG["width"]
+        return cuda_main(args)
 
     from fusedecode.linear_ce import default_chunk
 

@@ -57,6 +57,10 @@ log "UncertaintyProcessor overhead in generate (Qwen2-0.5B-shaped, random weight
 timeout ${HF_TIMEOUT:-150} $PY benchmarks/bench_hf.py --qwen2-0.5b --device cuda --repeats 5 \
   --json "$OUT/bench_hf.json" 2>&1 | grep -v '^{' | grep -v -i "warn\|loading" | tee -a "$SUMMARY"
 
+log "linear_cross_entropy_entropy: one SRGen correction, naive vs fused (T=8192, V=151936, H=896, bf16)"
+timeout ${LINEAR_CE_TIMEOUT:-120} $PY benchmarks/bench_linear_ce.py --device cuda --json "$OUT/linear_ce.json" 2>&1 \
+  | grep -v -i "warn" | tee -a "$SUMMARY"
+
 log "compute-sanitizer racecheck"
 timeout ${RACECHECK_TIMEOUT:-80} compute-sanitizer --tool racecheck --error-exitcode 9 $PY benchmarks/sanitizer_check.py \
   >> "$OUT/sanitizer.log" 2>&1

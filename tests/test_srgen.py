@@ -285,3 +285,20 @@ def test_bundled_model():
     texts = tokenizer.batch_decode(out.sequences[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     correct = sum(arithmetic.extract_answer(t) == a + b for t, (a, b) in zip(texts, problems))
     assert correct >= 4, texts  # corrections must not wreck a model that solves most of these
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_never_and_always_trigger(dtype):
+    """On a GPU the context CE runs through the Triton path of linear_cross_entropy_entropy."""
+    model = tiny_model("llama").to("cuda", dtype)
+    inputs = {name: value.cuda() for name, value in prompts(3, 6).items()}
+    kwargs = dict(max_new_tokens=9, min_new_tokens=9, do_sample=False, pad_token_id=0)
+    plain = model.generate(**inputs, **kwargs)
+    assert torch.equal(model.generate(**inputs, custom_generate=srgen, srgen_config=NEVER, **kwargs), plain)
+    out = model.generate(**inputs, custom_generate=srgen, srgen_config=SRGenConfig(max_corrections=4, **ALWAYS),
+                         return_dict_in_generate=True, **kwargs)
+    assert out.sequences.shape == plain.shape
+    for row in out.corrections:
+        assert [step for step, _, _ in row] == [0, 1, 2, 3]
+        assert all(math.isfinite(before) and math.isfinite(after) for _, before, after in row)
