@@ -6,7 +6,7 @@
 #
 # Stages have their own time limits so a slow stage cannot eat the whole lease; whatever finished
 # (at most 8 files: the device tool returns no more) is in the output folder.
-# is in the output folder. Commit the results under benchmarks/results/<gpu>-<date>/.
+# Commit the results under benchmarks/results/<gpu>-<date>/
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/benchmarks/results/local}
