@@ -302,3 +302,29 @@ def test_cuda_never_and_always_trigger(dtype):
     for row in out.corrections:
         assert [step for step, _, _ in row] == [0, 1, 2, 3]
         assert all(math.isfinite(before) and math.isfinite(after) for _, before, after in row)
+
+
+def test_reads_final_hidden_states_without_every_layer():
+    """The context's hidden states come from a hook on the decoder, not output_hidden_states (which
+    would return every layer's states); the hook is gone after generate, also after an error."""
+    model = tiny_model("llama")
+    asked, forward = [], model.forward
+
+    def spy(*args, **kwargs):
+        asked.append(bool(kwargs.get("output_hidden_states")))
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    out = model.generate(**prompts(2, 5), custom_generate=srgen, srgen_config=SRGenConfig(max_corrections=2, **ALWAYS),
+                         max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    assert asked and not any(asked)
+    assert all(len(row) == 2 for row in out.corrections)
+    assert not model.get_decoder()._forward_hooks
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    model.forward = failing
+    with pytest.raises(RuntimeError, match="boom"):
+        model.generate(**prompts(2, 5), custom_generate=srgen, max_new_tokens=2, pad_token_id=0)
+    assert not model.get_decoder()._forward_hooks

@@ -265,9 +265,37 @@ def _slices_by_next_sequence_length(model):
     return "next_sequence_length" in inspect.signature(model.prepare_inputs_for_generation).parameters
 
 
-def _forward(model, input_ids, model_kwargs, is_prefill, transformers5, output_attentions):
-    """One forward pass through the model's own input preparation and cache, as ``_sample`` makes it,
-    also returning all hidden states (the last is the final one, after the last norm)."""
+class FinalHiddenCapture:
+    """Keeps the output of the model's decoder (``model.get_decoder()``: the stack up to and including
+    the last norm), i.e. what ``lm_head`` is applied to, for every position of each forward pass.
+
+    A forward hook rather than ``output_hidden_states=True``, which would also return every layer's
+    states: ``num_layers`` times the ``[B, T, H]`` needed, gigabytes for a long prompt.
+    """
+
+    def __init__(self, model):
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        if not isinstance(decoder, torch.nn.Module) or decoder is model:
+            raise ValueError("srgen needs model.get_decoder() (the transformer under lm_head) to read the final "
+                             "hidden states")
+        self.hidden = None
+        self.handle = decoder.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    def take(self):
+        hidden, self.hidden = self.hidden, None
+        if hidden is None:
+            raise RuntimeError("the model's forward did not run its decoder (model.get_decoder())")
+        return hidden
+
+    def remove(self):
+        self.handle.remove()
+
+
+def _forward(model, input_ids, model_kwargs, is_prefill, transformers5, output_attentions, output_hidden_states):
+    """One forward pass through the model's own input preparation and cache, as ``_sample`` makes it."""
     if transformers5:
         extra = {"is_first_iteration": True} if is_prefill else {
             "next_sequence_length": 1 if model_kwargs.get("use_cache", True) else None}
@@ -276,7 +304,8 @@ def _forward(model, input_ids, model_kwargs, is_prefill, transformers5, output_a
         if is_prefill:  # _update_model_kwargs_for_generation advances it from here
             model_kwargs["cache_position"] = torch.arange(input_ids.shape[1], device=input_ids.device)
         model_inputs = model.prepare_inputs_for_generation(input_ids, **model_kwargs)
-    model_inputs["output_hidden_states"] = True
+    if output_hidden_states:
+        model_inputs["output_hidden_states"] = True
     if output_attentions:
         model_inputs["output_attentions"] = True
     return model(**model_inputs, return_dict=True)
@@ -411,16 +440,37 @@ def srgen(model, input_ids, logits_processor, stopping_criteria, generation_conf
     corrector = Corrector(config, _output_embedding_weight(model), temperature, input_ids)
     if srgen_streamer is not None:
         srgen_streamer.put(input_ids.cpu())
-    unfinished_sequences = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     is_prefill, transformers5 = True, _slices_by_next_sequence_length(model)
+    capture = FinalHiddenCapture(model)
+    try:
+        input_ids, model_kwargs = _decode_loop(model, input_ids, model_kwargs, logits_processor, stopping_criteria,
+                                               do_sample, has_eos_stopping_criteria, pad_token_id, record, corrector,
+                                               capture, srgen_streamer, is_prefill, transformers5)
+    finally:
+        capture.remove()
+    if srgen_streamer is not None:
+        srgen_streamer.end()
+    if not generation_config.return_dict_in_generate:
+        return input_ids
+    cache = next((model_kwargs[name] for name in CACHE_NAMES if name in model_kwargs), None)
+    return SRGenOutput(sequences=input_ids, scores=record.scores, logits=record.logits, attentions=record.attentions,
+                       hidden_states=record.hidden_states, past_key_values=cache, corrections=corrector.corrections)
+
+
+def _decode_loop(model, input_ids, model_kwargs, logits_processor, stopping_criteria, do_sample,
+                 has_eos_stopping_criteria, pad_token_id, record, corrector, capture, srgen_streamer, is_prefill,
+                 transformers5):
+    """``_sample``'s loop with SRGen's correction between the forward pass and the token choice."""
+    unfinished_sequences = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     while True:
-        outputs = _forward(model, input_ids, model_kwargs, is_prefill, transformers5, record.attentions is not None)
+        outputs = _forward(model, input_ids, model_kwargs, is_prefill, transformers5, record.attentions is not None,
+                           record.hidden_states is not None)
         attention_mask = model_kwargs.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
         next_token_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
-        corrector.observe(outputs.hidden_states[-1], attention_mask, is_prefill, next_token_logits)
+        corrector.observe(capture.take(), attention_mask, is_prefill, next_token_logits)
         is_prefill = False
         corrector.correct(input_ids, attention_mask, next_token_logits, unfinished_sequences.bool())
 
@@ -439,12 +489,4 @@ def srgen(model, input_ids, logits_processor, stopping_criteria, generation_conf
         unfinished_sequences = unfinished_sequences & ~stopping_criteria(input_ids, record.scores)
         del outputs
         if unfinished_sequences.max() == 0:
-            break
-
-    if srgen_streamer is not None:
-        srgen_streamer.end()
-    if not generation_config.return_dict_in_generate:
-        return input_ids
-    cache = next((model_kwargs[name] for name in CACHE_NAMES if name in model_kwargs), None)
-    return SRGenOutput(sequences=input_ids, scores=record.scores, logits=record.logits, attentions=record.attentions,
-                       hidden_states=record.hidden_states, past_key_values=cache, corrections=corrector.corrections)
+            return input_ids, model_kwargs
