@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ..tree import tree_attention_mask
+from ..tree import tree_attention_mask, tree_position_ids
 from ..verify_tree import verify_tree
 
 __all__ = ["TreeConfig", "tree_speculative"]
@@ -500,10 +500,7 @@ def tree_speculative(model, input_ids, logits_processor, stopping_criteria, gene
         parents[:, 0] = -1
         node_valid = draft_tokens >= 0
         node_valid[:, 0] = True
-        depths = torch.zeros(batch, nodes, dtype=torch.long, device=device)
-        for b, row_depths in enumerate(depth_of):
-            depths[b, :len(row_depths)] = torch.tensor(row_depths, device=device)
-        positions = (num_real - 1)[:, None] + depths
+        positions = tree_position_ids(parents, num_real - 1)  # padding nodes get a harmless depth 1
         logits = _target_forward(target, target_chain, draft_tokens.clamp(min=0), node_valid, positions,
                                  tree_attention_mask(parents))
         target_start = target.length - nodes
