@@ -211,6 +211,8 @@ def test_invalid_arguments():
     with pytest.raises(ValueError, match="batch of 1"):
         speculate(target, inputs, target, TreeConfig(), max_new_tokens=2,
                   token_streamer=transformers.generation.BaseStreamer())
+    with pytest.raises(ValueError, match="same device"):
+        speculate(target, inputs, tiny_model("llama").to("meta"), TreeConfig(), max_new_tokens=2)
     for bad in (dict(max_depth=0), dict(top_k=1.5), dict(max_nodes=True), dict(alpha=1.5), dict(alpha="x"),
                 dict(sampling="greedy"), dict(adaptive=1)):
         with pytest.raises(ValueError, match="TreeConfig"):

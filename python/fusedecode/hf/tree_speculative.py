@@ -432,6 +432,9 @@ def tree_speculative(model, input_ids, logits_processor, stopping_criteria, gene
         raise ValueError("tree_speculative needs input_ids, not inputs_embeds")
     _check_model(model, "the target model")
     _check_model(draft_model, "draft_model")
+    if draft_model.device != input_ids.device:
+        raise ValueError(f"draft_model is on {draft_model.device} but the inputs are on {input_ids.device}; "
+                         "put both models on the same device")
 
     device = input_ids.device
     batch, prompt_length = input_ids.shape
