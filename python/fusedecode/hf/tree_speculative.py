@@ -264,33 +264,42 @@ def _draft_distribution(logits, target_vocab, temperature):
     return torch.log_softmax(logits / temperature, dim=-1)
 
 
-def _grow(trees, draft, distributions, config, multi_draft, alpha, tree_start, num_real, vocab, temperature):
+def _propose(logprobs, top_k, multi_draft):
+    """Children proposals for every row of one draft forward, as Python lists (one host sync per
+    level, not one per node): the top-k tokens, or ``top_k`` i.i.d. samples in multi-draft mode,
+    with their draft log-probabilities."""
+    if multi_draft:
+        tokens = torch.multinomial(logprobs.exp(), top_k, replacement=True)
+    else:
+        tokens = logprobs.topk(min(top_k, logprobs.shape[-1])).indices
+    return tokens.tolist(), logprobs.gather(1, tokens).tolist()
+
+
+def _grow(trees, draft, distributions, config, multi_draft, alpha, tree_start, root_positions, vocab, temperature):
     """Grow every row's tree level by level; one batched draft forward per level.
 
     Level d expands the fed nodes of depth d - 1 (their draft distributions are known): top-k
     children, or ``top_k`` i.i.d. samples in multi-draft mode. Then the ``top_k`` most probable new
     nodes are fed to the draft so the next level can expand them, unless the best of them is below
-    the row's alpha (LLMCad's fallback) or can no longer make the final ``max_nodes`` cut.
+    the row's alpha (LLMCad's fallback) or can no longer make the final ``max_nodes`` cut. The
+    feed's tokens and masks are built on the host and copied to the device once per level.
     """
     device = draft.valid.device
     batch = len(trees)
+    proposals = [_propose(distributions[0], config.top_k, multi_draft)]
     for depth in range(1, config.max_depth + 1):
         for tree in trees:
             if not tree.growing:
                 continue
             for node in [n for n in tree.nodes_at(depth - 1) if n in tree.draft_row]:
+                if multi_draft and len(tree) - 1 + config.top_k > config.max_nodes:
+                    tree.growing = False  # i.i.d. sibling groups are kept whole or not drafted
+                    break
                 level, row = tree.draft_row[node]
-                logprobs = distributions[level][row]
-                if multi_draft:
-                    if len(tree) - 1 + config.top_k > config.max_nodes:
-                        tree.growing = False
-                        break
-                    children = torch.multinomial(logprobs.exp(), config.top_k, replacement=True)
-                else:
-                    best = logprobs.topk(min(config.top_k, logprobs.shape[-1]))
-                    children = best.indices[torch.isfinite(best.values)]
-                for token, logprob in zip(children.tolist(), logprobs[children].tolist()):
-                    tree.add(token, node, logprob)
+                tokens, logprobs = proposals[level]
+                for token, logprob in zip(tokens[row], logprobs[row]):
+                    if math.isfinite(logprob):
+                        tree.add(token, node, logprob)
         if depth == config.max_depth:
             break
         feeds = []
@@ -309,9 +318,9 @@ def _grow(trees, draft, distributions, config, multi_draft, alpha, tree_start, n
         width = max(len(f) for f in feeds)
         if width == 0:
             break
-        tokens = torch.zeros(batch, width, dtype=torch.long, device=device)
-        token_valid = torch.zeros(batch, width, dtype=torch.bool, device=device)
-        past_allowed = torch.zeros(batch, width, draft.length, dtype=torch.bool, device=device)
+        tokens = torch.zeros(batch, width, dtype=torch.long)
+        token_valid = torch.zeros(batch, width, dtype=torch.bool)
+        past_allowed = torch.zeros(batch, width, draft.length, dtype=torch.bool)
         past_allowed[:, :, :tree_start] = True
         first_slot = draft.length
         for b, feed in enumerate(feeds):
@@ -319,14 +328,35 @@ def _grow(trees, draft, distributions, config, multi_draft, alpha, tree_start, n
             for j, node in enumerate(feed):
                 tokens[b, j] = tree.tokens[node]
                 token_valid[b, j] = True
-                for ancestor in _ancestors(tree, node)[:-1]:
-                    past_allowed[b, j, tree.draft_slot[ancestor]] = True
+                ancestors = [tree.draft_slot[a] for a in _ancestors(tree, node)[:-1]]
+                past_allowed[b, j, ancestors] = True
                 tree.draft_slot[node] = first_slot + j
                 tree.draft_row[node] = (len(distributions), b * width + j)
-        positions = (num_real - 1)[:, None] + depth
+        positions = (root_positions + depth)[:, None].expand(batch, width)
         eye = torch.eye(width, dtype=torch.bool, device=device)[None].expand(batch, -1, -1)
-        logits = draft.forward(tokens, token_valid, positions.expand(batch, width), eye, past_allowed)
+        logits = draft.forward(tokens.to(device), token_valid.to(device), positions.to(device), eye,
+                               past_allowed.to(device))
         distributions.append(_draft_distribution(logits.reshape(batch * width, -1), vocab, temperature))
+        proposals.append(_propose(distributions[-1], config.top_k, multi_draft))
+
+
+def _draft_probs(kept, trees, distributions, vocab):
+    """``[B, N, V]`` draft probabilities for SpecInfer verification: row n holds the distribution
+    node n's children were drawn from (zeros for nodes without children), one gather per level."""
+    device = distributions[0].device
+    probs = torch.zeros(len(kept), max(len(k[0]) for k in kept), vocab, dtype=torch.float32, device=device)
+    by_level = {}
+    for b, (_, _, old) in enumerate(kept):
+        for new, old_index in enumerate(old):
+            if old_index in trees[b].draft_row:
+                level, row = trees[b].draft_row[old_index]
+                by_level.setdefault(level, ([], [], []))
+                for target_list, value in zip(by_level[level], (b, new, row)):
+                    target_list.append(value)
+    for level, (rows_b, rows_n, source) in by_level.items():
+        probs[torch.tensor(rows_b, device=device), torch.tensor(rows_n, device=device)] = \
+            distributions[level][torch.tensor(source, device=device)].exp()
+    return probs
 
 
 def _target_forward(target, chain, tokens, token_valid, positions, tree_mask):
@@ -449,7 +479,7 @@ def tree_speculative(model, input_ids, logits_processor, stopping_criteria, gene
     draft = _SlotCache(draft_model, batch, device)
     target_vocab = None
 
-    num_real = prompt_valid.sum(1)  # real tokens committed per row (the root included)
+    num_real = prompt_valid.sum(1).tolist()  # real tokens committed per row (the root included)
     # The caches hold every committed token but the last (the next tree's root). The prompt is not
     # prefilled on its own: the first target forward scores it together with the first tree, and the
     # draft's first forward takes it as its pending chain, so no pass is spent on the prompt alone.
@@ -468,80 +498,75 @@ def tree_speculative(model, input_ids, logits_processor, stopping_criteria, gene
     while not all(finished):
         # 1. Feed the draft the committed tokens it has not seen; the last one is the tree's root.
         width = max(len(p) for p in pending)
-        tokens = torch.zeros(batch, width, dtype=torch.long, device=device)
-        token_valid = torch.zeros(batch, width, dtype=torch.bool, device=device)
+        tokens = torch.zeros(batch, width, dtype=torch.long)
+        positions = torch.zeros(batch, width, dtype=torch.long)
+        token_valid = torch.zeros(batch, width, dtype=torch.bool)
         for b, chain in enumerate(pending):
-            tokens[b, :len(chain)] = torch.tensor(chain, device=device)
+            tokens[b, :len(chain)] = torch.tensor(chain)
+            positions[b, :len(chain)] = torch.arange(num_real[b] - len(chain), num_real[b])
             token_valid[b, :len(chain)] = True
         lengths = token_valid.sum(1)
-        positions = num_real[:, None] - lengths[:, None] + torch.arange(width, device=device)[None]
-        causal = torch.tril(torch.ones(width, width, dtype=torch.bool, device=device))
-        new_mask = (causal[None] & token_valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)[None]
-        draft_logits = draft.forward(tokens, token_valid, positions, new_mask)
-        root_logits = draft_logits[torch.arange(batch, device=device), lengths - 1]
+        causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+        new_mask = (causal[None] & token_valid[:, None, :]) | torch.eye(width, dtype=torch.bool)[None]
+        draft_logits = draft.forward(tokens.to(device), token_valid.to(device), positions.to(device),
+                                     new_mask.to(device))
+        root_logits = draft_logits[torch.arange(batch, device=device), (lengths - 1).to(device)]
         tree_start = draft.length
 
         if target_vocab is None:
             target_vocab = model.get_output_embeddings().weight.shape[0]
-        trees = [_Tree(int(row_ids[b][-1])) for b in range(batch)]
+        trees = [_Tree(pending[b][-1]) for b in range(batch)]
         distributions = [_draft_distribution(root_logits, target_vocab, draft_temperature)]
         for b, tree in enumerate(trees):
             tree.draft_row[0] = (0, b)
-        _grow(trees, draft, distributions, config, multi_draft, alpha, tree_start, num_real, target_vocab,
+        root_positions = torch.tensor(num_real) - 1
+        _grow(trees, draft, distributions, config, multi_draft, alpha, tree_start, root_positions, target_vocab,
               draft_temperature)
 
         # 2. One target forward over every row's pruned tree.
         kept = [_prune(tree, config.max_nodes, multi_draft) for tree in trees]
         nodes = max(len(k[0]) for k in kept)
-        draft_tokens = torch.full((batch, nodes), -1, dtype=torch.long, device=device)
-        parents = torch.zeros(batch, nodes, dtype=torch.long, device=device)
+        draft_tokens = torch.full((batch, nodes), -1, dtype=torch.long)
+        parents = torch.zeros(batch, nodes, dtype=torch.long)
         depth_of = []
         for b, (tree_tokens, tree_parents, old) in enumerate(kept):
-            draft_tokens[b, :len(tree_tokens)] = torch.tensor(tree_tokens, device=device)
-            parents[b, :len(tree_parents)] = torch.tensor(tree_parents, device=device)
+            draft_tokens[b, :len(tree_tokens)] = torch.tensor(tree_tokens)
+            parents[b, :len(tree_parents)] = torch.tensor(tree_parents)
             depth_of.append([trees[b].depths[i] for i in old])
         parents[:, 0] = -1
         node_valid = draft_tokens >= 0
         node_valid[:, 0] = True
-        positions = tree_position_ids(parents, num_real - 1)  # padding nodes get a harmless depth 1
-        logits = _target_forward(target, target_chain, draft_tokens.clamp(min=0), node_valid, positions,
-                                 tree_attention_mask(parents))
+        positions = tree_position_ids(parents, root_positions)  # padding nodes get a harmless depth 1
+        draft_tokens, parents = draft_tokens.to(device), parents.to(device)
+        logits = _target_forward(target, target_chain, draft_tokens.clamp(min=0), node_valid.to(device),
+                                 positions.to(device), tree_attention_mask(parents))
         target_start = target.length - nodes
         target_chain = None
         row_forwards += sum(not f for f in finished)
 
         # 3. Verify: the usual processors at every node, then one fused walk.
         scores = _apply_processors(logits_processor, logits, row_ids, [(k[0], k[1]) for k in kept], depth_of)
-        draft_probs = None
-        if multi_draft:
-            draft_probs = torch.zeros(batch, nodes, scores.shape[-1], dtype=torch.float32, device=device)
-            for b, (_, _, old) in enumerate(kept):
-                for new, old_index in enumerate(old):
-                    if old_index in trees[b].draft_row:
-                        level, row = trees[b].draft_row[old_index]
-                        draft_probs[b, new] = distributions[level][row].exp()
+        draft_probs = _draft_probs(kept, trees, distributions, scores.shape[-1]) if multi_draft else None
         result = verify_tree(scores, draft_tokens, parents, temperature=1.0 if do_sample else 0.0,
                              draft_probs=draft_probs)
-        num_accepted = result.num_accepted.tolist()
-        accepted_nodes = result.accepted_nodes.tolist()
-        output_tokens = result.output_tokens.tolist()
+        walk = torch.cat([result.num_accepted[:, None], result.accepted_nodes, result.output_tokens], 1).tolist()
+        depth_plus_one = result.accepted_nodes.shape[1]
 
         # 4. Commit, emit what the stopping criteria allow, and keep only the accepted path cached.
         step_accepted = []
-        target_keep = torch.zeros(batch, target.length, dtype=torch.bool, device=device)
+        target_keep = torch.zeros(batch, target.length, dtype=torch.bool)
         target_keep[:, :target_start] = True
-        draft_keep = torch.zeros(batch, draft.length, dtype=torch.bool, device=device)
+        draft_keep = torch.zeros(batch, draft.length, dtype=torch.bool)
         draft_keep[:, :tree_start] = True
         for b in range(batch):
-            count = num_accepted[b]
-            path = accepted_nodes[b][:count + 1]
-            new_tokens = output_tokens[b][:count + 1]
+            count = walk[b][0]
+            path = walk[b][1:2 + count]
+            new_tokens = walk[b][1 + depth_plus_one:2 + depth_plus_one + count]
             target_keep[b, [target_start + node for node in path]] = True
             fed = [kept[b][2][node] for node in path[1:]]
             fed_slots = [trees[b].draft_slot[old] for old in fed]
             fed_count = next((i for i, slot in enumerate(fed_slots) if slot is None), len(fed_slots))
-            for slot in fed_slots[:fed_count]:
-                draft_keep[b, slot] = True
+            draft_keep[b, fed_slots[:fed_count]] = True
             pending[b] = new_tokens[fed_count:]
             row_ids[b] = torch.cat([row_ids[b], torch.tensor(new_tokens, dtype=row_ids[b].dtype, device=device)])
             num_real[b] += len(new_tokens)
@@ -555,8 +580,8 @@ def tree_speculative(model, input_ids, logits_processor, stopping_criteria, gene
             if config.adaptive:
                 _update_alpha(alpha, b, count, max(depth_of[b]), config)
         accepted_per_step.append(step_accepted)
-        target.keep(target_keep)
-        draft.keep(draft_keep)
+        target.keep(target_keep.to(device))
+        draft.keep(draft_keep.to(device))
 
     if streamer is not None:
         streamer.end()
