@@ -131,7 +131,8 @@ def test_demo_runs_and_writes_html(tmp_path):
 
     page = tmp_path / "demo.html"
     out = subprocess.run([sys.executable, "-m", "fusedecode", "demo", "--problems", "6", "--n", "3", "--show", "2",
-                          "--speculate", "2", "--html", str(page)], capture_output=True, text=True, timeout=600)
+                          "--speculate", "2", "--srgen", "10", "--html", str(page)], capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "self-certainty Borda voting" in out.stdout and "majority vote" in out.stdout
     assert "\x1b[38;2;" in out.stdout  # tokens coloured by entropy
@@ -139,4 +140,5 @@ def test_demo_runs_and_writes_html(tmp_path):
     assert speculation and speculation[0].rstrip().endswith("yes")  # same text as plain greedy decoding
     text = page.read_text()
     assert text.startswith("<!doctype html>") and "entropy" in text and "Best-of-3" in text
-    assert "Speculative decoding" in text
+    assert "Speculative decoding" in text and "SRGen" in text
+    assert any(line.strip().startswith("SRGen (trigger tuned") for line in out.stdout.splitlines())

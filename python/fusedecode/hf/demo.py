@@ -5,7 +5,9 @@ arithmetic model (or any local checkpoint trained on the same task format).
    red: uncertain), with each sequence's self-certainty.
 2. Best-of-N on held-out problems: N samples per problem; accuracy of a single sample, of the
    majority vote, and of self-certainty Borda voting (Kang et al.).
-3. Speculative decoding with the draft model: plain greedy decoding, HF assisted generation and
+3. SRGen corrective decoding against plain sampling on the same problems and seeds: accuracy,
+   corrections made and the entropy they removed.
+4. Speculative decoding with the draft model: plain greedy decoding, HF assisted generation and
    fusedecode tree speculation, compared by target forward passes and tokens per forward.
 
 ``--html PATH`` writes the same view as a self-contained HTML page.
@@ -21,6 +23,7 @@ import torch
 
 from . import arithmetic, best_of_n, bundled_model_path
 from .processors import UncertaintyProcessor
+from .srgen import SRGenConfig, srgen
 from .tree_speculative import TreeConfig, tree_speculative
 
 
@@ -192,6 +195,48 @@ def speculation_table(model, draft, tokenizer, problems, html_parts, config=None
     return {name: value[1] for name, value in results.items()}
 
 
+# The bundled model's step entropies at temperature 0.6 almost never reach SRGen's default floors
+# (1.8 and 3.0 nats), so the demo shows a trigger tuned to it (benchmarks/eval_srgen.py has both).
+DEMO_SRGEN = SRGenConfig(window=10, k=2.0, min_std=0.1, min_threshold=0.3, warmup_threshold=0.3)
+
+
+def srgen_table(model, tokenizer, problems, html_parts, temperature=0.6, batch_problems=50, seed=0):
+    """Sampling accuracy with and without SRGen corrections on the same problems and seeds, with the
+    number of corrections and the entropy they removed."""
+    results = {}
+    for name, config in (("plain sampling", None), ("SRGen (trigger tuned to this model)", DEMO_SRGEN)):
+        correct, corrections, entropy_drop, start_time = 0, 0, 0.0, time.time()
+        for i in range(0, len(problems), batch_problems):
+            chunk = problems[i:i + batch_problems]
+            enc = tokenizer([arithmetic.prompt_text(a, b) for a, b in chunk], return_tensors="pt", padding=True)
+            torch.manual_seed(seed + i)
+            kwargs = dict(max_new_tokens=60, do_sample=True, temperature=temperature, top_k=0,
+                          pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True)
+            if config is not None:
+                kwargs.update(custom_generate=srgen, srgen_config=config)
+            out = model.generate(**enc, **kwargs)
+            texts = tokenizer.batch_decode(out.sequences[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            correct += sum(arithmetic.extract_answer(t) == a + b for t, (a, b) in zip(texts, chunk))
+            for row in getattr(out, "corrections", None) or []:
+                corrections += len(row)
+                entropy_drop += sum(before - after for _, before, after in row)
+        results[name] = (correct / len(problems), corrections, entropy_drop / max(corrections, 1),
+                         time.time() - start_time)
+    print(f"SRGen corrective decoding, {len(problems)} problems at temperature {temperature} "
+          f"(trigger: window {DEMO_SRGEN.window}, k {DEMO_SRGEN.k}, floor {DEMO_SRGEN.min_threshold}):\n")
+    print(f"  {'method':<38} {'accuracy':>9} {'corrections':>12} {'mean entropy drop':>18} {'seconds':>8}")
+    rows = []
+    for name, (accuracy, count, drop, seconds) in results.items():
+        print(f"  {name:<38} {100 * accuracy:8.1f}% {count:>12} {drop:>18.3f} {seconds:>8.2f}")
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{100 * accuracy:.1f}%</td><td>{count}</td>"
+                    f"<td>{drop:.3f}</td><td>{seconds:.2f}</td></tr>")
+    print()
+    html_parts.append(f"<h2>SRGen ({len(problems)} problems, temperature {temperature})</h2><table><tr>"
+                      "<th>method</th><th>accuracy</th><th>corrections</th><th>mean entropy drop</th>"
+                      "<th>seconds</th></tr>" + "".join(rows) + "</table>")
+    return results
+
+
 def write_html(path, parts, title):
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title><style>"
             "body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}"
@@ -209,6 +254,7 @@ def main(argv=None):
     parser.add_argument("--draft", default=None, help="draft checkpoint for speculative decoding "
                         "(default: the bundled draft with the bundled target, none with --model)")
     parser.add_argument("--speculate", type=int, default=10, help="problems decoded speculatively (0: skip)")
+    parser.add_argument("--srgen", type=int, default=100, help="problems for the SRGen comparison (0: skip)")
     parser.add_argument("--problems", type=int, default=100, help="held-out problems for Best-of-N")
     parser.add_argument("--n", type=int, default=8, help="samples per problem")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -227,6 +273,8 @@ def main(argv=None):
     if shown:
         show_problems(model, tokenizer, shown, args.scale, parts)
     best_of_n_table(model, tokenizer, problems[:args.problems], args.n, args.temperature, 25, parts, args.seed)
+    if args.srgen > 0:
+        srgen_table(model, tokenizer, problems[:args.srgen], parts, seed=args.seed)
     draft_path = args.draft or (bundled_model_path("draft") if args.model is None else None)
     if draft_path and args.speculate > 0:
         draft, _ = load(draft_path)
