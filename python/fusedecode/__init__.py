@@ -2,9 +2,11 @@
 
 One pass over a logits tensor gives per-token entropy, varentropy, self-certainty, log-sum-exp,
 top-1 log-prob and DeepConf confidence (``logit_stats``), and the verification of a whole draft token
-tree for speculative decoding (``verify_tree``, helpers in ``fusedecode.tree``), on four backends: ``cuda``, ``triton``,
-``cpp`` and ``torch`` (the reference). Set ``TRITON_INTERPRET=1`` before importing fusedecode to
-run the Triton kernels on CPU tensors.
+tree for speculative decoding (``verify_tree``, helpers in ``fusedecode.tree``), on four backends:
+``cuda``, ``triton``, ``cpp`` and ``torch`` (the reference). ``linear_cross_entropy_entropy`` is the
+chunked lm_head + cross-entropy + entropy (with gradients) behind SRGen, on ``triton`` and ``torch``.
+Hugging Face integration lives in ``fusedecode.hf``. Set ``TRITON_INTERPRET=1`` before importing
+fusedecode to run the Triton kernels on CPU tensors.
 """
 
 from . import tree
