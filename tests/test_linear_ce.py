@@ -255,6 +255,27 @@ def test_nan_propagates(backend, generator):
     assert math.isnan(ce.item()) and math.isnan(entropy.item())
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_nan_in_an_ignored_row_stays_out_of_every_gradient(backend, batch, generator):
+    """Padding rows may hold anything: their targets are ignored, so no gradient may see them."""
+    hidden = torch.randn(batch, 7, 8, generator=generator)
+    hidden[batch // 2, 3, 0] = math.nan
+    hidden.requires_grad_()
+    weight = (torch.randn(50, 8, generator=generator) / 3).requires_grad_()
+    delta = (0.3 * torch.randn(batch, 8, generator=generator)).requires_grad_()
+    targets = torch.randint(0, 50, (batch, 7), generator=generator)
+    targets[batch // 2, 3] = -100
+    ce, entropy = fusedecode.linear_cross_entropy_entropy(hidden, weight, targets, delta=delta, chunk=2,
+                                                          backend=backend)
+    (ce.sum() + 0.5 * entropy.sum()).backward()
+    assert torch.isfinite(ce).all() and torch.isfinite(entropy).all()
+    for name, grad in (("weight", weight.grad), ("delta", delta.grad)):
+        assert torch.isfinite(grad).all(), name
+    finite_rows = torch.ones(batch, 7, dtype=torch.bool)
+    finite_rows[batch // 2, 3] = False
+    assert torch.isfinite(hidden.grad[finite_rows]).all()
+
+
 def test_out_of_range_target_without_validation_gives_nan(backend, generator):
     """On a GPU the range is not checked (it would synchronise): the op itself must give NaN."""
     hidden, weight, targets, _ = make_inputs(generator, batch=2, tokens=3, width=8, vocab=40, ignored_fraction=0.0)

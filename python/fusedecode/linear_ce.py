@@ -234,7 +234,10 @@ def _chunked_pass(hidden, weight, targets, delta, ce_scale, inv_temperature, ign
             if need_colsum:
                 colsum[b] += logits.sum(0)
             if need_weight:
-                grad_weight += _matmul(logits.T, rows, accumulate)
+                # Ignored rows have zero gradient, but 0 * NaN is NaN: a NaN in an ignored row (padding)
+                # must not reach the weight gradient, so those rows are zeroed, not multiplied away.
+                ignored = (targets[b, start:stop] == ignore_index).unsqueeze(1)
+                grad_weight += _matmul(logits.T, rows.masked_fill(ignored, 0), accumulate)
             del logits  # before the next chunk's logits are allocated
     return row_loss, entropy, entropy_grad, grad_hidden, colsum, grad_weight
 
