@@ -236,3 +236,50 @@ def test_cuda_greedy_and_sampling(dtype):
         sampled = speculate(target, inputs, draft, TreeConfig(max_depth=5, top_k=2, max_nodes=10, sampling=sampling),
                             max_new_tokens=8, do_sample=True, temperature=0.8)
         assert sampled.device.type == "cuda" and sampled.shape[1] <= 7 + 8
+
+
+def test_draft_with_a_smaller_vocabulary():
+    """Ids the draft's embedding lacks reach it as 0 (Qwen-style padded vocabularies differ in size)."""
+    target = sharpened(tiny_model("llama", seed=0))
+    torch.manual_seed(1)
+    draft = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2)).eval()
+    inputs = dict(input_ids=torch.tensor([[5, 9, 80, 13]]))
+    plain = target.generate(**inputs, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert (plain[0, 4:] >= 64).any()  # the target does emit ids the draft lacks
+    out = speculate(target, inputs, draft, TreeConfig(max_depth=4, top_k=2), max_new_tokens=20, do_sample=False)
+    assert torch.equal(out, plain)
+
+
+def test_logits_only_where_needed():
+    """No [B, prompt, V] logits: the draft scores each row's root, the target only the tree rows."""
+    model = tiny_model("llama", seed=1)
+    shapes = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    config = TreeConfig(max_depth=2, top_k=2, max_nodes=4)
+    speculate(model, prompts(2, 30, seed=2), model, config, max_new_tokens=3, do_sample=False)
+    handle.remove()
+    assert shapes and all(shape[1] <= config.max_nodes + 1 for shape in shapes), shapes
+
+
+def test_alpha_follows_the_branch_the_walk_stopped_in():
+    branch_depth = speculative_module._branch_depth
+    parents, depths = [-1, 0, 0, 1, 3], [0, 1, 1, 2, 3]  # 0 -> 1 -> 3 -> 4, and 0 -> 2 (a leaf)
+    assert branch_depth(parents, depths, 2) == 1  # reached a leaf: the whole branch was accepted
+    assert branch_depth(parents, depths, 1) == 3
+    assert branch_depth(parents, depths, 0) == 3
+    alpha, config = [0.4], TreeConfig(min_alpha=0.01)
+    speculative_module._update_alpha(alpha, 0, 1, branch_depth(parents, depths, 2), config)
+    assert alpha == [0.2]  # halved
+    speculative_module._update_alpha(alpha, 0, 1, branch_depth(parents, depths, 1), config)
+    assert alpha == [pytest.approx(2 / 3)]  # the rejected fraction of a depth-3 branch
+
+
+def test_history_keeping_processor_is_refused():
+    from fusedecode.hf import UncertaintyProcessor
+
+    target = tiny_model("llama")
+    with pytest.raises(ValueError, match="UncertaintyProcessor"):
+        speculate(target, prompts(1, 4), target, TreeConfig(), max_new_tokens=2,
+                  logits_processor=transformers.LogitsProcessorList([UncertaintyProcessor()]))

@@ -14,6 +14,7 @@ position ids, which any decoder-only HF model built on ``create_causal_mask`` ac
 """
 
 import functools
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -22,6 +23,7 @@ import torch
 
 from ..tree import tree_attention_mask, tree_position_ids
 from ..verify_tree import verify_tree
+from .processors import UncertaintyProcessor
 
 __all__ = ["TreeConfig", "tree_speculative"]
 
@@ -105,6 +107,7 @@ class _SlotCache:
         from transformers import DynamicCache
 
         self.model = model
+        self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.cache = DynamicCache()
         self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
 
@@ -112,8 +115,9 @@ class _SlotCache:
     def length(self):
         return self.valid.shape[1]
 
-    def forward(self, tokens, token_valid, positions, new_mask, past_allowed=None):
-        """Run the model on ``tokens [B, q]`` and append them to the cache; returns float32 logits.
+    def forward(self, tokens, token_valid, positions, new_mask, past_allowed=None, last=0):
+        """Run the model on ``tokens [B, q]`` and append them to the cache; returns float32 logits of
+        the last ``last`` tokens (0: all), so a long prompt never turns into ``[B, q, V]`` logits.
 
         ``new_mask [B, q, q]``: which new tokens each new token attends (must include itself, so no
         query row is fully masked). ``past_allowed [B, q, S]``: which cached slots each new token
@@ -126,10 +130,12 @@ class _SlotCache:
         dtype = self.model.dtype
         mask = torch.zeros(allowed.shape, dtype=dtype, device=tokens.device)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        extra = {"logits_to_keep": last} if last and self.takes_logits_to_keep else {}
         outputs = self.model(input_ids=tokens, attention_mask=mask[:, None], position_ids=positions,
-                             past_key_values=self.cache, use_cache=True, return_dict=True)
+                             past_key_values=self.cache, use_cache=True, return_dict=True, **extra)
         self.valid = torch.cat([self.valid, token_valid], dim=1)
-        return outputs.logits.float()
+        logits = outputs.logits if not last or extra else outputs.logits[:, -last:]
+        return logits.float()
 
     def keep(self, keep):
         """Keep the slots where ``keep [B, S]`` is True, compacted to the left in slot order."""
@@ -363,7 +369,7 @@ def _target_forward(target, chain, tokens, token_valid, positions, tree_mask):
     """The target's forward over the tree, preceded by a causal chain of committed tokens not yet in
     its cache (the prompt, on the first step). Returns the tree nodes' logits."""
     if chain is None:
-        return target.forward(tokens, token_valid, positions, tree_mask)
+        return target.forward(tokens, token_valid, positions, tree_mask, last=tokens.shape[1])
     chain_tokens, chain_valid, chain_positions = chain
     batch, length = chain_tokens.shape
     nodes = tokens.shape[1]
@@ -372,9 +378,8 @@ def _target_forward(target, chain, tokens, token_valid, positions, tree_mask):
     eye = torch.eye(length, dtype=torch.bool, device=device)[None]
     top = torch.cat([causal | eye, torch.zeros(batch, length, nodes, dtype=torch.bool, device=device)], dim=2)
     bottom = torch.cat([chain_valid[:, None, :].expand(batch, nodes, length), tree_mask], dim=2)
-    logits = target.forward(torch.cat([chain_tokens, tokens], 1), torch.cat([chain_valid, token_valid], 1),
-                            torch.cat([chain_positions, positions], 1), torch.cat([top, bottom], 1))
-    return logits[:, length:]
+    return target.forward(torch.cat([chain_tokens, tokens], 1), torch.cat([chain_valid, token_valid], 1),
+                          torch.cat([chain_positions, positions], 1), torch.cat([top, bottom], 1), last=nodes)
 
 
 def _emit(emitted, new_tokens, row_ids, stopping_criteria):
@@ -386,6 +391,15 @@ def _emit(emitted, new_tokens, row_ids, stopping_criteria):
         if len(stopping_criteria) and bool(stopping_criteria(row_ids[None, :base + i + 1], None).any()):
             return True
     return False
+
+
+def _branch_depth(parents, depths, node):
+    """Depth of the deepest drafted node under ``node`` (itself included): how deep the branch the
+    walk stopped in was drafted. Equal to ``depths[node]`` when the walk reached a leaf."""
+    deepest = list(depths)
+    for child in range(len(parents) - 1, 0, -1):  # children come after their parents
+        deepest[parents[child]] = max(deepest[parents[child]], deepest[child])
+    return deepest[node]
 
 
 def _update_alpha(alpha, row, accepted, drafted_depth, config):
@@ -421,6 +435,10 @@ def tree_speculative(model, input_ids, logits_processor, stopping_criteria, gene
     rounding of batched vs one-token forwards); sampled output has the target's distribution. The
     user's logits processors and stopping criteria apply at every emitted position, as in plain
     decoding. Beam search, encoder-decoder models and sliding-window attention are not supported.
+
+    Logits processors run on the target's logits of every tree node, drafted nodes that end up
+    rejected included, with that node's path as ``input_ids`` and several nodes per call: they must
+    be functions of ``(input_ids, scores)`` that keep no history (as most of transformers' are).
 
     Streaming: transformers does not hand ``streamer=`` to ``custom_generate`` callables (it only
     puts the prompt), so pass ``token_streamer=<a BaseStreamer>`` instead: it gets the prompt, then
@@ -460,6 +478,10 @@ def tree_speculative(model, input_ids, logits_processor, stopping_criteria, gene
         streamer.put(input_ids.cpu())
     if model_kwargs.get("inputs_embeds") is not None:
         raise ValueError("tree_speculative needs input_ids, not inputs_embeds")
+    if any(isinstance(processor, UncertaintyProcessor) for processor in logits_processor):
+        raise ValueError("UncertaintyProcessor records one entry per row and step, but under tree_speculative "
+                         "processors also run on every drafted node; drop it from logits_processor "
+                         "(fusedecode.verify_tree computes the same statistics for every node)")
     _check_model(model, "the target model")
     _check_model(draft_model, "draft_model")
     if draft_model.device != input_ids.device:
@@ -478,6 +500,7 @@ def tree_speculative(model, input_ids, logits_processor, stopping_criteria, gene
     target = _SlotCache(model, batch, device)
     draft = _SlotCache(draft_model, batch, device)
     target_vocab = None
+    draft_input_vocab = draft_model.get_input_embeddings().weight.shape[0]
 
     num_real = prompt_valid.sum(1).tolist()  # real tokens committed per row (the root included)
     # The caches hold every committed token but the last (the next tree's root). The prompt is not
@@ -498,19 +521,21 @@ def tree_speculative(model, input_ids, logits_processor, stopping_criteria, gene
     while not all(finished):
         # 1. Feed the draft the committed tokens it has not seen; the last one is the tree's root.
         width = max(len(p) for p in pending)
+        # Right-aligned, so that every row's root is the last column: only its logits are computed.
         tokens = torch.zeros(batch, width, dtype=torch.long)
         positions = torch.zeros(batch, width, dtype=torch.long)
         token_valid = torch.zeros(batch, width, dtype=torch.bool)
         for b, chain in enumerate(pending):
-            tokens[b, :len(chain)] = torch.tensor(chain)
-            positions[b, :len(chain)] = torch.arange(num_real[b] - len(chain), num_real[b])
-            token_valid[b, :len(chain)] = True
-        lengths = token_valid.sum(1)
+            tokens[b, width - len(chain):] = torch.tensor(chain)
+            positions[b, width - len(chain):] = torch.arange(num_real[b] - len(chain), num_real[b])
+            token_valid[b, width - len(chain):] = True
+        # Ids the draft's embedding lacks (a draft with a smaller padded vocabulary) reach it as id 0;
+        # it never proposes them, and verification stays exact whatever the draft sees.
+        tokens = torch.where(tokens < draft_input_vocab, tokens, torch.zeros_like(tokens))
         causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
         new_mask = (causal[None] & token_valid[:, None, :]) | torch.eye(width, dtype=torch.bool)[None]
-        draft_logits = draft.forward(tokens.to(device), token_valid.to(device), positions.to(device),
-                                     new_mask.to(device))
-        root_logits = draft_logits[torch.arange(batch, device=device), (lengths - 1).to(device)]
+        root_logits = draft.forward(tokens.to(device), token_valid.to(device), positions.to(device),
+                                    new_mask.to(device), last=1)[:, -1]
         tree_start = draft.length
 
         if target_vocab is None:
@@ -578,7 +603,7 @@ def tree_speculative(model, input_ids, logits_processor, stopping_criteria, gene
                 if streamer is not None and b == 0:
                     streamer.put(torch.tensor(emitted[b][before:], dtype=torch.long))
             if config.adaptive:
-                _update_alpha(alpha, b, count, max(depth_of[b]), config)
+                _update_alpha(alpha, b, count, _branch_depth(kept[b][1], depth_of[b], path[-1]), config)
         accepted_per_step.append(step_accepted)
         target.keep(target_keep.to(device))
         draft.keep(draft_keep.to(device))
