@@ -283,3 +283,16 @@ def test_history_keeping_processor_is_refused():
     with pytest.raises(ValueError, match="UncertaintyProcessor"):
         speculate(target, prompts(1, 4), target, TreeConfig(), max_new_tokens=2,
                   logits_processor=transformers.LogitsProcessorList([UncertaintyProcessor()]))
+
+
+def test_pads_with_eos_when_there_is_no_pad_token():
+    target = sharpened(tiny_model("qwen2", seed=3))
+    inputs = dict(input_ids=prompts(3, 5, seed=9, padded_rows=0)["input_ids"])
+    first = target.generate(**inputs, max_new_tokens=40, do_sample=False, pad_token_id=0)
+    eos = int(first[1, 5 + 6])
+    target.generation_config.pad_token_id = None
+    plain = target.generate(**inputs, max_new_tokens=40, do_sample=False, eos_token_id=eos)
+    out = target.generate(**inputs, custom_generate=tree_speculative, draft_model=target, max_new_tokens=40,
+                          do_sample=False, eos_token_id=eos, tree_config=TreeConfig(max_depth=6, top_k=2))
+    assert torch.equal(out, plain)
+    assert (out[1, 5 + 7:] == eos).all()

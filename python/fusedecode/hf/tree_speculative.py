@@ -496,7 +496,10 @@ def tree_speculative(model, input_ids, logits_processor, stopping_criteria, gene
     attention_mask = model_kwargs.get("attention_mask")
     prompt_valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                     else attention_mask.to(device=device, dtype=torch.bool))
-    pad_token = generation_config._pad_token_tensor
+    pad_token = generation_config.pad_token_id  # generate pads with the first EOS when there is none
+    if pad_token is None and generation_config.eos_token_id is not None:
+        eos = generation_config.eos_token_id
+        pad_token = eos[0] if isinstance(eos, (list, tuple)) else int(eos)
     target = _SlotCache(model, batch, device)
     draft = _SlotCache(draft_model, batch, device)
     target_vocab = None
