@@ -10,6 +10,8 @@
 
 #include <tuple>
 
+#include "fusedecode/stats_state.h"
+
 namespace fusedecode {
 
 // logsumexp, entropy, varentropy, self_certainty, max_logprob, argmax, token_logprob, topk_confidence
@@ -75,6 +77,18 @@ inline LogitStatsOutputs allocate_logit_stats_outputs(const at::Tensor& logits, 
           at::empty(shape, logits.options().dtype(at::kLong)),
           optional_out(with_token),
           optional_out(with_topk)};
+}
+
+// Raw pointers of the outputs for the framework-free kernels (nullptr for fields not asked for).
+inline StatsOutputPointers logit_stats_output_pointers(LogitStatsOutputs& outputs, bool with_token, bool with_topk) {
+  return {std::get<0>(outputs).data_ptr<float>(),
+          std::get<1>(outputs).data_ptr<float>(),
+          std::get<2>(outputs).data_ptr<float>(),
+          std::get<3>(outputs).data_ptr<float>(),
+          std::get<4>(outputs).data_ptr<float>(),
+          std::get<5>(outputs).data_ptr<int64_t>(),
+          with_token ? std::get<6>(outputs).data_ptr<float>() : nullptr,
+          with_topk ? std::get<7>(outputs).data_ptr<float>() : nullptr};
 }
 
 }  // namespace fusedecode

@@ -168,14 +168,7 @@ LogitStatsOutputs logit_stats_cpu(const at::Tensor& logits, const c10::optional<
   LogitStatsOutputs outputs = allocate_logit_stats_outputs(logits, token_ids.has_value(), topk > 0);
   const int64_t rows = layout.num_rows();
   if (rows == 0) return outputs;
-  const StatsOutputs out{std::get<0>(outputs).data_ptr<float>(),
-                         std::get<1>(outputs).data_ptr<float>(),
-                         std::get<2>(outputs).data_ptr<float>(),
-                         std::get<3>(outputs).data_ptr<float>(),
-                         std::get<4>(outputs).data_ptr<float>(),
-                         std::get<5>(outputs).data_ptr<int64_t>(),
-                         token_ids.has_value() ? std::get<6>(outputs).data_ptr<float>() : nullptr,
-                         topk > 0 ? std::get<7>(outputs).data_ptr<float>() : nullptr};
+  const StatsOutputs out = logit_stats_output_pointers(outputs, token_ids.has_value(), topk > 0);
   const float* temperatures = temperature.has_value() ? temperature->const_data_ptr<float>() : nullptr;
   const int64_t* ids = token_ids.has_value() ? token_ids->const_data_ptr<int64_t>() : nullptr;
   const float t_scalar = static_cast<float>(temperature_scalar);

@@ -49,14 +49,7 @@ LogitStatsOutputs logit_stats_cuda(const at::Tensor& logits, const c10::optional
   p.temperature = static_cast<float>(temperature_scalar);
   p.token_ids = token_ids.has_value() ? token_ids->const_data_ptr<int64_t>() : nullptr;
   p.topk = static_cast<int>(topk);
-  p.out = {std::get<0>(outputs).data_ptr<float>(),
-           std::get<1>(outputs).data_ptr<float>(),
-           std::get<2>(outputs).data_ptr<float>(),
-           std::get<3>(outputs).data_ptr<float>(),
-           std::get<4>(outputs).data_ptr<float>(),
-           std::get<5>(outputs).data_ptr<int64_t>(),
-           token_ids.has_value() ? std::get<6>(outputs).data_ptr<float>() : nullptr,
-           topk > 0 ? std::get<7>(outputs).data_ptr<float>() : nullptr};
+  p.out = logit_stats_output_pointers(outputs, token_ids.has_value(), topk > 0);
 
   const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   p.splits = cuda::choose_splits(rows, layout.vocab, static_cast<int>(logits.element_size()), sm_count);
