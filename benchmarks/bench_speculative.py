@@ -20,7 +20,7 @@ import torch
 
 from fusedecode.hf import TreeConfig, bundled_model_path, tree_speculative
 from fusedecode.hf import arithmetic
-from fusedecode.hf.demo import load
+from fusedecode.hf.demo import ForwardCounter, load
 
 TREE_CONFIGS = {
     "chain d8 k1 n8": TreeConfig(max_depth=8, top_k=1, max_nodes=8),
@@ -29,17 +29,6 @@ TREE_CONFIGS = {
     "tree d32 k3 n64": TreeConfig(max_depth=32, top_k=3, max_nodes=64),
 }
 BATCHED = "tree d32 k2 n64"
-
-
-class ForwardCounter:
-    """Counts forward calls of a module (one per target forward pass)."""
-
-    def __init__(self, module):
-        self.count = 0
-        module.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module, args):
-        self.count += 1
 
 
 def run(model, counter, prompts_batches, **kwargs):

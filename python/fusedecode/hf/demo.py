@@ -145,7 +145,7 @@ def best_of_n_table(model, tokenizer, problems, n, temperature, batch_problems, 
     return dict(rows)
 
 
-class _ForwardCounter:
+class ForwardCounter:
     """Counts forward passes of a model (a pre-hook, so nothing changes in the computation)."""
 
     def __init__(self, model):
@@ -160,7 +160,7 @@ def speculation_table(model, draft, tokenizer, problems, html_parts, config=None
     """Greedy answers by plain decoding, HF assisted generation and fusedecode tree speculation with
     the same draft: target forward passes, tokens per target forward, and whether the text is the same."""
     config = config or TreeConfig(max_depth=32, top_k=2, max_nodes=64)
-    counter = _ForwardCounter(model)
+    counter = ForwardCounter(model)
     common = dict(max_new_tokens=60, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     prompts = [arithmetic.prompt_text(a, b) for a, b in problems]
     results = {}
