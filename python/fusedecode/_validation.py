@@ -31,13 +31,26 @@ def values_checkable(tensor):
     return True
 
 
-def check_int(name, value, low, high):
+def check_int(name, value, low, high=None):
     if isinstance(value, bool):
         raise ArgumentTypeError(f"{name} must be an int, got bool")
     try:
         value = operator.index(value)
     except TypeError:
         raise ArgumentTypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if high is None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def check_float(name, value, low=-math.inf, high=math.inf, allow_infinite=False):
+    """A real number (int or float, not bool) in [low, high]; never NaN; infinite only if allowed."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ArgumentTypeError(f"{name} must be a float, got {type(value).__name__}")
+    if math.isnan(value) or (not allow_infinite and math.isinf(value)):
+        raise ValueError(f"{name} must be a {'non-NaN' if allow_infinite else 'finite'} float, got {value}")
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
     return value

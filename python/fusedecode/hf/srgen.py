@@ -13,7 +13,6 @@ generation already makes, so a correction never re-runs the model.
 """
 
 import inspect
-import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -21,7 +20,7 @@ import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .. import linear_cross_entropy_entropy, logit_stats
-from .._validation import ArgumentTypeError
+from .._validation import ArgumentTypeError, check_float, check_int
 
 __all__ = ["SRGenConfig", "SRGenOutput", "srgen"]
 
@@ -29,22 +28,6 @@ IGNORE_INDEX = -100
 ADAMW_WEIGHT_DECAY = 1e-8
 ADAMW_EPS = 1e-5
 CACHE_NAMES = ("past_key_values", "cache_params", "state", "mems", "past_buckets_states")
-
-
-def _check_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ArgumentTypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-
-
-def _check_float(name, value, low=-math.inf, high=math.inf, allow_infinite=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ArgumentTypeError(f"{name} must be a float, got {type(value).__name__}")
-    if math.isnan(value) or (not allow_infinite and math.isinf(value)):
-        raise ValueError(f"{name} must be a {'non-NaN' if allow_infinite else 'finite'} float, got {value}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
 
 
 @dataclass
@@ -96,19 +79,19 @@ class SRGenConfig:
     context_window: Optional[int] = None
 
     def __post_init__(self):
-        _check_int("window", self.window, 2)  # an unbiased std needs two entries
-        _check_float("k", self.k)
-        _check_float("min_std", self.min_std, low=0.0)
-        _check_float("min_threshold", self.min_threshold, allow_infinite=True)
-        _check_float("warmup_threshold", self.warmup_threshold, allow_infinite=True)
-        _check_int("steps", self.steps, 1)
-        _check_float("lr", self.lr, low=0.0)
+        check_int("window", self.window, 2)  # an unbiased std needs two entries
+        check_float("k", self.k)
+        check_float("min_std", self.min_std, low=0.0)
+        check_float("min_threshold", self.min_threshold, allow_infinite=True)
+        check_float("warmup_threshold", self.warmup_threshold, allow_infinite=True)
+        check_int("steps", self.steps, 1)
+        check_float("lr", self.lr, low=0.0)
         if self.lr == 0:
             raise ValueError("lr must be > 0, got 0")
-        _check_float("entropy_weight", self.entropy_weight, low=0.0, high=1.0)
-        _check_int("max_corrections", self.max_corrections, 0)
+        check_float("entropy_weight", self.entropy_weight, low=0.0, high=1.0)
+        check_int("max_corrections", self.max_corrections, 0)
         if self.context_window is not None:
-            _check_int("context_window", self.context_window, 1)
+            check_int("context_window", self.context_window, 1)
 
 
 @dataclass

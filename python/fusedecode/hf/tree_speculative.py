@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from .._validation import ArgumentTypeError, check_float, check_int
 from ..tree import tree_attention_mask, tree_position_ids
 from ..verify_tree import verify_tree
 from .processors import UncertaintyProcessor
@@ -63,15 +64,11 @@ class TreeConfig:
 
     def __post_init__(self):
         for name in ("max_depth", "top_k", "max_nodes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TreeConfig.{name} must be an int >= 1, got {value!r}")
+            check_int(f"TreeConfig.{name}", getattr(self, name), 1)
         for name in ("alpha", "min_alpha"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"TreeConfig.{name} must be a number in [0, 1], got {value!r}")
+            check_float(f"TreeConfig.{name}", getattr(self, name), 0.0, 1.0)
         if not isinstance(self.adaptive, bool):
-            raise ValueError(f"TreeConfig.adaptive must be a bool, got {self.adaptive!r}")
+            raise ArgumentTypeError(f"TreeConfig.adaptive must be a bool, got {self.adaptive!r}")
         if self.sampling not in SAMPLING_MODES:
             raise ValueError(f"TreeConfig.sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
 
