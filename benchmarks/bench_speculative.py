@@ -3,6 +3,7 @@ same prompts: tokens/s, and tokens per target forward (counted with a forward ho
 
     python benchmarks/bench_speculative.py                      # bundled arithmetic models, CPU
     python benchmarks/bench_speculative.py --json out.json --md out.md
+    python benchmarks/bench_speculative.py --device cuda       # the same on a GPU
 
 Greedy decoding (batch 1, the only batch HF assisted generation supports; plus tree speculation at
 batch 8), and sampling at temperature 0.6 for tree speculation. Every greedy output is checked
@@ -51,17 +52,20 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problems", type=int, default=24)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--json")
     parser.add_argument("--md")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     target, tokenizer = load(bundled_model_path("target"))
     draft, _ = load(bundled_model_path("draft"))
+    target, draft = target.to(args.device), draft.to(args.device)
     counter = ForwardCounter(target)
     problems = arithmetic.evaluation_problems(args.problems)
     texts = [arithmetic.prompt_text(a, b) for a, b in problems]
-    singles = [tokenizer([t], return_tensors="pt") for t in texts]
-    batches = [tokenizer(texts[i:i + 8], return_tensors="pt", padding=True) for i in range(0, len(texts), 8)]
+    singles = [tokenizer([t], return_tensors="pt").to(args.device) for t in texts]
+    batches = [tokenizer(texts[i:i + 8], return_tensors="pt", padding=True).to(args.device)
+               for i in range(0, len(texts), 8)]
     common = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     greedy = dict(common, do_sample=False)
     rows = []
@@ -100,7 +104,8 @@ def main(argv=None):
                run(target, counter, singles, custom_generate=tree_speculative, draft_model=draft,
                    tree_config=config, **sampled)[0])
 
-    meta = dict(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+    meta = dict(device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
                 torch=torch.__version__, problems=args.problems, max_new_tokens=args.max_new_tokens,
                 date=time.strftime("%Y-%m-%d"))
     lines = ["| method | batch | decoding | tokens/s | tokens per target forward | greedy output = plain |",
@@ -116,8 +121,8 @@ def main(argv=None):
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     if args.md:
         with open(args.md, "w") as f:
-            f.write(f"# Speculative decoding on the bundled arithmetic models ({meta['date']}, CPU, "
-                    f"{meta['threads']} threads, torch {meta['torch']})\n\n{args.problems} held-out problems, "
+            f.write(f"# Speculative decoding on the bundled arithmetic models ({meta['date']}, {meta['device']}, "
+                    f"{meta['threads']} CPU threads, torch {meta['torch']})\n\n{args.problems} held-out problems, "
                     f"up to {args.max_new_tokens} new tokens each. Tokens per target forward are per row: "
                     f"a batch-8 forward serves 8 rows (plain generate keeps finished rows in the batch).\n\n"
                     f"{table}\n")

@@ -62,6 +62,10 @@ log "linear_cross_entropy_entropy: one SRGen correction, naive vs fused (T=8192,
 timeout ${LINEAR_CE_TIMEOUT:-120} $PY benchmarks/bench_linear_ce.py --device cuda 2>&1 \
   | grep -v -i "warn" | tee -a "$SUMMARY"
 
+log "speculative decoding on the GPU: plain vs HF assisted vs tree speculation (bundled pair)"
+timeout ${SPECULATIVE_TIMEOUT:-90} $PY benchmarks/bench_speculative.py --device cuda --problems 12 2>&1 \
+  | grep '^|' | tee -a "$SUMMARY"
+
 log "compute-sanitizer racecheck"
 timeout ${RACECHECK_TIMEOUT:-80} compute-sanitizer --tool racecheck --error-exitcode 9 $PY benchmarks/sanitizer_check.py \
   >> "$OUT/sanitizer.log" 2>&1
