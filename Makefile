@@ -14,7 +14,7 @@ TRANSFORMERS_SPEC ?= transformers==5.17.0
 $(DEPS_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)" "$(TRANSFORMERS_SPEC)" numpy pytest pytest-benchmark \
-		ninja setuptools wheel matplotlib
+		ninja "setuptools>=77" wheel matplotlib
 	touch $@
 
 install: $(DEPS_STAMP)

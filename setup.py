@@ -158,16 +158,11 @@ ext_modules, cmdclass, local_version, torch_requirement = _native_extensions()
 setup(
     name="fusedecode",
     version=BASE_VERSION + (f"+{local_version}" if local_version else ""),
-    description="Fused GPU kernels for LLM decoding research: one-pass logit statistics and tree verification",
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
     package_data=PACKAGE_DATA,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    python_requires=">=3.9",
     install_requires=[torch_requirement, "numpy"],
-    extras_require={"triton": ["triton>=3.0"], "hf": ["transformers>=4.50"], "test": ["pytest", "numpy"],
-                    "bench": ["pytest-benchmark", "matplotlib"]},
-    entry_points={"console_scripts": ["fusedecode=fusedecode.__main__:main"]},
     zip_safe=False,
 )

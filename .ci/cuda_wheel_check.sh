@@ -8,7 +8,7 @@ cd "$ROOT"
 VENV=${CUDA_VENV:-.venv-cuda}
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q "torch==2.14.1" numpy ninja setuptools wheel
+  "$VENV/bin/python" -m pip install -q "torch==2.14.1" numpy ninja "setuptools>=77" wheel
 fi
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT

@@ -14,7 +14,7 @@ TORCH=${2:?torch version, e.g. 2.14.1}
 ARCHS=${3:-8.0;8.6;8.9;9.0+PTX}
 PY=/opt/python/$ABI/bin/python
 git config --global --add safe.directory "$PWD" 2>/dev/null || true
-"$PY" -m pip install -q "torch==$TORCH" numpy ninja setuptools wheel auditwheel
+"$PY" -m pip install -q "torch==$TORCH" numpy ninja "setuptools>=77" wheel auditwheel
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST="$ARCHS" MAX_JOBS=${MAX_JOBS:-$(nproc)}
 DIST=$PWD/dist/raw bash .ci/build_wheel.sh cuda "$PY"
 EXCLUDES=()
