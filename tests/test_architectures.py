@@ -176,6 +176,17 @@ def test_tree_refuses_mixed_layers_its_decoder_cannot_tell_apart():
         speculate(model, prompts(1, PROMPT), model, do_sample=False)
 
 
+def test_tree_refuses_attention_that_ignores_a_4d_mask_and_chunked_attention():
+    model = family_model("llama")
+    model.config._attn_implementation = "flash_attention_2"  # reads padding only, never the tree mask
+    with pytest.raises(ValueError, match="flash_attention_2.*attn_implementation='sdpa'"):
+        speculate(model, prompts(1, PROMPT), model_of(("llama", None)), do_sample=False)
+    chunked = family_model("llama")
+    chunked.config.attention_chunk_size = 8
+    with pytest.raises(ValueError, match="chunked attention"):
+        speculate(model_of(("llama", None)), prompts(1, PROMPT), chunked, do_sample=False)
+
+
 @pytest.mark.parametrize("sampling", [False, True])
 @pytest.mark.parametrize("case", SRGEN_CASES)
 def test_srgen_without_trigger_is_plain_generate(case, sampling):
