@@ -234,7 +234,7 @@ class _AttentionLayout:
 def _takes_mask_mapping(model):
     decoder = decoder_module(model)
     try:
-        source = inspect.getsource(type(decoder).forward)
+        source = inspect.getsource(type(decoder if decoder is not None else model).forward)
     except (OSError, TypeError):
         return False
     return bool(_TAKES_MASK_MAPPING.search(source))
