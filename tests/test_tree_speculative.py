@@ -296,3 +296,27 @@ def test_pads_with_eos_when_there_is_no_pad_token():
                           do_sample=False, eos_token_id=eos, tree_config=TreeConfig(max_depth=6, top_k=2))
     assert torch.equal(out, plain)
     assert (out[1, 5 + 7:] == eos).all()
+
+
+def test_prefix_constrained_processor_sees_each_rows_batch_id():
+    """prefix_allowed_tokens_fn is called with the batch id of the row each tree node belongs to."""
+    target = sharpened(tiny_model("llama", seed=1), 4.0)
+    draft = sharpened(tiny_model("llama", seed=2, layers=1), 4.0)
+    allowed = [list(range(3, 50)), list(range(50, VOCAB))]
+    kwargs = dict(max_new_tokens=12, do_sample=False, prefix_allowed_tokens_fn=lambda batch_id, ids: allowed[batch_id])
+    inputs = prompts(2, 6, seed=5)
+    plain = target.generate(**inputs, pad_token_id=0, **kwargs)
+    assert all(set(plain[row, 6:].tolist()) <= set(allowed[row]) for row in range(2))
+    out = speculate(target, inputs, draft, TreeConfig(max_depth=4, top_k=3, max_nodes=10), **kwargs)
+    assert torch.equal(out, plain)
+
+
+def test_cache_is_passed_by_the_forwards_own_keyword():
+    """transformers 5.2x renamed past_key_values to cache (the old name goes in 5.40): no deprecation."""
+    import warnings
+
+    target = tiny_model("llama", seed=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        speculate(target, prompts(2, 6), target, TreeConfig(max_depth=3, top_k=2), max_new_tokens=6, do_sample=False)
+    assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]

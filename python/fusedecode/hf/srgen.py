@@ -12,7 +12,6 @@ materialises ``[T, V]`` logits; the context's final hidden states are kept from 
 generation already makes, so a correction never re-runs the model.
 """
 
-import inspect
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -21,13 +20,14 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .. import linear_cross_entropy_entropy, logit_stats
 from .._validation import ArgumentTypeError, check_float, check_int
+from ._transformers_compat import (cache_is_filled, decoder_module, find_cache, output_cache_field,
+                                   slices_by_next_sequence_length)
 
 __all__ = ["SRGenConfig", "SRGenOutput", "srgen"]
 
 IGNORE_INDEX = -100
 ADAMW_WEIGHT_DECAY = 1e-8
 ADAMW_EPS = 1e-5
-CACHE_NAMES = ("past_key_values", "cache_params", "state", "mems", "past_buckets_states")
 
 
 @dataclass
@@ -236,16 +236,17 @@ def _check_supported(model, generation_config, model_kwargs):
         raise ValueError("srgen does not support prefill_chunk_size")
     if model_kwargs.get("inputs_embeds") is not None:
         raise ValueError("srgen needs input_ids (the context tokens), not inputs_embeds")
-    cache = next((model_kwargs[name] for name in CACHE_NAMES if model_kwargs.get(name) is not None), None)
-    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+    cache = find_cache(model_kwargs)
+    if cache is not None and cache_is_filled(cache):
         raise ValueError("srgen needs the final hidden state of every context position: pass no cache or an "
                          "empty one, not a filled past_key_values")
 
 
 def _slices_by_next_sequence_length(model):
     """True for transformers >= 5, whose input preparation slices by ``next_sequence_length``;
-    transformers 4 slices by ``cache_position`` instead."""
-    return "next_sequence_length" in inspect.signature(model.prepare_inputs_for_generation).parameters
+    transformers 4 slices by ``cache_position`` instead. Decided by the release, whatever ``model``
+    overrides (Phi3, Bloom, Mamba, ... override ``prepare_inputs_for_generation`` with ``**kwargs``)."""
+    return slices_by_next_sequence_length()
 
 
 class FinalHiddenCapture:
@@ -257,10 +258,10 @@ class FinalHiddenCapture:
     """
 
     def __init__(self, model):
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-        if not isinstance(decoder, torch.nn.Module) or decoder is model:
-            raise ValueError("srgen needs model.get_decoder() (the transformer under lm_head) to read the final "
-                             "hidden states")
+        decoder = decoder_module(model)
+        if decoder is None:
+            raise ValueError("srgen needs model.get_decoder() or model.base_model (the transformer under lm_head) to "
+                             "read the final hidden states")
         self.hidden = None
         self.handle = decoder.register_forward_hook(self._hook)
 
@@ -435,9 +436,9 @@ def srgen(model, input_ids, logits_processor, stopping_criteria, generation_conf
         srgen_streamer.end()
     if not generation_config.return_dict_in_generate:
         return input_ids
-    cache = next((model_kwargs[name] for name in CACHE_NAMES if name in model_kwargs), None)
+    cache = {output_cache_field(SRGenOutput): find_cache(model_kwargs)}  # ``cache`` in transformers >= 5.2x
     return SRGenOutput(sequences=input_ids, scores=record.scores, logits=record.logits, attentions=record.attentions,
-                       hidden_states=record.hidden_states, past_key_values=cache, corrections=corrector.corrections)
+                       hidden_states=record.hidden_states, corrections=corrector.corrections, **cache)
 
 
 def _decode_loop(model, input_ids, model_kwargs, logits_processor, stopping_criteria, do_sample,

@@ -10,12 +10,16 @@ logits, and both KV caches keep exactly the accepted path: no re-prefill.
 Each row of the batch keeps its own tree and accepts its own number of tokens (ragged acceptance).
 The KV caches therefore hold per-row validity masks: slots of rejected nodes are compacted away
 after each verification, and every forward gets an explicit 4D additive attention mask and explicit
-position ids, which any decoder-only HF model built on ``create_causal_mask`` accepts.
+position ids, which any decoder-only HF model built on ``create_causal_mask`` accepts. Sliding-window
+layers get the window in that mask (per layer type where a model mixes them), by the rule the
+model's own mask follows: a query at position p attends keys at positions > p - window.
 """
 
+import copy
 import functools
 import inspect
 import math
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,6 +28,7 @@ import torch
 from .._validation import ArgumentTypeError, check_float, check_int
 from ..tree import tree_attention_mask, tree_position_ids
 from ..verify_tree import verify_tree
+from ._transformers_compat import cache_keyword, decoder_module
 from .processors import UncertaintyProcessor
 
 __all__ = ["TreeConfig", "tree_speculative"]
@@ -96,25 +101,31 @@ def _output_class():
 class _SlotCache:
     """A DynamicCache whose slots may be invalid per row (padding, dummy queries, compacted holes).
 
-    ``valid[b, s]`` says whether slot s of row b holds a real token's key/value. Every forward gets a
-    4D additive mask built from it, so the model never attends an invalid slot.
+    ``valid[b, s]`` says whether slot s of row b holds a real token's key/value, ``positions[b, s]``
+    the position it was fed at. Every forward gets a 4D additive mask built from them (one per layer
+    type, each with its sliding window), so the model never attends an invalid slot.
     """
 
-    def __init__(self, model, batch, device):
+    def __init__(self, model, batch, device, layout=None):
         from transformers import DynamicCache
 
         self.model = model
+        self.layout = _check_model(model, "the model") if layout is None else layout
         self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # No config: every layer keeps every slot (a config would give sliding layers a cache that
+        # drops old slots, which the slot bookkeeping cannot follow; the mask applies the window).
         self.cache = DynamicCache()
         self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(batch, 0, dtype=torch.long, device=device)
 
     @property
     def length(self):
         return self.valid.shape[1]
 
     def forward(self, tokens, token_valid, positions, new_mask, past_allowed=None, last=0):
-        """Run the model on ``tokens [B, q]`` and append them to the cache; returns float32 logits of
-        the last ``last`` tokens (0: all), so a long prompt never turns into ``[B, q, V]`` logits.
+        """Run the model on ``tokens [B, q]`` at ``positions [B, q]`` and append them to the cache;
+        returns float32 logits of the last ``last`` tokens (0: all), so a long prompt never turns
+        into ``[B, q, V]`` logits.
 
         ``new_mask [B, q, q]``: which new tokens each new token attends (must include itself, so no
         query row is fully masked). ``past_allowed [B, q, S]``: which cached slots each new token
@@ -124,13 +135,13 @@ class _SlotCache:
         if past_allowed is None:
             past_allowed = self.valid[:, None, :].expand(batch, count, self.length)
         allowed = torch.cat([past_allowed & self.valid[:, None, :], new_mask], dim=2)
-        dtype = self.model.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=tokens.device)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        key_positions = torch.cat([self.positions, positions], dim=1)
         extra = {"logits_to_keep": last} if last and self.takes_logits_to_keep else {}
-        outputs = self.model(input_ids=tokens, attention_mask=mask[:, None], position_ids=positions,
-                             past_key_values=self.cache, use_cache=True, return_dict=True, **extra)
+        outputs = self.model(input_ids=tokens, attention_mask=self.layout.masks(allowed, positions, key_positions),
+                             position_ids=positions, use_cache=True, return_dict=True,
+                             **{self.layout.cache_keyword: self.cache}, **extra)
         self.valid = torch.cat([self.valid, token_valid], dim=1)
+        self.positions = key_positions
         logits = outputs.logits if not last or extra else outputs.logits[:, -last:]
         return logits.float()
 
@@ -144,22 +155,109 @@ class _SlotCache:
         for layer in self.cache.layers:
             if layer.keys is None or layer.keys.numel() == 0:
                 continue
+            if layer.keys.shape[2] != self.length:
+                raise RuntimeError(f"a cache layer holds {layer.keys.shape[2]} slots where {self.length} were fed "
+                                   f"({type(layer).__name__} drops slots); tree_speculative needs every slot kept")
             heads, dim = layer.keys.shape[1], layer.keys.shape[3]
             index = order[:, None, :, None].expand(-1, heads, -1, dim)
             layer.keys = layer.keys.gather(2, index)
             layer.values = layer.values.gather(2, index.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
         self.valid = torch.arange(width, device=keep.device)[None, :] < kept[:, None]
+        self.positions = self.positions.gather(1, order)
+
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+# Attention implementations that read an explicit 4D mask (flash attention only takes padding).
+MASKED_ATTENTION = ("eager", "sdpa")
+# Decoders that take one prepared mask per layer type: ``if not isinstance(... attention_mask, dict)``.
+_TAKES_MASK_MAPPING = re.compile(r"isinstance\(\s*(?:\w+\s*:=\s*)?attention_mask\s*,\s*dict\s*\)")
+
+
+class _AttentionLayout:
+    """Which attention masks a model's layers read, and how to hand them over.
+
+    Per layer type ("full_attention", "sliding_attention") the window (None: full causal), from the
+    same fields transformers' own masks and caches use: ``layer_types`` where the config has them
+    (Gemma2/3, Cohere2, Qwen2/3 with ``max_window_layers``, Qwen2-MoE in 5.x), otherwise
+    ``sliding_window`` for every layer (Mistral, Mixtral, Phi3, ...; not when ``use_sliding_window``
+    is False). transformers' window rule is ``key index > query index - window``, i.e. a query at
+    position p attends the keys at positions p - window + 1 .. p. A model with one layer type gets
+    one 4D mask; a model mixing them gets a dict keyed by layer type, which the decoders that mix
+    them accept as prepared masks. Raises ValueError for what cannot be expressed by such masks.
+    """
+
+    def __init__(self, model, name):
+        config = model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        implementation = getattr(config, "_attn_implementation", None) or "eager"
+        if implementation not in MASKED_ATTENTION:
+            raise ValueError(f"tree_speculative passes a 4D tree attention mask, which only the {MASKED_ATTENTION} "
+                             f"attention implementations read; {name} uses {implementation!r} (load it with "
+                             "attn_implementation='sdpa')")
+        if getattr(text_config, "attention_chunk_size", None):
+            raise ValueError(f"tree_speculative does not support chunked attention ({name} has attention_chunk_size="
+                             f"{text_config.attention_chunk_size})")
+        self.cache_keyword = cache_keyword(model)
+        if self.cache_keyword is None:
+            raise ValueError(f"tree_speculative needs a model whose forward takes a key/value cache; {name} "
+                             f"({type(model).__name__}) takes neither cache nor past_key_values")
+        window = getattr(text_config, "sliding_window", None)
+        layer_types = getattr(text_config, "layer_types", None)
+        if layer_types is None:
+            uses_window = window is not None and getattr(text_config, "use_sliding_window", True) is not False
+            layer_types = [SLIDING if uses_window else FULL] * text_config.num_hidden_layers
+        unknown = sorted(set(layer_types) - {FULL, SLIDING})
+        if unknown:
+            raise ValueError(f"tree_speculative supports full and sliding-window attention layers; {name} has "
+                             f"layer types {unknown}")
+        if SLIDING in layer_types and not (isinstance(window, int) and window >= 1):
+            raise ValueError(f"{name} has sliding-window layers but sliding_window={window!r}")
+        self.windows = {kind: (window if kind == SLIDING else None) for kind in (FULL, SLIDING) if kind in layer_types}
+        self.dtype = model.dtype
+        if len(self.windows) > 1 and not _takes_mask_mapping(model):
+            raise ValueError(f"{name} ({type(model).__name__}) mixes full and sliding-window layers but its decoder "
+                             "takes a single attention mask, so tree_speculative cannot give each layer its window")
+
+    def masks(self, allowed, query_positions, key_positions):
+        """The model's ``attention_mask`` from ``allowed [B, q, S]``: a 4D additive mask ``[B, 1, q, S]``,
+        or a dict of them by layer type."""
+        distance = query_positions[:, :, None] - key_positions[:, None, :]
+        dtype = self.dtype
+        masks = {}
+        for kind, window in self.windows.items():
+            attend = allowed if window is None else allowed & (distance < window)
+            mask = torch.zeros(attend.shape, dtype=dtype, device=attend.device)
+            masks[kind] = mask.masked_fill_(~attend, torch.finfo(dtype).min)[:, None]
+        return next(iter(masks.values())) if len(masks) == 1 else masks
+
+
+def _takes_mask_mapping(model):
+    decoder = decoder_module(model)
+    try:
+        source = inspect.getsource(type(decoder if decoder is not None else model).forward)
+    except (OSError, TypeError):
+        return False
+    return bool(_TAKES_MASK_MAPPING.search(source))
 
 
 def _check_model(model, name):
+    """Refuse, before any forward, what tree_speculative cannot run exactly; returns the model's
+    attention layout."""
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"tree_speculative supports decoder-only models; {name} is encoder-decoder")
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layer_types = getattr(text_config, "layer_types", None) or ()
-    if any(kind != "full_attention" for kind in layer_types):
-        raise ValueError(f"tree_speculative needs full attention in every layer; {name} has layer types "
-                         f"{sorted(set(layer_types))} (sliding-window caches are not supported)")
+    if (getattr(text_config, "alibi", False) or getattr(getattr(text_config, "attn_config", None), "alibi", False)
+            or getattr(text_config, "model_type", None) in ("bloom", "mpt")):
+        raise ValueError(f"tree_speculative does not support ALiBi attention ({name} is {type(model).__name__}): "
+                         "its position bias is built from a 2D padding mask, which cannot express a token tree")
+    if getattr(model, "_is_stateful", False):
+        raise ValueError(f"tree_speculative needs attention with a key/value cache it can cut to the accepted path; "
+                         f"{name} ({type(model).__name__}) keeps a recurrent state")
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        raise ValueError(f"tree_speculative needs a model whose forward takes position_ids; {name} "
+                         f"({type(model).__name__}) does not")
+    return _AttentionLayout(model, name)
 
 
 class _Tree:
@@ -252,8 +350,28 @@ def _apply_processors(logits_processor, logits, row_ids, trees_kept, depth_of):
             suffix = torch.tensor(paths, dtype=row_ids[b].dtype, device=logits.device).view(len(members), depth)
             ids = torch.cat([row_ids[b][None, :].expand(len(members), -1), suffix], dim=1)
             index = torch.tensor(members, device=logits.device)
-            processed[b, index] = logits_processor(ids, logits[b, index])
+            processed[b, index] = _as_row(logits_processor, b, len(members))(ids, logits[b, index])
     return processed
+
+
+def _as_row(logits_processor, row, count):
+    """The processors as they would act on batch row ``row`` of plain decoding, for a call with
+    ``count`` nodes of that row. Two of transformers' processors keep per-row state: the repetition
+    penalty's ``prompt_ignore_length`` (each prompt's padding, a ``[B]`` tensor since 5.2x) and the
+    batch id that ``prefix_allowed_tokens_fn`` is called with."""
+    from transformers import generation as hf_generation
+
+    viewed = []
+    for processor in logits_processor:
+        ignored = getattr(processor, "prompt_ignore_length", None)
+        if isinstance(processor, hf_generation.RepetitionPenaltyLogitsProcessor) and isinstance(ignored, torch.Tensor):
+            processor = copy.copy(processor)
+            processor.prompt_ignore_length = ignored[row].expand(count)
+        elif isinstance(processor, hf_generation.PrefixConstrainedLogitsProcessor):
+            allowed_tokens, processor = processor._prefix_allowed_tokens_fn, copy.copy(processor)
+            processor._prefix_allowed_tokens_fn = lambda batch_id, ids: allowed_tokens(row, ids)
+        viewed.append(processor)
+    return type(logits_processor)(viewed)
 
 
 def _draft_distribution(logits, target_vocab, temperature):
@@ -431,7 +549,10 @@ def tree_speculative(model, input_ids, logits_processor, stopping_criteria, gene
     Greedy output is token-for-token what ``model.generate(do_sample=False)`` gives (up to float
     rounding of batched vs one-token forwards); sampled output has the target's distribution. The
     user's logits processors and stopping criteria apply at every emitted position, as in plain
-    decoding. Beam search, encoder-decoder models and sliding-window attention are not supported.
+    decoding. Sliding-window layers get their window in the tree mask. Beam search,
+    encoder-decoder models, ALiBi (Bloom, MPT, Falcon with ``alibi=True``), chunked attention,
+    recurrent models (Mamba & co.) and attention implementations that ignore a 4D mask (flash
+    attention) are refused with a ValueError before any forward.
 
     Logits processors run on the target's logits of every tree node, drafted nodes that end up
     rejected included, with that node's path as ``input_ids`` and several nodes per call: they must
@@ -479,8 +600,8 @@ def tree_speculative(model, input_ids, logits_processor, stopping_criteria, gene
         raise ValueError("UncertaintyProcessor records one entry per row and step, but under tree_speculative "
                          "processors also run on every drafted node; drop it from logits_processor "
                          "(fusedecode.verify_tree computes the same statistics for every node)")
-    _check_model(model, "the target model")
-    _check_model(draft_model, "draft_model")
+    target_layout = _check_model(model, "the target model")
+    draft_layout = _check_model(draft_model, "draft_model")
     if draft_model.device != input_ids.device:
         raise ValueError(f"draft_model is on {draft_model.device} but the inputs are on {input_ids.device}; "
                          "put both models on the same device")
@@ -497,8 +618,8 @@ def tree_speculative(model, input_ids, logits_processor, stopping_criteria, gene
     if pad_token is None and generation_config.eos_token_id is not None:
         eos = generation_config.eos_token_id
         pad_token = eos[0] if isinstance(eos, (list, tuple)) else int(eos)
-    target = _SlotCache(model, batch, device)
-    draft = _SlotCache(draft_model, batch, device)
+    target = _SlotCache(model, batch, device, target_layout)
+    draft = _SlotCache(draft_model, batch, device, draft_layout)
     target_vocab = None
     draft_input_vocab = draft_model.get_input_embeddings().weight.shape[0]
 
