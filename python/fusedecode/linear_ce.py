@@ -56,7 +56,8 @@ def linear_cross_entropy_entropy(hidden, weight, targets, *, delta=None, bias=No
     and ``dentropy/dz_{T-1} = -p (log p + entropy) / temperature``, times the transform's derivative
     ``logit_scale * (1 - (z / softcap)^2)``. NaN inputs give NaN outputs.
 
-    Memory: ``chunk * V`` float32 logits at a time, plus float32 ``[B, T, H]`` when ``hidden``
+    Memory: ``chunk * V`` float32 logits at a time (twice that on the torch path with ``softcap``
+    and a gradient, for the transform's derivative), plus float32 ``[B, T, H]`` when ``hidden``
     requires grad and ``[V, H]`` when ``weight`` does. With ``B > 1`` the weight gradient is computed
     in the backward by a second chunked pass, since each batch entry's upstream gradient weighs its
     share and keeping ``B`` separate ``[V, H]`` gradients would cost ``B`` times the weight.
