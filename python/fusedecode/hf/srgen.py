@@ -225,7 +225,7 @@ def optimise_delta(context_hidden, targets, head, config, temperature):
     with torch.inference_mode(False), torch.enable_grad():
         if context_hidden.is_inference():
             context_hidden, targets = context_hidden.clone(), targets.clone()
-        weight, bias = head.trainable_free()
+        weight, bias = head.detached()
         delta = torch.zeros(context_hidden.shape[0], context_hidden.shape[2], dtype=torch.float32,
                             device=context_hidden.device, requires_grad=True)
         optimizer = torch.optim.AdamW([delta], lr=config.lr, weight_decay=ADAMW_WEIGHT_DECAY, eps=ADAMW_EPS)
@@ -261,7 +261,7 @@ class OutputHead:
     def __init__(self, weight, transform):
         self.weight, self.transform = weight, transform
 
-    def trainable_free(self):
+    def detached(self):
         """``(weight, bias)`` detached (never accumulate into the model's ``.grad``) and, under
         inference_mode, cloned so that autograd may save them."""
         tensors = []
