@@ -208,8 +208,8 @@ def markdown(rows, meta):
         f"{meta['load_before']} before, {meta['load_after']} after (a shared machine: times are indicative).",
         "",
         "| variant | accuracy (per seed) | activations / problem | problems with 0, 1, 2, ... | problems with >= 1 | "
-        "accuracy there (generate there) | fixed / broken vs generate (McNemar p) | entropy before -> after | wall ms / "
-        "token | overhead (wall) | overhead (CPU time) |",
+        "accuracy there (generate there) | fixed / broken vs generate (McNemar p) | entropy before -> after | "
+        "wall ms / token | overhead (wall) | overhead (CPU time) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

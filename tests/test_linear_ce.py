@@ -545,15 +545,19 @@ def test_torch_compile_fullgraph(generator):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("transform", ["none", "all", "saturating_softcap"])
 @pytest.mark.parametrize("gpu_backend", ["triton", "torch"])
-def test_bf16_on_gpu(gpu_backend, generator):
+def test_bf16_on_gpu(gpu_backend, transform, generator):
     require_backend("cuda", gpu_backend)
     hidden, weight, targets, delta = make_inputs(generator, batch=2, tokens=300, width=64, vocab=5003,
                                                  dtype=torch.bfloat16, delta="shared", device="cuda")
+    kwargs = {} if transform == "none" else transform_kwargs(transform, generator, 5003, torch.bfloat16)
+    if "bias" in kwargs:
+        kwargs["bias"] = kwargs["bias"].detach().cuda().requires_grad_()
     # Logits come back unrounded from the bf16 matmul (out_dtype=float32); gradients are rounded to
     # bf16 before their matmuls.
     check_against_reference(gpu_backend, hidden, weight, targets, delta, generator=generator, chunk=128,
-                            rtol=1e-2, atol=1e-2)
+                            rtol=1e-2, atol=1e-2, **kwargs)
 
 
 @pytest.mark.cuda

@@ -14,7 +14,6 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
 from .. import logit_stats
-from ..confidence import best_of_n  # noqa: F401  (re-exported: fusedecode.hf.best_of_n)
 
 FIELDS = ("entropy", "varentropy", "self_certainty", "logsumexp", "max_logprob")
 
