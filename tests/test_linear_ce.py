@@ -519,13 +519,17 @@ def test_opcheck(backend, batch, generator):
                               + (scale, IGNORE, 2, backend))
 
 
-def test_torch_compile_fullgraph(generator):
+@pytest.mark.parametrize("transform", ["none", "all"])
+def test_torch_compile_fullgraph(transform, generator):
     hidden, weight, targets, _ = make_inputs(generator, batch=2, tokens=5, width=8, vocab=64)
     hidden, weight = hidden.detach(), weight.detach()
+    kwargs = {} if transform == "none" else transform_kwargs(transform, generator, 64)
+    if "bias" in kwargs:
+        kwargs["bias"] = kwargs["bias"].detach()
 
     def srgen_loss(delta):
         ce, entropy = fusedecode.linear_cross_entropy_entropy(hidden, weight, targets, delta=delta, chunk=2,
-                                                              temperature=0.7, backend="torch")
+                                                              temperature=0.7, backend="torch", **kwargs)
         return (0.95 * ce + 0.05 * entropy).sum()
 
     torch._dynamo.reset()
