@@ -31,10 +31,6 @@ ALWAYS = dict(k=-100.0, min_std=1.0, min_threshold=-1.0, warmup_threshold=-1.0)
 
 # Refused by tree_speculative, with the reason its ValueError names; srgen runs them.
 TREE_REFUSED = {"bloom": "ALiBi", "falcon_alibi": "ALiBi", "mamba": "recurrent state"}
-# Logits that are not plain lm_head(h): final soft-capping (Gemma2/3), a logit scale (Cohere,
-# Cohere2, Granite), an lm_head bias (Phi).
-TRANSFORMS = {"gemma2", "gemma3", "cohere", "cohere2", "granite", "phi"}
-NEEDS_TRANSFORMS = pytest.mark.xfail(strict=True, reason="needs srgen logit transforms (issue 12 part 5)")
 
 
 def _cases(families):
@@ -48,8 +44,7 @@ def _cases(families):
 
 ALL_CASES = _cases(FAMILIES)
 TREE_CASES = _cases([name for name in FAMILIES if name not in TREE_REFUSED])
-SRGEN_CASES = [pytest.param(*case.values, marks=NEEDS_TRANSFORMS, id=case.id) if case.values[0][0] in TRANSFORMS
-               else case for case in ALL_CASES]
+SRGEN_CASES = ALL_CASES
 WINDOWED = [name for name in FAMILIES if FAMILIES[name][3] is not None]
 
 

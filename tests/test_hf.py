@@ -78,35 +78,142 @@ def test_sequence_self_certainty_counts_only_real_tokens():
 def test_confidence_stopping():
     model = tiny_model("llama")
     inputs = prompts(2, 5)
-    never = ConfidenceStopping(window=3, threshold=-1e9, topk=5)
+    never = ConfidenceStopping(window=3, threshold=-1e9, topk=5, eos_token_id=2)
     out = model.generate(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=0,
                          logits_processor=[never.processor], stopping_criteria=[never])
-    assert out.shape[1] == 5 + 10
-    always = ConfidenceStopping(window=3, threshold=1e9, topk=5)
+    assert out.shape[1] == 5 + 10 and not never.stopped.any()
+    plain = model.generate(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, plain)
+    always = ConfidenceStopping(window=3, threshold=1e9, topk=5, eos_token_id=2)
     out = model.generate(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=0,
                          logits_processor=[always.processor], stopping_criteria=[always])
-    assert out.shape[1] == 5 + 3  # stops as soon as the window is full
+    # The window is full at the third token, which is EOS, as in the official processor.
+    assert out.shape[1] == 5 + 3 and out[:, -1].tolist() == [2, 2] and always.stopped.all()
+    assert torch.equal(out[:, :-1], plain[:, :7])
+    assert always.processor.topk_confidence.shape == (2, 3)
+    # An EOS other than the model's: the stopper's criterion stops the rows itself.
+    other = ConfidenceStopping(window=2, threshold=1e9, topk=5, eos_token_id=7)
+    out = model.generate(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                         logits_processor=[other.processor], stopping_criteria=[other])
+    assert out.shape[1] == 5 + 2 and out[:, -1].tolist() == [7, 7]
+    # A row that ended with an EOS of the list is left alone: nothing is stopped after it ended.
+    ended = ConfidenceStopping(window=4, threshold=[1e9, -1e9], topk=5, eos_token_id=[7, int(plain[0, 6])])
+    out = model.generate(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                         logits_processor=[ended.processor], stopping_criteria=[ended], eos_token_id=int(plain[0, 6]))
+    assert out[0, 5:7].tolist() == plain[0, 5:7].tolist() and ended.stopped.tolist() == [False, False]
+    # One threshold per row: row 0 never stops, row 1 stops when its window fills.
+    mixed = ConfidenceStopping(window=3, threshold=[-1e9, 1e9], topk=5, eos_token_id=2)
+    out = model.generate(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                         logits_processor=[mixed.processor], stopping_criteria=[mixed])
+    assert mixed.stopped.tolist() == [False, True] and out[1, 5:].tolist() == plain[1, 5:7].tolist() + [2] + [0] * 7
+    assert torch.equal(out[0], plain[0])
+    wrong = ConfidenceStopping(window=1, threshold=[1.0, 2.0, 3.0], topk=5, eos_token_id=2)
+    with pytest.raises(ValueError, match="one per row"):
+        model.generate(**inputs, max_new_tokens=2, pad_token_id=0, logits_processor=[wrong.processor],
+                       stopping_criteria=[wrong])
+    for bad in (math.nan, [1.0, math.inf], [[1.0]], "high"):
+        with pytest.raises(ValueError, match="threshold"):
+            ConfidenceStopping(window=2, threshold=bad, eos_token_id=2)
     with pytest.raises(ValueError, match="window"):
-        ConfidenceStopping(window=0, threshold=1.0)
-    with pytest.raises(ValueError, match="processor"):
-        ConfidenceStopping(window=2, threshold=1.0, processor=UncertaintyProcessor(topk=0))
+        ConfidenceStopping(window=0, threshold=1.0, eos_token_id=2)
+    for bad in (None, -1, [], [2, "x"], True):
+        with pytest.raises(ValueError, match="eos_token_id"):
+            ConfidenceStopping(window=2, threshold=1.0, eos_token_id=bad)
+    outside = ConfidenceStopping(window=1, threshold=1.0, eos_token_id=[2, 500])
+    with pytest.raises(ValueError, match="vocabulary"):
+        model.generate(**inputs, max_new_tokens=2, pad_token_id=0, logits_processor=[outside.processor],
+                       stopping_criteria=[outside])
+    with pytest.raises(TypeError):
+        ConfidenceStopping(window=2, threshold=1.0)  # eos_token_id is required
+    with pytest.raises(ValueError, match="topk"):
+        ConfidenceStopping(window=2, threshold=1.0, topk=0, eos_token_id=2)
+
+
+def official_stop_step(confidences, threshold, group_size):
+    """The step at which the authors' vLLM processor stops a trace, or None: deepconf/processors.py
+    ConfPerReqLogitsProcessor.__call__ (facebookresearch/deepconf), transcribed. Each step appends its
+    confidence to a deque of ``group_size`` (dropping the oldest from the running sum when full); once
+    full, a mean below ``threshold`` leaves only EOS possible at that step."""
+    window, running = [], 0.0
+    for step, conf in enumerate(confidences):
+        if len(window) == group_size:
+            running -= window.pop(0)
+        window.append(conf)
+        running += conf
+        if len(window) >= group_size and running / len(window) < threshold:
+            return step
+    return None
+
+
+@pytest.mark.parametrize("sampling", [False, True])
+def test_confidence_stopping_matches_official_processor(sampling):
+    """Rows stop exactly where the official processor would on the same confidences, the token of
+    that step is EOS, and every token before it is what generation without the stop gives."""
+    model = tiny_model("qwen2", seed=2)
+    inputs = prompts(8, 5, seed=2)
+    kwargs = dict(max_new_tokens=24, do_sample=sampling, pad_token_id=0, eos_token_id=2)
+    if sampling:
+        kwargs.update(top_k=0, temperature=1.0)
+    recorder = UncertaintyProcessor(topk=20)
+    torch.manual_seed(3)
+    free = model.generate(**inputs, logits_processor=[recorder], **kwargs)
+    real = recorder.traces("topk_confidence", free, eos_token_id=2)  # up to and including a natural EOS
+    window = 4
+    lowest = [float(t.unfold(0, window, 1).mean(-1).min()) if len(t) >= window else math.inf for t in real]
+    threshold = float(torch.tensor(lowest).median())  # about half the rows stop
+    stopper = ConfidenceStopping(window=window, threshold=threshold, topk=20, eos_token_id=2)
+    torch.manual_seed(3)
+    stopped = model.generate(**inputs, logits_processor=[stopper.processor], stopping_criteria=[stopper], **kwargs)
+    expected = [official_stop_step(trace.tolist(), threshold, window) for trace in real]
+    assert any(step is not None for step in expected) and any(step is None for step in expected)
+    for row, step in enumerate(expected):
+        new = stopped[row, 5:].tolist()
+        assert bool(stopper.stopped[row]) == (step is not None), (row, step)
+        if step is None:
+            assert new == free[row, 5:5 + len(new)].tolist()
+            continue
+        assert new[:step] == free[row, 5:5 + step].tolist()
+        assert new[step] == 2 and all(token == 0 for token in new[step + 1:])
 
 
 def test_best_of_n_borda():
+    """fusedecode.hf.best_of_n is fusedecode.confidence.best_of_n (tested against the official code in
+    test_confidence.py)."""
+    from fusedecode import confidence
+
+    assert best_of_n is confidence.best_of_n
     certainties = [3.0, 2.0, 1.0, 0.5]
     answers = ["a", "b", "b", "c"]
     winner, totals = best_of_n(certainties, answers, power=1.0)
-    # Ranks 1..4 get weights 4, 3, 2, 1: a = 4, b = 3 + 2 = 5, c = 1.
     assert winner == "b" and totals == {"a": 4.0, "b": 5.0, "c": 1.0}
-    assert best_of_n(certainties, answers, power=0)[0] == "b"  # majority vote
     assert best_of_n(certainties, ["x", "y", None, "y"], power=0)[0] == "y"
-    # A tie in votes goes to the answer with the single highest self-certainty.
-    assert best_of_n([1.0, 2.0], ["p", "q"], power=0)[0] == "q"
-    assert best_of_n(torch.tensor([1.0, math.nan]), ["p", "q"], power=1.0)[0] == "p"
-    with pytest.raises(ValueError):
-        best_of_n([1.0], ["a", "b"])
     with pytest.raises(ValueError):
         UncertaintyProcessor(temperature=0)
+
+
+def test_deepconf_calibration_from_recorded_traces():
+    """Warm-up traces recorded by the processor give the threshold the official calibration gives on
+    the same real-token confidences (numpy's percentile of the lowest sliding-window means)."""
+    import numpy as np
+
+    from fusedecode.confidence import confidence_threshold, lowest_group_confidence
+
+    model = tiny_model("llama", seed=4)
+    inputs = prompts(4, 5, seed=4)
+    recorder = UncertaintyProcessor(topk=20)
+    torch.manual_seed(0)
+    out = model.generate(**inputs, max_new_tokens=12, do_sample=True, top_k=0, pad_token_id=0, eos_token_id=2,
+                         num_return_sequences=4, logits_processor=[recorder])
+    traces = recorder.traces("topk_confidence", out, eos_token_id=2)
+    assert len(traces) == 16 and all(t.dtype == torch.float32 and t.dim() == 1 for t in traces)
+    mask = recorder.token_mask(out, 2)
+    for row, trace in enumerate(traces):
+        assert torch.equal(trace, recorder.topk_confidence[row][mask[row]])
+    lowest = [lowest_group_confidence(trace, 4) for trace in traces]
+    official = [min(sum(t[i:i + 4]) / 4 for i in range(len(t) - 3)) if len(t) >= 4 else sum(t) / len(t)
+                for t in (trace.tolist() for trace in traces)]
+    assert lowest == pytest.approx(official, rel=1e-12)
+    assert confidence_threshold(lowest, keep_percent=10) == pytest.approx(float(np.percentile(official, 90)))
 
 
 def test_bundled_models_load_offline_and_solve_problems():
@@ -131,8 +238,8 @@ def test_demo_runs_and_writes_html(tmp_path):
 
     page = tmp_path / "demo.html"
     out = subprocess.run([sys.executable, "-m", "fusedecode", "demo", "--problems", "6", "--n", "3", "--show", "2",
-                          "--speculate", "2", "--srgen", "10", "--html", str(page)], capture_output=True, text=True,
-                         timeout=600)
+                          "--speculate", "2", "--srgen", "10", "--deepconf", "3", "--html", str(page)],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "self-certainty Borda voting" in out.stdout and "majority vote" in out.stdout
     assert "\x1b[38;2;" in out.stdout  # tokens coloured by entropy
@@ -142,3 +249,4 @@ def test_demo_runs_and_writes_html(tmp_path):
     assert text.startswith("<!doctype html>") and "entropy" in text and "Best-of-3" in text
     assert "Speculative decoding" in text and "SRGen" in text
     assert any(line.strip().startswith("SRGen (trigger tuned") for line in out.stdout.splitlines())
+    assert "DeepConf" in out.stdout and "DeepConf" in text

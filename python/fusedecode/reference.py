@@ -176,18 +176,25 @@ def _specinfer_node(p, q, children, tokens, seed, b, node):
 
 
 def linear_cross_entropy_entropy_reference(hidden, weight, targets, delta=None, temperature=1.0, ignore_index=-100,
-                                           dtype=torch.float64):
+                                           dtype=torch.float64, bias=None, logit_scale=None, softcap=None):
     """``linear_cross_entropy_entropy`` the naive way: the whole ``[T, V]`` logits in ``dtype``,
     ``torch.nn.functional`` losses, gradients by autograd. The test oracle (float64) and the
     benchmark's baseline (float32); never use it on long contexts.
 
     ``hidden`` ``[T, H]`` or ``[B, T, H]``, ``weight`` ``[V, H]``, ``targets`` of hidden's leading
-    shape, ``delta`` None, ``[H]`` or ``[B, H]``. Returns ``(ce, entropy)`` of shape ``[]`` or ``[B]``.
+    shape, ``delta`` None, ``[H]`` or ``[B, H]``; the head transform ``bias`` ``[V]``, ``logit_scale``
+    and ``softcap`` as in the op. Returns ``(ce, entropy)`` of shape ``[]`` or ``[B]``.
     """
     x = hidden.to(dtype)
     if delta is not None:
         x = x + (delta.to(dtype).unsqueeze(-2) if delta.dim() == x.dim() - 1 else delta.to(dtype))
     logits = x @ weight.to(dtype).T
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    if logit_scale is not None:
+        logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     losses = torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index,
                                                reduction="none").view(targets.shape)
     counted = (targets != ignore_index).sum(-1)

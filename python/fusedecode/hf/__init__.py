@@ -2,8 +2,11 @@
 
 - ``UncertaintyProcessor``: drop-in ``LogitsProcessor`` recording per-token entropy, varentropy,
   self-certainty, ... for every row at every step (one fused op per step, no ``[B, V]`` history).
-- ``ConfidenceStopping``: DeepConf's online early stop on the sliding mean of top-k confidence.
-- ``best_of_n``: Borda voting with self-certainty (Kang et al.).
+- ``ConfidenceStopping``: DeepConf's online early stop on the sliding mean of top-k confidence (the
+  stopping step emits EOS).
+- DeepConf's trace measures, threshold calibration and votes (``lowest_group_confidence``,
+  ``confidence_threshold``, ``deepconf_vote``, ...) and ``best_of_n`` (Borda voting with
+  self-certainty, Kang et al.): from the transformers-free ``fusedecode.confidence``, re-exported.
 - ``tree_speculative`` / ``TreeConfig``: tree speculative decoding with a draft model, verified by
   ``fusedecode.verify_tree`` (``model.generate(..., custom_generate=tree_speculative, draft_model=...)``).
 - ``bundled_model_path``: the small arithmetic target/draft models shipped with fusedecode.
@@ -12,7 +15,10 @@
 
 import os
 
-from .processors import ConfidenceStopping, UncertaintyProcessor, best_of_n
+from ..confidence import (best_of_n, bottom_group_confidence, confidence_threshold, deepconf_vote, filter_top,
+                          group_confidences, lowest_group_confidence, majority_vote, mean_confidence, tail_confidence,
+                          weighted_majority_vote)
+from .processors import ConfidenceStopping, ConfidenceStopProcessor, UncertaintyProcessor
 from .srgen import SRGenConfig, srgen
 from .tree_speculative import TreeConfig, tree_speculative
 
@@ -32,5 +38,7 @@ def bundled_model_path(name="target"):
     return path
 
 
-__all__ = ["UncertaintyProcessor", "ConfidenceStopping", "best_of_n", "bundled_model_path", "TreeConfig",
-           "tree_speculative", "SRGenConfig", "srgen"]
+__all__ = ["UncertaintyProcessor", "ConfidenceStopping", "ConfidenceStopProcessor", "best_of_n", "group_confidences",
+           "mean_confidence", "tail_confidence", "bottom_group_confidence", "lowest_group_confidence",
+           "confidence_threshold", "filter_top", "weighted_majority_vote", "majority_vote", "deepconf_vote",
+           "bundled_model_path", "TreeConfig", "tree_speculative", "SRGenConfig", "srgen"]

@@ -9,7 +9,13 @@ untouched because ``delta`` acts after the last layer.
 
 The cross-entropy over the whole context uses ``fusedecode.linear_cross_entropy_entropy``, which never
 materialises ``[T, V]`` logits; the context's final hidden states are kept from the forward passes
-generation already makes, so a correction never re-runs the model.
+generation already makes, so a correction never re-runs the model. Models whose logits are not plain
+``lm_head(hidden)`` (an lm_head bias, a logit scale, final soft-capping) are handled exactly: the
+head's transform is read from the model and checked once against the model's own logits.
+
+The trigger follows the authors' code (SRGen/tnot_decorator.py, ``apply_entropy_control``, driven by
+``generate_with_entropy_control`` in SRGen/base_evaluator.py of the official repository): see
+``SRGenConfig``.
 """
 
 from dataclasses import dataclass
@@ -20,6 +26,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .. import linear_cross_entropy_entropy, logit_stats
 from .._validation import ArgumentTypeError, check_float, check_int
+from ..head_transform import apply_head_transform, check_head_transform
 from ._transformers_compat import (cache_is_filled, decoder_module, find_cache, output_cache_field,
                                    slices_by_next_sequence_length)
 
@@ -34,13 +41,22 @@ ADAMW_EPS = 1e-5
 class SRGenConfig:
     r"""Settings of SRGen's entropy trigger and of its corrective optimisation.
 
-    A row's step triggers a correction when its entropy (at the sampling temperature, on the model's
-    raw logits) is above ``max(mean + k * max(std, min_std), min_threshold)``, mean and unbiased std
-    taken over the row's last ``window`` step entropies, the current one included. Until a row has
-    ``window`` entropies the threshold is ``warmup_threshold``. Because the current entropy is part of
-    the window, it is at most ``(window - 1) / sqrt(window)`` standard deviations above the mean
-    (Samuelson's inequality): once the window is full nothing triggers unless ``k`` is below that
-    (4.8 for the default window of 25).
+    Per row, each generated step's entropy (at the sampling temperature, on the model's logits) is
+    compared with a threshold computed from the row's history of earlier step entropies, and only then
+    appended to that history:
+
+    - while the history holds fewer than ``window`` entropies: ``warmup_threshold``;
+    - then ``max(mean + k * max(std, min_std), min_threshold)``, mean and unbiased std of the last
+      ``window`` entropies before the current step.
+
+    The step whose entropy is above its threshold is corrected (at most ``max_corrections`` times per
+    row; later triggers are not acted on). The first generated token, the one the prompt's forward pass
+    produces, is neither tested nor recorded: the history starts with the second. This is the rule of
+    the authors' code (SRGen/tnot_decorator.py, ``apply_entropy_control``: threshold from
+    ``entropy_history[-N:]`` once ``len(entropy_history) >= N``, then append; the prompt stage is never
+    tested). There a detection ends the generate call and the next call's prompt stage makes the
+    correction, and ``max_retries`` counts detections, the last of which is not corrected:
+    ``max_retries=R`` is ``max_corrections=R - 1`` (their ``max_retries=20``: 19 corrections).
 
     Args:
         window: number of recent step entropies the threshold is computed from (>= 2).
@@ -52,7 +68,8 @@ class SRGenConfig:
         steps: AdamW steps per correction (>= 1).
         lr: AdamW learning rate (weight decay 1e-8, eps 1e-5).
         entropy_weight: weight ``w`` of the loss ``(1 - w) * CE(context) + w * entropy(current step)``.
-        max_corrections: most corrections per row (0 disables SRGen).
+        max_corrections: most corrections per row (0 disables SRGen); the authors' ``max_retries``
+            minus one.
         context_window: if set, the cross-entropy covers only the last ``context_window`` context
             tokens (the most recent ones), bounding the cost of a correction on long contexts.
 
@@ -104,43 +121,57 @@ class SRGenOutput(GenerateDecoderOnlyOutput):
 
 
 class EntropyTrigger:
-    """Per-row history of step entropies and SRGen's trigger decision, kept on the device.
+    """SRGen's trigger rule (see ``SRGenConfig``) for every row of a batch, kept on the device.
 
-    The last ``window`` entropies of each row live in a ring buffer; mean and std are taken only
-    once it is full, so the ring order never matters. ``threshold`` holds each row's threshold of
-    the last ``update``.
+    ``update`` is called once per generated step, the first call being the step of the prompt's
+    forward pass (never tested nor recorded). The last ``window`` entropies of each row live in a ring
+    buffer; mean and std are taken only once it is full, so the ring order never matters.
+    ``threshold`` holds each row's threshold at the last ``update`` and ``corrections`` how many
+    triggers each row has been granted.
 
     Example::
 
         >>> trigger = EntropyTrigger(SRGenConfig(window=4, k=1.0, min_std=0.0, min_threshold=0.0,
         ...                                      warmup_threshold=9.0), batch_size=1, device="cpu")
         >>> active = torch.tensor([True])
-        >>> [bool(trigger.update(torch.tensor([e]), active)) for e in (1.0, 1.0, 1.0, 1.0, 5.0)]
-        [False, False, False, False, True]
-        >>> trigger.threshold  # mean 2 + 1 * std 2 of the window [5, 1, 1, 1]
-        tensor([4.])
+        >>> [bool(trigger.update(torch.tensor([e]), active)) for e in (9.5, 1.0, 1.0, 1.0, 3.0, 5.0)]
+        [False, False, False, False, False, True]
+        >>> trigger.threshold  # mean 1.5 + 1 * std 1 of the window [1, 1, 1, 3] before the step
+        tensor([2.5000])
     """
 
     def __init__(self, config, batch_size, device):
         self.config = config
         self.history = torch.zeros(batch_size, config.window, dtype=torch.float32, device=device)
         self.count = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.corrections = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.threshold = torch.full((batch_size,), config.warmup_threshold, device=device)
+        self.seen_prompt_step = False
 
     def update(self, entropy, active):
-        """Adds ``entropy`` ``[B]`` to the history of the ``active`` rows and returns ``[B]`` bool:
-        which active rows are above their threshold. Finished rows keep their history unchanged."""
+        """Tests ``entropy`` ``[B]`` of the ``active`` rows against their thresholds, then adds it to
+        their histories; returns ``[B]`` bool: the rows to correct at this step (above the threshold,
+        corrections left). Finished rows keep their history unchanged."""
         config = self.config
+        if not self.seen_prompt_step:
+            self.seen_prompt_step = True
+            return torch.zeros_like(active)
         entropy = entropy.float()
+        self.threshold = self._threshold()
         slot = (self.count % config.window).unsqueeze(1)
         written = self.history.scatter(1, slot, entropy.unsqueeze(1))
         self.history = torch.where(active.unsqueeze(1), written, self.history)
         self.count = self.count + active.long()
+        correct = active & (entropy > self.threshold) & (self.corrections < config.max_corrections)
+        self.corrections = self.corrections + correct.long()
+        return correct
+
+    def _threshold(self):
+        """Each row's threshold from the entropies recorded so far (the current one not yet)."""
+        config = self.config
         spread = self.history.std(dim=1).clamp(min=config.min_std)
         threshold = (self.history.mean(dim=1) + config.k * spread).clamp(min=config.min_threshold)
-        self.threshold = torch.where(self.count >= config.window, threshold,
-                                     torch.full_like(threshold, config.warmup_threshold))
-        return active & (entropy > self.threshold)
+        return torch.where(self.count >= config.window, threshold, torch.full_like(threshold, config.warmup_threshold))
 
 
 class HiddenBuffer:
@@ -183,47 +214,112 @@ def context_targets(input_ids, attention_mask, rows, start):
     return targets[:, start:]
 
 
-def optimise_delta(context_hidden, targets, weight, config, temperature):
+def optimise_delta(context_hidden, targets, head, config, temperature):
     """SRGen's corrective vector for each row of ``context_hidden`` ``[n, T, H]``, whose last position
     is the current step: ``steps`` AdamW steps from zero on
-    ``(1 - entropy_weight) * CE(context) + entropy_weight * entropy(current step at temperature)``.
+    ``(1 - entropy_weight) * CE(context) + entropy_weight * entropy(current step at temperature)``,
+    the logits being the model's own (``head``: an ``OutputHead``, transform included).
     Returns ``[n, H]`` float32. Adam is elementwise and the loss a sum over rows, so rows stay
     independent."""
     # Generation may run under inference_mode, whose tensors cannot be saved for backward.
     with torch.inference_mode(False), torch.enable_grad():
         if context_hidden.is_inference():
             context_hidden, targets = context_hidden.clone(), targets.clone()
-        weight = weight.detach()  # never accumulate into lm_head's .grad
-        if weight.is_inference():
-            weight = weight.clone()
+        weight, bias = head.detached()
         delta = torch.zeros(context_hidden.shape[0], context_hidden.shape[2], dtype=torch.float32,
                             device=context_hidden.device, requires_grad=True)
         optimizer = torch.optim.AdamW([delta], lr=config.lr, weight_decay=ADAMW_WEIGHT_DECAY, eps=ADAMW_EPS)
         for _ in range(config.steps):
             optimizer.zero_grad(set_to_none=True)
             cross_entropy, entropy = linear_cross_entropy_entropy(
-                context_hidden, weight, targets, delta=delta, temperature=temperature, ignore_index=IGNORE_INDEX)
+                context_hidden, weight, targets, delta=delta, bias=bias, logit_scale=head.transform.logit_scale,
+                softcap=head.transform.softcap, temperature=temperature, ignore_index=IGNORE_INDEX)
             loss = ((1 - config.entropy_weight) * cross_entropy + config.entropy_weight * entropy).sum()
             loss.backward()
             optimizer.step()
     return delta.detach()
 
 
-def corrected_logits(step_logits, delta, weight):
-    """``lm_head(hidden + delta)`` as float32 ``[n, V]``, from the step's logits ``lm_head(hidden)``:
-    ``logits + delta @ weight.T``. As in ``linear_cross_entropy_entropy``, the small ``delta`` is
-    never added to half-precision hidden states, where it would be rounded away."""
-    return step_logits + torch.nn.functional.linear(delta.to(weight.dtype), weight).float()
+def corrected_logits(step_hidden, delta, head):
+    """The model's logits for ``hidden + delta`` as float32 ``[n, V]``: ``lm_head(hidden)`` plus
+    ``delta @ weight.T``, then the head's transform (``head``: an ``OutputHead``). As in
+    ``linear_cross_entropy_entropy``, the small ``delta`` is never added to half-precision hidden
+    states, where it would be rounded away; with ``delta = 0`` this is the model's own logits (in
+    float32, the same operations)."""
+    weight, bias = head.weight, head.transform.bias
+    logits = torch.nn.functional.linear(step_hidden.to(weight.dtype), weight, bias).float()
+    if delta is not None:
+        logits = logits + torch.nn.functional.linear(delta.to(weight.dtype), weight).float()
+    return apply_head_transform(logits, head.transform.logit_scale, head.transform.softcap)
 
 
-def _output_embedding_weight(model):
+class OutputHead:
+    """The model's output layer as srgen uses it: the lm_head ``weight`` ``[V, H]`` and the transform
+    from ``lm_head``'s input to the model's logits (``transform``: a ``HeadTransform`` of the lm_head
+    bias, a logit scale and a soft-cap, each None when absent)."""
+
+    def __init__(self, weight, transform):
+        self.weight, self.transform = weight, transform
+
+    def detached(self):
+        """``(weight, bias)`` detached (never accumulate into the model's ``.grad``) and, under
+        inference_mode, cloned so that autograd may save them."""
+        tensors = []
+        for tensor in (self.weight, self.transform.bias):
+            if tensor is not None:
+                tensor = tensor.detach()
+                if tensor.is_inference():
+                    tensor = tensor.clone()
+            tensors.append(tensor)
+        return tuple(tensors)
+
+    def describe(self):
+        parts = ["bias" if self.transform.bias is not None else None,
+                 f"logit scale {self.transform.logit_scale:g}" if self.transform.logit_scale is not None else None,
+                 f"soft-cap {self.transform.softcap:g}" if self.transform.softcap is not None else None]
+        parts = [part for part in parts if part]
+        return "lm_head(h)" + (" with " + ", ".join(parts) if parts else "")
+
+
+def _config_head_transform(config):
+    """``(logit_scale, softcap)`` of a model's head, read from its (text) config. Each entry was
+    checked against the model's forward in transformers 4.57, 5.17 and 5.24; whatever is missed here
+    is caught by ``_check_head``, which compares the reconstruction with the model's logits."""
+    model_type = getattr(config, "model_type", "") or ""
+    logit_scale = softcap = None
+    # Gemma 2/3/3n, VaultGemma, nanochat: softcap * tanh(logits / softcap).
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        softcap = config.final_logit_softcapping
+    if model_type == "recurrent_gemma" and getattr(config, "logits_soft_cap", None) is not None:
+        softcap = config.logits_soft_cap
+    # Cohere, Cohere2 (+ MoE): logits * logit_scale.
+    if model_type.startswith("cohere") and getattr(config, "logit_scale", None) is not None:
+        logit_scale = config.logit_scale
+    # logits_scaling divides the logits in the Granite family and MiniCPM3 (which divides the hidden
+    # states before a bias-free lm_head: the same thing) and multiplies them in HyperCLOVA X.
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is not None and (model_type.startswith("granite") or model_type == "minicpm3"):
+        logit_scale = 1.0 / scaling
+    if scaling is not None and model_type == "hyperclovax":
+        logit_scale = scaling
+    return logit_scale, softcap
+
+
+def _output_head(model):
+    """The model's ``OutputHead``: ``get_output_embeddings()`` (a linear layer, bias allowed) and the
+    logit transform its config declares."""
     head = model.get_output_embeddings()
     weight = getattr(head, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError("srgen needs a model whose get_output_embeddings() is a linear layer with a [V, H] weight")
-    if getattr(head, "bias", None) is not None:
-        raise ValueError("srgen does not support an output embedding with a bias")
-    return weight
+    bias = getattr(head, "bias", None)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    logit_scale, softcap = _config_head_transform(config)
+    try:
+        transform = check_head_transform(bias, logit_scale, softcap, weight)
+    except ValueError as error:  # also ArgumentTypeError
+        raise ValueError(f"srgen cannot use this model's output layer: {error}") from None
+    return OutputHead(weight, transform)
 
 
 def _check_supported(model, generation_config, model_kwargs):
@@ -295,14 +391,18 @@ def _forward(model, input_ids, model_kwargs, is_prefill, transformers5, output_a
     return model(**model_inputs, return_dict=True)
 
 
-def _check_plain_head(logits, hidden, weight):
-    """Corrected logits are ``lm_head(hidden + delta)``: refuse models whose logits are something
-    else (soft-capping, scaling), which would make corrected and uncorrected logits incomparable."""
-    recomputed = torch.nn.functional.linear(hidden.to(weight.dtype), weight).float()
-    tolerance = 1e-4 if weight.dtype == torch.float32 else 2e-2
-    if not torch.allclose(recomputed, logits, rtol=tolerance, atol=tolerance * logits.abs().max().clamp(min=1)):
-        raise ValueError("srgen needs logits = get_output_embeddings()(final hidden state); this model transforms "
-                         "its logits further (soft-capping or scaling?)")
+def _check_head(logits, hidden, head):
+    """Corrected logits are the head's reconstruction for ``hidden + delta``: refuse a model whose
+    logits (at ``delta = 0``) are something else, an output transform srgen does not know, which would
+    make corrected and uncorrected logits incomparable. One comparison, on the prompt's last position."""
+    recomputed = corrected_logits(hidden, None, head)
+    tolerance = 1e-4 if head.weight.dtype == torch.float32 else 2e-2
+    scale = logits.abs().max().clamp(min=1)
+    if recomputed.shape != logits.shape or not torch.allclose(recomputed, logits, rtol=tolerance,
+                                                              atol=tolerance * scale):
+        raise ValueError(f"srgen reconstructs this model's logits as {head.describe()} from the final hidden "
+                         "state (get_output_embeddings() and the config's logit transform), but the model's own "
+                         "logits differ: its head transforms the logits in a way srgen does not know")
 
 
 def _pad_token(generation_config, device):
@@ -317,39 +417,37 @@ class Corrector:
     """SRGen's state across the steps of one ``generate`` call: the context's final hidden states,
     the entropy trigger, and the corrections made so far (``corrections``, one list per row)."""
 
-    def __init__(self, config, weight, temperature, input_ids):
+    def __init__(self, config, head, temperature, input_ids):
         batch_size = input_ids.shape[0]
-        self.config, self.weight, self.temperature = config, weight, temperature
+        self.config, self.head, self.temperature = config, head, temperature
         self.prompt_length = input_ids.shape[1]
         self.trigger = EntropyTrigger(config, batch_size, input_ids.device)
-        self.count = torch.zeros(batch_size, dtype=torch.long, device=input_ids.device)
         self.corrections = [[] for _ in range(batch_size)]
         self.buffer = None
 
     def observe(self, final_hidden, attention_mask, is_prefill, logits):
         """Keeps the final hidden states of the positions the forward pass just ran."""
         if is_prefill:
-            _check_plain_head(logits, final_hidden[:, -1], self.weight)
+            _check_head(logits, final_hidden[:, -1], self.head)
             # Padding positions may hold anything (even NaN); their targets are ignored anyway.
             self.buffer = HiddenBuffer(final_hidden.masked_fill(~attention_mask.bool().unsqueeze(-1), 0))
         else:
             self.buffer.append(final_hidden[:, -1])
 
     def correct(self, input_ids, attention_mask, logits, active):
-        """Replaces, in place, the float32 ``logits`` ``[B, V]`` of the ``active`` rows that trigger
-        (and have corrections left) by their corrected logits, and records the corrections."""
+        """Replaces, in place, the float32 ``logits`` ``[B, V]`` of the ``active`` rows the trigger
+        picks by their corrected logits, and records the corrections."""
         config = self.config
         entropy = logit_stats(logits, temperature=self.temperature).entropy
-        triggered = self.trigger.update(entropy, active)
-        rows = (triggered & (self.count < config.max_corrections)).nonzero().flatten()
+        rows = self.trigger.update(entropy, active).nonzero().flatten()
         if not rows.numel():
             return
-        self.count[rows] += 1
         length = input_ids.shape[1]
         start = max(0, length - 1 - config.context_window) if config.context_window else 0
         targets = context_targets(input_ids, attention_mask[:, :length], rows, start)
-        delta = optimise_delta(self.buffer.view(rows, start), targets, self.weight, config, self.temperature)
-        logits[rows] = corrected_logits(logits[rows], delta, self.weight)
+        context = self.buffer.view(rows, start)
+        delta = optimise_delta(context, targets, self.head, config, self.temperature)
+        logits[rows] = corrected_logits(context[:, -1], delta, self.head)
         entropy_after = logit_stats(logits[rows], temperature=self.temperature).entropy
         for row, before, after in zip(rows.tolist(), entropy[rows].tolist(), entropy_after.tolist()):
             self.corrections[row].append((length - self.prompt_length, before, after))
@@ -421,7 +519,7 @@ def srgen(model, input_ids, logits_processor, stopping_criteria, generation_conf
     if has_eos_stopping_criteria and pad_token_id is None:
         raise ValueError("stopping at EOS needs a pad_token_id (or an eos_token_id) in the generation config")
     record = StepRecord(generation_config)
-    corrector = Corrector(config, _output_embedding_weight(model), temperature, input_ids)
+    corrector = Corrector(config, _output_head(model), temperature, input_ids)
     if srgen_streamer is not None:
         srgen_streamer.put(input_ids.cpu())
     is_prefill, transformers5 = True, _slices_by_next_sequence_length(model)
