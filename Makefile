@@ -54,7 +54,7 @@ sdist:
 
 # Retrain the bundled arithmetic models (about 10 minutes on 2 CPU cores).
 train-bundled: install
-	$(PY) -m fusedecode.hf.train_bundled
+	$(PY) -m fusedecode.demo.train_bundled
 
 device-check: install
 	bash benchmarks/device_check.sh

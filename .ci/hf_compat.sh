@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-HF_TESTS=(tests/test_hf.py tests/test_tree_speculative.py tests/test_srgen.py tests/test_architectures.py)
+HF_TESTS=(tests/hf tests/demo)  # every test of fusedecode.hf and of the demo on the bundled models
 
 check_against() {  # check_against VENV TRANSFORMERS_VERSION
   local venv=$1 version=$2 start

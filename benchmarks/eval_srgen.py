@@ -39,7 +39,8 @@ import torch
 import transformers
 
 import fusedecode
-from fusedecode.hf import SRGenConfig, arithmetic, bundled_model_path, srgen
+from fusedecode.demo import arithmetic
+from fusedecode.hf import SRGenConfig, bundled_model_path, srgen
 
 SENSITIVE = SRGenConfig(window=10, k=2.0, min_std=0.1, min_threshold=0.3, warmup_threshold=0.3)
 VARIANTS = (

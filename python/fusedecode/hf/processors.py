@@ -241,11 +241,20 @@ class ConfidenceStopping(StoppingCriteria):
             not stopped again. (A row ended by another criterion, e.g. a stop string, may still be
             marked in ``stopped`` later; its output is unaffected.)
 
-    Example::
+    Example (a threshold above any confidence stops every row at its ``window``-th token, EOS)::
 
-        >>> stopper = ConfidenceStopping(window=16, threshold=1.5, eos_token_id=tokenizer.eos_token_id)
-        >>> out = model.generate(**inputs, logits_processor=[stopper.processor],
-        ...                      stopping_criteria=[stopper])  # doctest: +SKIP
+        >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+        >>> from fusedecode.hf import ConfidenceStopping, bundled_model_path
+        >>> path = bundled_model_path("target")
+        >>> model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        >>> inputs = tokenizer(["12+34=", "47+385="], return_tensors="pt", padding=True)
+        >>> stopper = ConfidenceStopping(window=4, threshold=1e9, eos_token_id=tokenizer.eos_token_id)
+        >>> out = model.generate(**inputs, max_new_tokens=30, do_sample=False, logits_processor=[stopper.processor],
+        ...                      stopping_criteria=[stopper])
+        >>> stopper.stopped.tolist(), out[:, -1].tolist() == [tokenizer.eos_token_id] * 2
+        ([True, True], True)
+        >>> out.shape[1] - inputs["input_ids"].shape[1]
+        4
     """
 
     def __init__(self, window, threshold, topk=20, *, eos_token_id):

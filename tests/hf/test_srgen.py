@@ -1,7 +1,7 @@
-"""fusedecode.hf.srgen (SRGen corrective decoding) on tiny random models and the bundled model: identity
-without triggers, corrections against a naive float64 reference, the models' own head transforms
-(Gemma 2/3 soft-capping, Cohere and Granite logit scales, Phi's lm_head bias), and the trigger rule
-against a transcription of the authors' code."""
+"""fusedecode.hf.srgen (SRGen corrective decoding, the package fusedecode.hf.correction) on tiny
+random models and the bundled model: identity without triggers, corrections against a naive float64
+reference, the models' own head transforms (Gemma 2/3 soft-capping, Cohere and Granite logit
+scales, Phi's lm_head bias), and the trigger rule against a transcription of the authors' code."""
 
 import math
 import random
@@ -13,8 +13,9 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
 from fusedecode.hf import SRGenConfig, bundled_model_path, srgen  # noqa: E402
-from fusedecode.hf.srgen import (EntropyTrigger, FinalHiddenCapture, SRGenOutput, _output_head,  # noqa: E402
-                                 corrected_logits)
+from fusedecode.hf.correction import SRGenOutput  # noqa: E402
+from fusedecode.hf.correction.output_head import FinalHiddenCapture, corrected_logits, read_output_head  # noqa: E402
+from fusedecode.hf.correction.trigger import EntropyTrigger  # noqa: E402
 from hf_models import prompts, tiny_model  # noqa: E402
 
 NEVER = SRGenConfig(min_threshold=math.inf, warmup_threshold=math.inf)
@@ -285,7 +286,7 @@ def test_streamer_gets_the_same_tokens():
     plain_streamer, srgen_streamer = RecordingStreamer(), RecordingStreamer()
     plain = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0, streamer=plain_streamer)
     out = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0, custom_generate=srgen,
-                         srgen_config=NEVER, srgen_streamer=srgen_streamer)
+                         srgen_config=NEVER, token_streamer=srgen_streamer)
     assert torch.equal(plain, out)
     assert len(plain_streamer.puts) == len(srgen_streamer.puts) == 7
     assert plain_streamer.ended == srgen_streamer.ended == 1
@@ -295,8 +296,24 @@ def test_streamer_gets_the_same_tokens():
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
                              custom_generate=srgen, srgen_config=SRGenConfig(max_corrections=3, **ALWAYS),
-                             srgen_streamer=streamer)
+                             token_streamer=streamer)
     assert torch.equal(torch.cat([streamer.puts[0]] + [p[:, None] for p in streamer.puts[1:]], dim=1), out)
+
+
+def test_srgen_streamer_is_a_deprecated_name_of_token_streamer():
+    """srgen took its streamer as srgen_streamer= before both custom_generate callables took
+    token_streamer=; the old name still streams, with a DeprecationWarning."""
+    model = tiny_model("llama")
+    inputs = prompts(2, 5)
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, custom_generate=srgen, srgen_config=NEVER)
+    current, old = RecordingStreamer(), RecordingStreamer()
+    out = model.generate(**inputs, token_streamer=current, **kwargs)
+    with pytest.warns(DeprecationWarning, match="srgen_streamer"):
+        assert torch.equal(model.generate(**inputs, srgen_streamer=old, **kwargs), out)
+    assert len(old.puts) == len(current.puts) == 5 and old.ended == current.ended == 1
+    assert all(torch.equal(a, b) for a, b in zip(old.puts, current.puts))
+    with pytest.raises(ValueError, match="token_streamer"):
+        model.generate(**inputs, token_streamer=RecordingStreamer(), srgen_streamer=RecordingStreamer(), **kwargs)
 
 
 def test_return_dict_fields():
@@ -414,7 +431,7 @@ def test_corrected_logits_at_zero_delta_are_the_models_logits(family):
         hidden = capture.take()
     finally:
         capture.remove()
-    head = _output_head(model)
+    head = read_output_head(model)
     real = inputs["attention_mask"].bool()
     rebuilt = corrected_logits(hidden[real], None, head)
     assert torch.allclose(rebuilt, logits[real], rtol=1e-6, atol=1e-6 * float(logits.abs().max()))
@@ -453,7 +470,7 @@ def test_srgen_on_transformed_heads(family):
     mask = torch.cat([inputs["attention_mask"], torch.ones(2, 5, dtype=torch.long)], dim=1)
     with torch.no_grad():
         hidden = model(input_ids=sequences, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
-    head = _output_head(model)
+    head = read_output_head(model)
     weight = head.weight.detach()
     prompt_length = inputs["input_ids"].shape[1]
     for row in range(2):
@@ -480,7 +497,7 @@ def test_unknown_head_transform_is_refused():
 
 
 def test_bundled_model():
-    from fusedecode.hf import arithmetic
+    from fusedecode.demo import arithmetic
 
     path = bundled_model_path("target")
     model = transformers.AutoModelForCausalLM.from_pretrained(path).float().eval()

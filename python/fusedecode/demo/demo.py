@@ -23,11 +23,10 @@ import time
 
 import torch
 
-from . import arithmetic, best_of_n, bundled_model_path
-from ..confidence import confidence_threshold, deepconf_vote, lowest_group_confidence, majority_vote
-from .processors import ConfidenceStopping, UncertaintyProcessor
-from .srgen import SRGenConfig, srgen
-from .tree_speculative import TreeConfig, tree_speculative
+from ..confidence import best_of_n, confidence_threshold, deepconf_vote, lowest_group_confidence, majority_vote
+from ..hf import (ConfidenceStopping, SRGenConfig, TreeConfig, UncertaintyProcessor, bundled_model_path, srgen,
+                  tree_speculative)
+from . import arithmetic
 
 
 def entropy_rgb(entropy, scale):
