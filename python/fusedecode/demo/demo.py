@@ -222,13 +222,37 @@ def sample_traces(model, tokenizer, problems, count, temperature, stopper=None):
 
 
 def deepconf_table(model, tokenizer, problems, temperature, html_parts, seed):
-    """DeepConf online (Fu et al. 2025) per problem: calibrate on warm-up traces (threshold = a
-    percentile of their lowest group confidence), sample more traces that stop once their group
-    confidence falls below it (the stopping token is EOS), vote among the traces that reach the
-    threshold, weighted by their lowest group confidence. Against majority vote over as many
-    plain traces as DeepConf's budget."""
-    torch.manual_seed(seed)
+    """DeepConf online (Fu et al. 2025) against majority vote (``deepconf_runs``): accuracy, tokens
+    generated and traces stopped early, printed and added to ``html_parts``."""
     started = time.time()
+    rows = deepconf_runs(model, tokenizer, problems, temperature, seed)
+    seconds = time.time() - started
+    count, final = len(problems), len(problems) * DEEPCONF_FINAL
+    print(f"DeepConf online, {count} problems at temperature {temperature} ({seconds:.1f} s): per problem, "
+          f"{DEEPCONF_WARMUP} warm-up traces set the\nthreshold (a percentile of their lowest "
+          f"{DEEPCONF_WINDOW}-token group confidence, top-{DEEPCONF_TOPK}); {DEEPCONF_FINAL} more traces stop "
+          "early (EOS) below it;\nthe traces at or above it vote, weighted by that confidence:\n")
+    print(f"  {'method':<32} {'accuracy':>9} {'tokens generated':>17} {'traces stopped':>15}")
+    html_rows = []
+    for name, (correct, tokens, stopped) in rows.items():
+        stops = f"{stopped}/{final}" if stopped or "DeepConf" in name else "-"
+        print(f"  {name:<32} {100 * correct / count:8.1f}% {tokens:>17} {stops:>15}")
+        html_rows.append(f"<tr><td>{html.escape(name)}</td><td>{100 * correct / count:.1f}%</td><td>{tokens}</td>"
+                         f"<td>{stops}</td></tr>")
+    print()
+    html_parts.append(f"<h2>DeepConf online ({count} problems, temperature {temperature})</h2><table><tr>"
+                      "<th>method</th><th>accuracy</th><th>tokens generated</th><th>traces stopped</th></tr>"
+                      + "".join(html_rows) + "</table>")
+    return {name: correct / count for name, (correct, _, _) in rows.items()}
+
+
+def deepconf_runs(model, tokenizer, problems, temperature, seed):
+    """DeepConf online per problem: calibrate on warm-up traces (threshold = a percentile of their
+    lowest group confidence), sample more traces that stop once their group confidence falls below
+    it (the stopping token is EOS), vote among the traces that reach the threshold, weighted by their
+    lowest group confidence. Against majority vote over as many plain traces as DeepConf's budget.
+    Returns, per method, (problems answered right, tokens generated, traces stopped early)."""
+    torch.manual_seed(seed)
     warm_answers, warm_confidences, warm_tokens, _ = sample_traces(model, tokenizer, problems, DEEPCONF_WARMUP,
                                                                    temperature)
     warm_lowest = [lowest_group_confidence(c, DEEPCONF_WINDOW) for c in warm_confidences]
@@ -255,24 +279,7 @@ def deepconf_table(model, tokenizer, problems, temperature, html_parts, seed):
                      per_problem(warm_lowest, DEEPCONF_WARMUP)[i] + per_problem(lowest, DEEPCONF_FINAL)[i])
             correct += deepconf_vote(*votes, thresholds[i])[0] == a + b
         rows[name] = (correct, warm_tokens + tokens, sum(stopped))
-    seconds = time.time() - started
-    count, final = len(problems), len(problems) * DEEPCONF_FINAL
-    print(f"DeepConf online, {count} problems at temperature {temperature} ({seconds:.1f} s): per problem, "
-          f"{DEEPCONF_WARMUP} warm-up traces set the\nthreshold (a percentile of their lowest "
-          f"{DEEPCONF_WINDOW}-token group confidence, top-{DEEPCONF_TOPK}); {DEEPCONF_FINAL} more traces stop "
-          "early (EOS) below it;\nthe traces at or above it vote, weighted by that confidence:\n")
-    print(f"  {'method':<32} {'accuracy':>9} {'tokens generated':>17} {'traces stopped':>15}")
-    html_rows = []
-    for name, (correct, tokens, stopped) in rows.items():
-        stops = f"{stopped}/{final}" if stopped or "DeepConf" in name else "-"
-        print(f"  {name:<32} {100 * correct / count:8.1f}% {tokens:>17} {stops:>15}")
-        html_rows.append(f"<tr><td>{html.escape(name)}</td><td>{100 * correct / count:.1f}%</td><td>{tokens}</td>"
-                         f"<td>{stops}</td></tr>")
-    print()
-    html_parts.append(f"<h2>DeepConf online ({count} problems, temperature {temperature})</h2><table><tr>"
-                      "<th>method</th><th>accuracy</th><th>tokens generated</th><th>traces stopped</th></tr>"
-                      + "".join(html_rows) + "</table>")
-    return {name: correct / count for name, (correct, _, _) in rows.items()}
+    return rows
 
 
 def srgen_table(model, tokenizer, problems, html_parts, temperature=0.6, batch_problems=100, seed=0):
