@@ -170,7 +170,7 @@ class TreeSpeculation:
         trees, levels = self.drafter.grow([row.pending[-1] for row in rows], root_logits, [row.alpha for row in rows],
                                           root_positions)
         pruned = [tree.prune(self.config.max_nodes, multi_draft) for tree in trees]
-        batch = TreeBatch.from_pruned(pruned, root_positions, self.drafter.cache.valid.device)
+        batch = TreeBatch.from_pruned(pruned, root_positions, rows[0].ids.device)
         logits = self.verifier.score(batch)
         self.row_forwards += sum(not row.finished for row in rows)
         scores = self.verifier.process(logits, [row.ids for row in rows], pruned)
