@@ -34,7 +34,7 @@ struct VerifyTreeParams {
   const int64_t* seeds;    // [B]
   float inv_t;
   int mode;
-  const float* lse;          // [B, N] from pass 1
+  const float* max_logprob;  // [B, N] from pass 1: -log sum exp(z - max z)
   const int64_t* argmax;     // [B, N] from pass 1
   const StatsState* slices;  // [B * N, splits] from pass 1
   int splits;
@@ -135,9 +135,14 @@ struct CudaTreeRow {
 
   __device__ float x(int64_t node, int64_t i) const { return load_value(logits + node * p.stride_n + i); }
   __device__ bool valid(int64_t node) const { return p.argmax[b * p.nodes + node] >= 0; }
+  __device__ int64_t vocab_size() const { return p.vocab; }
   __device__ int64_t argmax(int64_t node) const { return p.argmax[b * p.nodes + node]; }
   __device__ int64_t token(int64_t node) const { return tokens[node]; }
-  __device__ float prob(int64_t node, int64_t t) const { return __expf(x(node, t) * p.inv_t - p.lse[b * p.nodes + node]); }
+  // Relative to the row max (never z_t - logsumexp, a difference of two large numbers).
+  __device__ float prob(int64_t node, int64_t t) const {
+    const float max_x = x(node, argmax(node));
+    return __expf(scaled_gap(x(node, t), max_x, p.inv_t) + p.max_logprob[b * p.nodes + node]);
+  }
   __device__ float draft_prob(int64_t node, int64_t t) const { return load_value(q + node * p.q_stride_n + t); }
 
   __device__ int64_t child_with_token(int64_t node, int64_t wanted) const {
@@ -235,9 +240,9 @@ struct CudaTreeRow {
     // Which slice holds the drawn mass (one thread per slice), then the tokens of that slice.
     const StatsState* own = p.slices + (b * p.nodes + node) * p.splits;
     const bool mine = threadIdx.x < p.splits && own[threadIdx.x].count > 0;
-    const float ref = cta_max(mine ? own[threadIdx.x].ref : -INFINITY, scratch);
     const float max_x = cta_max(mine ? own[threadIdx.x].max_x : -INFINITY, scratch);
-    const float slice_mass = mine ? own[threadIdx.x].sum_exp * __expf(own[threadIdx.x].ref - ref) : 0.f;
+    const float slice_mass =
+        mine ? own[threadIdx.x].sum_exp * __expf(merge_shift(own[threadIdx.x].max_x, max_x, p.inv_t)) : 0.f;
     float total;
     const float before = cta_exclusive_scan(slice_mass, scratch, &total);
     const float target = u * total;
@@ -263,7 +268,8 @@ struct CudaTreeRow {
         lo, hi, remaining,
         [&](int64_t i) {
           const float value = load_value(row + i);
-          return value == -INFINITY ? 0.f : exp2f((value - max_x) * inv_t * kLog2e);
+          // (value - max_x) * inv_t first: -inf (weight 0) where the gap overflows, never 0 * inf.
+          return value == -INFINITY ? 0.f : exp2f(((value - max_x) * inv_t) * kLog2e);
         },
         &seen, &last_positive);
     return hit >= 0 ? hit : (last_positive >= 0 ? last_positive : argmax(node));
