@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "fusedecode/stats_state.h"
+#include "fusedecode/thread_sums.h"
 
 namespace fusedecode {
 namespace cuda {
@@ -96,131 +97,6 @@ struct VecLoad<__half> {
 };
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// Gaps a thread sums between two folds: at most kFoldVectors vectors plus a head and a tail element
-// (with margin), the window of narrow_gap_limit.
-constexpr float kThreadWindow = 512.f;
-
-// Per-thread raw sums in base 2, relative to this thread's running max (see fold_raw_sums in
-// stats_state.h). The common vector (no -inf, every gap narrow) costs what the plain sums cost; a
-// vector with masked entries or far gaps takes the per-element path.
-struct ThreadSums {
-  float max_x;
-  float s0, s1, s2;
-  float narrow_gaps;  // sum of x - max_x over the narrow entries
-  float wide_gaps;    // sum of (x - max_x) * kWideScale over the wide entries
-  float narrow_min;   // smallest narrow entry: their gaps stay below the limit when the max grows
-  int32_t argmax;
-  int32_t narrow_count;
-  int32_t count;
-
-  __device__ __forceinline__ void reset() {
-    max_x = -INFINITY;
-    s0 = s1 = s2 = narrow_gaps = wide_gaps = 0.f;
-    narrow_min = INFINITY;
-    argmax = -1;
-    narrow_count = count = 0;
-  }
-
-  // Move every sum to a larger max: d' = d + delta, weights scale by 2^delta (delta clamped, so a
-  // far jump zeroes the weights and keeps the products finite).
-  __device__ __forceinline__ void raise_max(float new_max, int32_t where, float scale2, float inv_t,
-                                            float narrow_limit) {
-    if (count > 0) {
-      const float gap = max_x - new_max;
-      const float delta = gap >= -narrow_limit
-                              ? clamp_far_exp2(gap * scale2)
-                              : wide_exp2_arg(fmaf(max_x, kWideScale, -new_max * kWideScale), inv_t);
-      const float rescale = fast_exp2(delta);
-      s2 = rescale * (s2 + delta * (2.f * s1 + delta * s0));
-      s1 = rescale * (s1 + delta * s0);
-      s0 = rescale * s0;
-      const float wide_shift = fmaf(max_x, kWideScale, -new_max * kWideScale);
-      wide_gaps += static_cast<float>(count - narrow_count) * wide_shift;
-      if (narrow_count > 0) {
-        if (new_max - narrow_min <= narrow_limit) {
-          narrow_gaps += static_cast<float>(narrow_count) * gap;
-        } else {  // some narrow gaps would grow past the limit: sum them scaled from now on
-          wide_gaps += narrow_gaps * kWideScale + static_cast<float>(narrow_count) * wide_shift;
-          narrow_gaps = 0.f;
-          narrow_count = 0;
-          narrow_min = INFINITY;
-        }
-      }
-    }
-    max_x = new_max;
-    argmax = where;
-  }
-
-  __device__ __forceinline__ void add_one(float x, float scale2, float inv_t, float narrow_limit) {
-    const float gap = x - max_x;
-    float d2;
-    if (gap >= -narrow_limit) {
-      d2 = gap * scale2;
-      narrow_gaps += gap;
-      narrow_min = fminf(narrow_min, x);
-      ++narrow_count;
-    } else {  // far (or NaN, which goes through and poisons s0)
-      const float wide = fmaf(x, kWideScale, -max_x * kWideScale);
-      d2 = wide_exp2_arg(wide, inv_t);
-      wide_gaps += wide;
-    }
-    const float e = fast_exp2(d2);
-    const float de = d2 * e;
-    s0 += e;
-    s1 += de;
-    s2 = fmaf(de, d2, s2);
-    ++count;
-  }
-
-  template <int N>
-  __device__ __forceinline__ void add(const float (&v)[N], int32_t first_index, float scale2, float inv_t,
-                                      float narrow_limit) {
-    float vmax = v[0], vmin = v[0];
-#pragma unroll
-    for (int j = 1; j < N; ++j) {
-      vmax = fmaxf(vmax, v[j]);
-      vmin = fminf(vmin, v[j]);
-    }
-    if (vmax > max_x) {  // rare after the first few vectors
-      int32_t where = 0;
-#pragma unroll
-      for (int j = N - 1; j >= 0; --j) where = (v[j] == vmax) ? j : where;
-      raise_max(vmax, first_index + where, scale2, inv_t, narrow_limit);
-    }
-    if (vmin > -INFINITY && vmin - max_x >= -narrow_limit) {
-#pragma unroll
-      for (int j = 0; j < N; ++j) {
-        const float gap = v[j] - max_x;  // NaN goes through and poisons s0
-        const float d2 = gap * scale2;   // finite: the gap is narrow; the max gets exactly 0
-        const float e = fast_exp2(d2);   // 0 for far entries (flushed), so d2 * e stays 0
-        const float de = d2 * e;
-        s0 += e;
-        s1 += de;
-        s2 = fmaf(de, d2, s2);
-        narrow_gaps += gap;
-      }
-      narrow_min = fminf(narrow_min, vmin);
-      narrow_count += N;
-      count += N;
-    } else {
-#pragma unroll
-      for (int j = 0; j < N; ++j) {
-        if (v[j] != -INFINITY) add_one(v[j], scale2, inv_t, narrow_limit);
-      }
-    }
-  }
-
-  __device__ __forceinline__ StatsState fold(float inv_t) const {
-    return fold_raw_sums(max_x, argmax, s0, s1, s2, narrow_gaps, wide_gaps, count, inv_t, false);
-  }
-};
 
 // The k largest values a warp has been offered, sorted descending: lane l holds entries l and 32 + l.
 struct WarpTopK {
@@ -362,8 +238,10 @@ __device__ StatsState combine_states(const StatsState& s, CombineScratch* scratc
   return out;
 }
 
+// At least three CTAs per SM (at most 85 registers), as the kernel had before its exact-gap sums;
+// ptxas fits that without spills.
 template <typename T, bool kTopK>
-__global__ void __launch_bounds__(kThreads) logit_stats_kernel(const LogitStatsParams p) {
+__global__ void __launch_bounds__(kThreads, 3) logit_stats_kernel(const LogitStatsParams p) {
   using Load = VecLoad<T>;
   constexpr int kVec = Load::kVec;
   constexpr int kWarps = kThreads / kWarpSize;
