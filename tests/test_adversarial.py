@@ -575,6 +575,22 @@ def test_verify_tree_temperature_outside_float32(temperature):
                                temperature=temperature, backend="torch")
 
 
+def test_numpy_scalar_temperatures():
+    # NumPy floats (np.float32 is not a Python float) are numbers like any other; bools are not.
+    logits = torch.randn(2, 30, generator=torch.Generator().manual_seed(0))
+    want = fusedecode.logit_stats(logits, temperature=0.5, backend="torch")
+    got = fusedecode.logit_stats(logits, temperature=np.float32(0.5), backend="torch")
+    torch.testing.assert_close(got.entropy, want.entropy)
+    tree = (torch.randn(1, 2, 5), torch.zeros(1, 2, dtype=torch.int64), torch.tensor([-1, 0]))
+    fusedecode.verify_tree(*tree, temperature=np.float32(0.5), seed=1, backend="torch")
+    with pytest.raises(ValueError, match="temperature"):
+        fusedecode.logit_stats(logits, temperature=np.float32(1e-45), backend="torch")
+    with pytest.raises(ValueError, match="temperature"):
+        fusedecode.verify_tree(*tree, temperature=np.float64(1e-50), backend="torch")
+    with pytest.raises(TypeError, match="temperature"):
+        fusedecode.logit_stats(logits, temperature=np.True_, backend="torch")
+
+
 @pytest.mark.parametrize("seed", [np.int64(3), np.int32(3), np.uint64(3), np.uint8(3), 3])
 def test_numpy_integer_seeds(target, seed):
     device, backend = target

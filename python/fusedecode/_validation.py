@@ -7,6 +7,7 @@ where the kernels instead turn such rows into NaN.
 """
 
 import math
+import numbers
 import operator
 import struct
 
@@ -78,6 +79,11 @@ def check_logits(name, logits):
 TEMPERATURE_RANGE = "finite and > 0 with 1/temperature finite in float32 (about 3e-39 < T < 3.4e38)"
 
 
+def _is_real_number(value):
+    """A Python or NumPy real number (np.float32 included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+
+
 def _to_float32(value):
     """A Python float rounded to float32 (+-inf beyond its range)."""
     try:
@@ -118,7 +124,7 @@ def check_temperature(temperature, logits, allow_zero=False):
                 bad = temperature[~ok].reshape(-1)[0].item()
                 raise ValueError(f"temperature must be {bound} in every row, got {bad}")
         return temperature.reshape(-1).to(torch.float32).contiguous(), 1.0
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if not _is_real_number(temperature):
         raise ArgumentTypeError(f"temperature must be a float or a tensor, got {type(temperature).__name__}")
     temperature = float(temperature)
     if not ((allow_zero and temperature == 0) or float32_temperature_ok(temperature)):
@@ -206,7 +212,7 @@ def check_verify_tree_args(target_logits, draft_tokens, parents, temperature, dr
         raise ValueError(f"parents must have shape [N] = ({nodes},) or [B, N] = {(batch, nodes)}, "
                          f"got {tuple(parents.shape)}")
 
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if not _is_real_number(temperature):
         raise ValueError(f"temperature must be a float >= 0, got {type(temperature).__name__}")
     temperature = float(temperature)
     if not (temperature == 0 or float32_temperature_ok(temperature)):
