@@ -28,7 +28,7 @@ constexpr int kFoldBatches = 32 / kUnroll;
 StatsState reduce_row(const float* row, int64_t vocab, float t) {
   const float inv_t = 1.f / t;
   const float scale2 = inv_t * fusedecode::kLog2e;
-  const float narrow_limit = fusedecode::narrow_gap_limit(scale2, fusedecode::cuda::kThreadWindow);
+  const fusedecode::GapLimits limits = fusedecode::gap_limits(scale2, fusedecode::cuda::kThreadWindow);
   const int64_t num_vectors = vocab / kVec;
   const int64_t tail_begin = num_vectors * kVec;
   StatsState block = fusedecode::empty_state();
@@ -43,7 +43,7 @@ StatsState reduce_row(const float* row, int64_t vocab, float t) {
         if (index >= num_vectors) continue;
         float v[kVec];
         for (int j = 0; j < kVec; ++j) v[j] = row[index * kVec + j];
-        sums.add<kVec>(v, static_cast<int32_t>(index * kVec), scale2, inv_t, narrow_limit);
+        sums.add<kVec>(v, static_cast<int32_t>(index * kVec), scale2, inv_t, limits);
       }
       if (++batches == kFoldBatches) {
         state = fusedecode::merge_states(state, sums.fold(inv_t), inv_t);
@@ -54,7 +54,7 @@ StatsState reduce_row(const float* row, int64_t vocab, float t) {
     const int64_t index = tail_begin + tid;
     if (index < vocab) {
       float v[1] = {row[index]};
-      sums.add<1>(v, static_cast<int32_t>(index), scale2, inv_t, narrow_limit);
+      sums.add<1>(v, static_cast<int32_t>(index), scale2, inv_t, limits);
     }
     block = fusedecode::merge_states(block, fusedecode::merge_states(state, sums.fold(inv_t), inv_t), inv_t);
   }

@@ -77,6 +77,15 @@ def case_near_float_max(generator):
     return dict(logits=logits, token_ids=torch.tensor([0, 99] + far), topk=5)
 
 
+def case_float_max_spread_temperatures(generator):
+    """Gaps of -FLT_MAX - FLT_MAX (overflowing float32) under temperatures above and below 1, where
+    the scaled gap is finite again (T = 30) or stays beyond the range (T = 0.5)."""
+    row = torch.tensor([F32.max, -3e38, 1.0, 65504.0, F32.max, F32.min, 0.0, -1e20, 3e38])
+    logits = torch.stack([row, row.flip(0), row, row.roll(3), row])
+    temperature = torch.tensor([30.0, 2.5, 1e30, 0.5, 3e38])
+    return dict(logits=logits, temperature=temperature, token_ids=torch.tensor([1, 2, 5, 0, 7]), topk=4)
+
+
 def case_mixed_1e30(generator):
     x = _randn((3, 3000), generator)
     signs = torch.where(torch.rand((3, 3000), generator=generator) < 0.5, -1.0, 1.0)
@@ -187,6 +196,7 @@ LOGIT_CASES = {
     "far_-1e38": lambda g: case_far_negative(g, -1e38),
     "one_finite_among_finfo_min": case_only_one_finite_like,
     "near_float_max": case_near_float_max,
+    "float_max_spread_temperatures": case_float_max_spread_temperatures,
     "mixed_1e30": case_mixed_1e30,
     "large_offsets": case_large_offsets,
     "ties_1e30": case_ties_1e30,

@@ -15,8 +15,9 @@ A program walks its row (or a slice of it) in blocks of ``BLOCK`` lanes. Every l
 exp-weighted sums ``s0 = sum 2^d, s1 = sum d 2^d, s2 = sum d^2 2^d`` with ``d = (x - m) * log2(e) / T``
 (clamped at -FAR_EXP2, where the weight is 0, so far entries such as -1e20 or finfo.min add exactly
 nothing and every product stays finite) relative to the program's running max ``m``; when a block
-raises ``m`` all lanes are rescaled once. The uniform mean of the gaps ``x - m`` is summed per lane
-as it is and, in case that overflows (finfo.min next to finfo.max), also scaled by ``WIDE_SCALE``.
+raises ``m`` all lanes are rescaled once (and the argmax is taken from that block). The uniform mean
+of the gaps ``x - m`` is summed per lane as it is and, for when that overflows (finfo.min next to
+finfo.max), also scaled by ``WIDE_SCALE``.
 At the end the lanes are combined with Chan's weighted-variance formula, which avoids the
 cancellation of ``E[d^2] - E[d]^2`` over a whole row. For few rows, ``_partial_kernel`` reduces vocab
 slices to mergeable states and ``_merge_kernel`` combines them (the same state as
@@ -40,6 +41,17 @@ WIDE_SCALE = tl.constexpr(2.0**-22)
 
 
 @triton.jit
+def _load_f32(ptr, mask, other):
+    """Load and upcast to float32. bfloat16 is widened from its bits, which is exact for every value
+    (the GPU does the same; the Triton interpreter's own bf16 conversion flushes subnormals)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = tl.load(ptr.to(tl.pointer_type(tl.uint16)), mask=mask, other=0)
+        return tl.where(mask, (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True), other)
+    else:
+        return tl.load(ptr, mask=mask, other=other).to(tl.float32)
+
+
+@triton.jit
 def _scaled_half_gap(half, inv_t):
     """2 * half * inv_t, multiplied in the order that overflows only when the exact value does."""
     return tl.where(inv_t >= 1.0, (2.0 * half) * inv_t, 2.0 * (half * inv_t))
@@ -53,13 +65,15 @@ def _merge_shift(max_x, out_max_x, inv_t):
 
 
 @triton.jit
-def _exp2_arg(gap, scale2, inv_t):
-    """log2(e) * gap / T clamped at -FAR_EXP2 (NaN passes and poisons). Temperatures below
-    log2(e) / FLT_MAX make scale2 itself overflow: then two steps, never 0 * inf."""
-    if scale2 < float("inf"):
-        d2 = gap * scale2
+def _exp2_arg(x, m, scale2, inv_t):
+    """log2(e) * (x - m) / T clamped at -FAR_EXP2 (NaN passes and poisons). Outside
+    2^-118 <= 1/T with a finite scale2 (that is T < 4e-39 or T > 3e35), from the halved gap, as
+    robust_exp2_arg in stats_state.h: there the scale overflows, or an overflowing x - m (finfo.min
+    next to finfo.max) has a finite scaled value."""
+    if (scale2 < float("inf")) & (inv_t >= 2.0**-118):
+        d2 = (x - m) * scale2
     else:
-        d2 = (gap * inv_t) * LOG2E
+        d2 = _scaled_half_gap(0.5 * x - 0.5 * m, inv_t) * LOG2E
     return tl.where(d2 < -FAR_EXP2, -FAR_EXP2, d2)
 
 
@@ -88,24 +102,26 @@ def _accumulate(row_ptr, start, end, scale2, inv_t, BLOCK: tl.constexpr, WITH_TO
                 TOPK_PAD: tl.constexpr):
     lanes = tl.arange(0, BLOCK)
     running_max = -float("inf")
+    argmax = tl.full([], 2147483647, dtype=tl.int32)  # first index of running_max
     s0 = tl.zeros([BLOCK], dtype=tl.float32)
     s1 = tl.zeros([BLOCK], dtype=tl.float32)
     s2 = tl.zeros([BLOCK], dtype=tl.float32)
-    gap_sum = tl.zeros([BLOCK], dtype=tl.float32)   # sum of x - running_max
+    gap_sum = tl.zeros([BLOCK], dtype=tl.float32)   # sum of x - running_max (-inf once it overflows)
     wide_sum = tl.zeros([BLOCK], dtype=tl.float32)  # the same times WIDE_SCALE (never overflows)
     count = tl.zeros([BLOCK], dtype=tl.int32)
-    best_x = tl.full([BLOCK], -float("inf"), dtype=tl.float32)
-    best_index = tl.zeros([BLOCK], dtype=tl.int32)
     top = tl.full([TOPK_PAD], -float("inf"), dtype=tl.float32)
     for block_start in range(start, end, BLOCK):
         index = block_start + lanes
-        x = tl.load(row_ptr + index, mask=index < end, other=-float("inf")).to(tl.float32)
+        x = _load_f32(row_ptr + index, index < end, -float("inf"))
         block_max = tl.max(x, axis=0)
         if block_max > running_max:
-            # Move every lane's sums to the new reference: d' = d + delta, weights scale by 2^delta
-            # (delta clamped: a far jump zeroes the weights, products stay finite).
+            # The first index of the new max (a later block only takes over with a larger value, so
+            # ties go to the lowest index), then every lane's sums move to the new reference:
+            # d' = d + delta, weights scale by 2^delta (delta clamped: a far jump zeroes the
+            # weights, products stay finite).
+            argmax = block_start + tl.argmax(x, axis=0, tie_break_left=True)
             gap = running_max - block_max
-            delta = _exp2_arg(gap, scale2, inv_t)
+            delta = _exp2_arg(running_max, block_max, scale2, inv_t)
             rescale = tl.exp2(delta)
             started = s0 != 0  # keeps NaN (a poisoned lane) poisoned
             s2 = tl.where(started, rescale * (s2 + delta * (2.0 * s1 + delta * s0)), 0.0)
@@ -119,7 +135,7 @@ def _accumulate(row_ptr, start, end, scale2, inv_t, BLOCK: tl.constexpr, WITH_TO
             running_max = block_max
         finite = x != -float("inf")  # NaN counts as finite here so that it poisons the sums
         gap = x - running_max  # exactly 0 at the max
-        d2 = tl.where(finite, _exp2_arg(gap, scale2, inv_t), 0.0)
+        d2 = tl.where(finite, _exp2_arg(x, running_max, scale2, inv_t), 0.0)
         e = tl.where(finite, tl.exp2(d2), 0.0)
         de = d2 * e
         s0 += e
@@ -128,9 +144,6 @@ def _accumulate(row_ptr, start, end, scale2, inv_t, BLOCK: tl.constexpr, WITH_TO
         gap_sum += tl.where(finite, gap, 0.0)
         wide_sum += tl.where(finite, tl.fma(x, WIDE_SCALE, -running_max * WIDE_SCALE), 0.0)
         count += finite.to(tl.int32)
-        better = x > best_x
-        best_x = tl.where(better, x, best_x)
-        best_index = tl.where(better, index, best_index)
         if WITH_TOPK:
             if block_max > tl.min(top, axis=0):
                 top = _topk_absorb(top, x, BLOCK, TOPK_PAD)
@@ -143,16 +156,12 @@ def _accumulate(row_ptr, start, end, scale2, inv_t, BLOCK: tl.constexpr, WITH_TO
     centred = lane_mean - mean2
     var2 = tl.sum(s0 * (lane_var + centred * centred), axis=0) / weight
     n = tl.sum(count, axis=0)
-    # The gap mean as count-weighted lane means (a plain sum over lanes could overflow); the
-    # unscaled sums unless one of them overflowed.
-    lane_count = count.to(tl.float32)
-    share = lane_count / tl.maximum(n, 1).to(tl.float32)
-    lane_count = tl.maximum(lane_count, 1.0)
-    plain_mean = tl.sum(share * (gap_sum / lane_count), axis=0)
-    wide_mean = tl.sum(share * (wide_sum / lane_count), axis=0)
+    # The gap mean as a sum of lane shares of it (a plain sum over lanes could overflow): the
+    # unscaled sums, exact down to subnormal gaps, unless one of them overflowed.
+    n_f = tl.maximum(n, 1).to(tl.float32)
+    plain_mean = tl.sum(gap_sum / n_f, axis=0)
+    wide_mean = tl.sum(wide_sum / n_f, axis=0)
     half_gap_mean = tl.where(plain_mean > -float("inf"), 0.5 * plain_mean, (0.5 / WIDE_SCALE) * wide_mean)
-    max_x = tl.max(best_x, axis=0)
-    argmax = tl.min(tl.where(best_x == max_x, best_index, 2147483647), axis=0)
     return running_max, weight, mean2, var2, half_gap_mean, n, argmax, top
 
 
@@ -185,7 +194,7 @@ def _finalize_store(row, row_ptr, vocab, t, inv_t, max_x, sum_exp, wmean, wvar, 
     if HAS_TOKEN:
         token = tl.load(token_ptr + row)
         in_range = (token >= 0) & (token < vocab)
-        x_token = tl.load(row_ptr + tl.where(in_range, token, 0)).to(tl.float32)
+        x_token = _load_f32(row_ptr + tl.where(in_range, token, 0), True, 0.0)
         token_gap = _scaled_half_gap(0.5 * x_token - 0.5 * max_x, inv_t)
         tl.store(token_logprob_ptr + row, tl.where(valid & in_range, token_gap - log_s, nan))
     if WITH_TOPK:

@@ -21,7 +21,7 @@ they do not depend on the launch shape.
 import triton
 import triton.language as tl
 
-from .logit_stats import _launch_slices, _merge_shift
+from .logit_stats import _launch_slices, _load_f32, _merge_shift
 
 SLICE_TOKENS = 4096
 SLICE = tl.constexpr(SLICE_TOKENS)
@@ -59,7 +59,7 @@ def _sample_from_slices(row_ptr, vocab, inv_t, state_ptr, count_ptr, slot0, spli
     running = 0.0
     for block in range(0, SLICE, SCAN):
         index = start + block + lanes
-        x = tl.load(row_ptr + index, mask=index < end, other=-float("inf")).to(tl.float32)
+        x = _load_f32(row_ptr + index, index < end, -float("inf"))
         # (x - max_x) / T: -inf (weight 0) where the gap overflows; never 0 * inf.
         weight = tl.where(x != -float("inf"), tl.exp((x - max_x) * inv_t), 0.0)
         within = running + tl.cumsum(weight, axis=0)
@@ -81,8 +81,8 @@ def _residual_pass(row_ptr, q_ptr, vocab, inv_t, max_x, log_s, c, target, SCAN: 
     for block in range(0, vocab, SCAN):
         index = block + lanes
         inside = index < vocab
-        x = tl.load(row_ptr + index, mask=inside, other=-float("inf")).to(tl.float32)
-        q = tl.load(q_ptr + index, mask=inside, other=0.0).to(tl.float32)
+        x = _load_f32(row_ptr + index, inside, -float("inf"))
+        q = _load_f32(q_ptr + index, inside, 0.0)
         p = tl.where(x != -float("inf"), tl.exp((x - max_x) * inv_t - log_s), 0.0)
         excess = tl.maximum(p - c * q, 0.0)
         within = total + tl.cumsum(excess, axis=0)
@@ -117,13 +117,13 @@ def _walk_kernel(logits_ptr, stride_b, stride_n, vocab, nodes, tokens_ptr, paren
     while walking:
         row = b * nodes + node
         row_ptr = logits_ptr + b * stride_b + node * stride_n
-        row_argmax = tl.load(argmax_ptr + row)
+        row_argmax = tl.load(argmax_ptr + row).to(tl.int32)
         valid = row_argmax >= 0
         is_child = (parents == node) & (idx > node) & in_tree
         child = N_PAD
         choice = -1
         if MODE == 0:
-            choice = tl.load(argmax_ptr + row)
+            choice = row_argmax
             child = tl.min(tl.where(is_child & (tokens == choice), idx, N_PAD), axis=0)
         elif MODE == 1:
             u = _uniform(seed, b, node, nodes, SAMPLE)
@@ -133,7 +133,7 @@ def _walk_kernel(logits_ptr, stride_b, stride_n, vocab, nodes, tokens_ptr, paren
             child = tl.min(tl.where(is_child & (tokens == choice), idx, N_PAD), axis=0)
         else:
             log_s = -tl.load(max_logprob_ptr + row)
-            max_x = tl.load(row_ptr + tl.maximum(row_argmax, 0)).to(tl.float32)
+            max_x = _load_f32(row_ptr + tl.maximum(row_argmax, 0), True, 0.0)
             q_row = q_ptr + b * q_stride_b + node * q_stride_n
             c = 0.0
             mass = 1.0
@@ -142,9 +142,9 @@ def _walk_kernel(logits_ptr, stride_b, stride_n, vocab, nodes, tokens_ptr, paren
                 x = tl.sum(tl.where(idx == candidate, tokens, 0), axis=0)
                 in_vocab = (x >= 0) & (x < vocab)  # padding, or out of range: never read, never accepted
                 safe_x = tl.where(in_vocab, x, 0)
-                q_x = tl.load(q_row + safe_x).to(tl.float32)
+                q_x = _load_f32(q_row + safe_x, True, 0.0)
                 drawable = in_vocab & (q_x > 0) & (q_x < float("inf"))
-                p_x = tl.exp((tl.load(row_ptr + safe_x).to(tl.float32) - max_x) * inv_t - log_s)
+                p_x = tl.exp((_load_f32(row_ptr + safe_x, True, 0.0) - max_x) * inv_t - log_s)
                 ratio = tl.maximum(p_x - c * q_x, 0.0) / mass / q_x
                 u = _uniform(seed, b, candidate, nodes, ACCEPT)
                 accepted = drawable & (u < ratio)

@@ -75,27 +75,32 @@ FD_ALWAYS_INLINE float finite_minimum(const float* buffer, int64_t padded) {
 }
 
 // Pass 2 over one chunk: exp-weighted sums relative to the chunk max, in base 2. kMasked: the chunk
-// holds -inf entries (they add nothing). kWide: some gap x - max is too large to sum or scale as it
-// is (see narrow_gap_limit in stats_state.h), so gaps are summed times kWideScale and exponents come
-// from them; otherwise d2 = (x - max) * scale2 with the max at exactly 0.
-template <bool kMasked, bool kWide>
+// holds -inf entries (they add nothing). kWideSum: some gap x - max is too large to sum as it is
+// (see GapLimits in stats_state.h), so gaps are summed times kWideScale. kRobustExp: some gap times
+// scale2 would overflow (or scale2 did), so exponents come from robust_exp2_arg. Otherwise
+// d2 = (x - max) * scale2 with the max at exactly 0 and gaps summed as they are.
+template <bool kMasked, bool kWideSum, bool kRobustExp>
 FD_ALWAYS_INLINE ChunkSums chunk_sums(const float* buffer, int64_t n, int64_t padded, float chunk_max, float inv_t) {
   const f32x8 zero = simd::splat(0.f);
   const f32x8 max_v = simd::splat(chunk_max);
   const f32x8 scale2_v = simd::splat(inv_t * kLog2e);
   const f32x8 wide_scale = simd::splat(kWideScale);
   const f32x8 wide_shift = simd::splat(-chunk_max * kWideScale);
+  const f32x8 half_max = simd::splat(0.5f * chunk_max);
+  const f32x8 inv_t_v = simd::splat(inv_t);
   f32x8 s0 = zero, s1 = zero, s2 = zero, gaps = zero;
   i32x8 finite_count = simd::splat_i(0);
   for (int64_t i = 0; i < padded; i += kLanes) {
     const f32x8 v = simd::load(buffer + i);
-    f32x8 gap, d2;
-    if constexpr (kWide) {
-      gap = v * wide_scale + wide_shift;
-      d2 = simd::vmax((gap * simd::splat(inv_t)) * simd::splat(kLog2e / kWideScale), simd::splat(-kFarExp2));
+    const f32x8 diff = v - max_v;  // -inf where it overflows (wide chunks only)
+    f32x8 gap = kWideSum ? v * wide_scale + wide_shift : diff;
+    f32x8 d2;
+    if constexpr (kRobustExp) {  // robust_exp2_arg (stats_state.h), eight lanes at a time
+      const f32x8 half = v * simd::splat(0.5f) - half_max;
+      const f32x8 scaled = inv_t >= 1.f ? (half + half) * inv_t_v : (half * inv_t_v) * simd::splat(2.f);
+      d2 = simd::vmax(scaled * simd::splat(kLog2e), simd::splat(-kFarExp2));
     } else {
-      gap = v - max_v;
-      d2 = gap * scale2_v;  // finite: every gap is narrow
+      d2 = diff * scale2_v;
     }
     f32x8 e;
     if constexpr (kMasked) {
@@ -121,11 +126,23 @@ FD_ALWAYS_INLINE ChunkSums chunk_sums(const float* buffer, int64_t n, int64_t pa
   return {simd::hsum(s0), simd::hsum(s1), simd::hsum(s2), simd::hsum(gaps), count};
 }
 
+// chunk_sums with its three choices made at run time (eight instantiations, one branch per chunk).
+template <bool kMasked>
+FD_ALWAYS_INLINE ChunkSums chunk_sums_for(bool wide_sum, bool robust_exp, const float* buffer, int64_t n,
+                                          int64_t padded, float chunk_max, float inv_t) {
+  if (wide_sum) {
+    return robust_exp ? chunk_sums<kMasked, true, true>(buffer, n, padded, chunk_max, inv_t)
+                      : chunk_sums<kMasked, true, false>(buffer, n, padded, chunk_max, inv_t);
+  }
+  return robust_exp ? chunk_sums<kMasked, false, true>(buffer, n, padded, chunk_max, inv_t)
+                    : chunk_sums<kMasked, false, false>(buffer, n, padded, chunk_max, inv_t);
+}
+
 template <typename scalar_t>
 FD_ALWAYS_INLINE void accumulate_slice(const scalar_t* row, int64_t begin, int64_t end, float inv_t,
                                        SliceResult& out) {
   alignas(32) float buffer[kChunk];
-  const float narrow_limit = narrow_gap_limit(inv_t * kLog2e, static_cast<float>(kChunk));
+  const GapLimits limits = gap_limits(inv_t * kLog2e, static_cast<float>(kChunk));
   const i32x8 lane_index{0, 1, 2, 3, 4, 5, 6, 7};
   for (int64_t chunk_begin = begin; chunk_begin < end; chunk_begin += kChunk) {
     const int64_t n = std::min(kChunk, end - chunk_begin);
@@ -162,17 +179,14 @@ FD_ALWAYS_INLINE void accumulate_slice(const scalar_t* row, int64_t begin, int64
     }
     if (chunk_max == -kInf) continue;  // every entry masked
 
-    // Pass 2: the common case (no -inf, every gap narrow) first.
+    // Pass 2, specialised on what the chunk holds (the common case: no -inf, every gap narrow).
     const bool masked = chunk_min == -kInf;
-    const bool wide = !((masked ? finite_minimum(buffer, padded) : chunk_min) - chunk_max >= -narrow_limit);
-    ChunkSums sums;
-    if (!masked) {
-      sums = wide ? chunk_sums<false, true>(buffer, n, padded, chunk_max, inv_t)
-                  : chunk_sums<false, false>(buffer, n, padded, chunk_max, inv_t);
-    } else {
-      sums = wide ? chunk_sums<true, true>(buffer, n, padded, chunk_max, inv_t)
-                  : chunk_sums<true, false>(buffer, n, padded, chunk_max, inv_t);
-    }
+    const float widest = (masked ? finite_minimum(buffer, padded) : chunk_min) - chunk_max;
+    const bool wide = !(widest >= -limits.sum);
+    const bool robust_exp = !(widest >= -limits.exp);
+    const ChunkSums sums =
+        masked ? chunk_sums_for<true>(wide, robust_exp, buffer, n, padded, chunk_max, inv_t)
+               : chunk_sums_for<false>(wide, robust_exp, buffer, n, padded, chunk_max, inv_t);
     const StatsState chunk_state =
         fold_raw_sums(chunk_max, static_cast<int32_t>(chunk_begin) + chunk_arg, sums.s0, sums.s1, sums.s2,
                       wide ? 0.f : sums.gap_sum, wide ? sums.gap_sum : 0.f, sums.count, inv_t, false);

@@ -258,7 +258,7 @@ __global__ void __launch_bounds__(kThreads, 3) logit_stats_kernel(const LogitSta
   const float t = p.temperatures ? p.temperatures[row] : p.temperature;
   const float inv_t = 1.f / t;
   const float scale2 = inv_t * kLog2e;
-  const float narrow_limit = narrow_gap_limit(scale2, kThreadWindow);
+  const GapLimits limits = gap_limits(scale2, kThreadWindow);
 
   // Scalar head up to the first 16-byte boundary, aligned vectors, scalar tail.
   const int misaligned = static_cast<int>((reinterpret_cast<uintptr_t>(row_ptr) % 16) / sizeof(T));
@@ -293,7 +293,7 @@ __global__ void __launch_bounds__(kThreads, 3) logit_stats_kernel(const LogitSta
 
   if (split == 0) {
     float v[1] = {tid < head ? Load::scalar(row_ptr + tid) : -INFINITY};
-    if (tid < head) sums.add<1>(v, tid, scale2, inv_t, narrow_limit);
+    if (tid < head) sums.add<1>(v, tid, scale2, inv_t, limits);
     if (kTopK) top.offer<1>(v, tid < head, k);
   }
 
@@ -313,7 +313,7 @@ __global__ void __launch_bounds__(kThreads, 3) logit_stats_kernel(const LogitSta
       Load::to_float(current[u], v);
       if (present[u]) {
         sums.add<kVec>(v, static_cast<int32_t>(head + (base + u * kThreads + tid) * kVec), scale2, inv_t,
-                       narrow_limit);
+                       limits);
       }
       if (kTopK) top.offer<kVec>(v, present[u], k);
     }
@@ -328,7 +328,7 @@ __global__ void __launch_bounds__(kThreads, 3) logit_stats_kernel(const LogitSta
     const int64_t index = tail_begin + tid;
     const bool in_tail = index < p.vocab;
     float v[1] = {in_tail ? Load::scalar(row_ptr + index) : -INFINITY};
-    if (in_tail) sums.add<1>(v, static_cast<int32_t>(index), scale2, inv_t, narrow_limit);
+    if (in_tail) sums.add<1>(v, static_cast<int32_t>(index), scale2, inv_t, limits);
     if (kTopK) top.offer<1>(v, in_tail, k);
   }
 

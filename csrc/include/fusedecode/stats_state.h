@@ -48,7 +48,7 @@ constexpr float kLog2e = 1.442695040888963407f;
 constexpr float kFarExp2 = 150.f;
 // The same in natural units, for the shift between two states' maxima (exp(-128) == 0 in float32).
 constexpr float kFarShift = 128.f;
-// Gaps x - max_x too large to sum as they are ("wide", see narrow_gap_limit) are summed scaled by
+// Gaps x - max_x too large to sum as they are ("wide", see GapLimits) are summed scaled by
 // this exact power of two: a window of up to 2048 of them cannot overflow.
 constexpr float kWideScale = 1.f / 4096.f;
 
@@ -95,21 +95,33 @@ FD_HOST_DEVICE float scaled_gap(float x, float max_x, float inv_t) { return scal
 // sums of the kernels that detect NaN by propagation.
 FD_HOST_DEVICE float clamp_far_exp2(float d2) { return d2 < -kFarExp2 ? -kFarExp2 : d2; }
 
-// A kernel sums the gaps d = x - max_x of its window as they are when every d >= -limit
-// ("narrow": a window of `window` such gaps cannot overflow, and d * scale2 is finite), and as
-// d * kWideScale otherwise ("wide", exponent from wide_exp2_arg). A negative limit (the scale
-// itself overflowed: temperatures below log2(e) / FLT_MAX) makes every gap wide.
-FD_HOST_DEVICE float narrow_gap_limit(float scale2, float window) {
-  if (!(scale2 < FD_INFINITY)) return -1.f;
-  const float by_sum = FD_FLOAT_MAX / (2.f * window);
-  const float by_scale = (0.5f * FD_FLOAT_MAX) / scale2;  // +inf when scale2 < 1/2
-  return by_sum < by_scale ? by_sum : by_scale;
+// How a kernel treats a gap d = x - max_x of its window. It sums d as it is when d >= -sum (a window
+// of `window` such gaps cannot overflow; exact down to subnormal gaps) and as d * kWideScale
+// otherwise; its exponent is d * scale2 when d >= -exp (finite there) and robust_exp2_arg otherwise
+// (exp is -1 when scale2 itself overflowed: temperatures below log2(e) / FLT_MAX; both limits are
+// finite, so a difference that overflowed to -inf is always far). `both` is the
+// smaller limit: a vector whose gaps all reach it takes the common path.
+struct GapLimits {
+  float sum;
+  float exp;
+  float both;
+};
+
+FD_HOST_DEVICE GapLimits gap_limits(float scale2, float window) {
+  GapLimits limits;
+  limits.sum = FD_FLOAT_MAX / (2.f * window);
+  limits.exp = scale2 < FD_INFINITY ? (0.5f * FD_FLOAT_MAX) / scale2 : -1.f;
+  // Never infinite: a gap that overflowed to -inf is never narrow, even when scale2 < 1/2.
+  if (!(limits.exp < FD_FLOAT_MAX)) limits.exp = FD_FLOAT_MAX;
+  limits.both = limits.sum < limits.exp ? limits.sum : limits.exp;
+  return limits;
 }
 
-// The base-2 exponent (x - max_x) * inv_t * log2(e) of a wide gap given as w = (x - max_x) * kWideScale,
-// clamped at -kFarExp2.
-FD_HOST_DEVICE float wide_exp2_arg(float wide, float inv_t) {
-  return clamp_far_exp2((wide * inv_t) * (kLog2e / kWideScale));
+// The base-2 exponent (x - max_x) * inv_t * log2(e) for any x <= max_x, clamped at -kFarExp2:
+// from the halved gap, so neither an overflowing difference (finfo.min next to finfo.max at
+// T > 1e36, where the scaled gap is finite again) nor an overflowing scale2 (T < 4e-39) is lost.
+FD_HOST_DEVICE float robust_exp2_arg(float x, float max_x, float inv_t) {
+  return clamp_far_exp2(scaled_gap(x, max_x, inv_t) * kLog2e);
 }
 
 // exp((max_x - out_max_x) * inv_t), the weight of a state relative to a larger maximum, as the
@@ -123,7 +135,7 @@ FD_HOST_DEVICE float merge_shift(float max_x, float out_max_x, float inv_t) {
 // directly, all relative to the window's max max_x (the max itself has d = 0 exactly) and over the
 // finite x: d2 = (x - max_x) * inv_t * log2(e) clamped at -kFarExp2, s0 = sum 2^d2,
 // s1 = sum d2 2^d2, s2 = sum d2^2 2^d2; narrow_gap_sum = sum of the narrow gaps x - max_x,
-// wide_gap_sum = sum of the wide gaps times kWideScale (see narrow_gap_limit).
+// wide_gap_sum = sum of the wide gaps times kWideScale (see GapLimits).
 // `poisoned` marks a NaN or +inf seen by the caller.
 FD_HOST_DEVICE StatsState fold_raw_sums(float max_x, int32_t argmax, float s0, float s1, float s2, float narrow_gap_sum,
                                         float wide_gap_sum, int32_t count, float inv_t, bool poisoned) {

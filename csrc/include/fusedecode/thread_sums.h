@@ -24,7 +24,7 @@ FD_HOST_DEVICE float fast_exp2(float x) {
 }
 
 // Gaps a thread sums between two folds: at most kFoldVectors vectors plus a head and a tail element
-// (with margin), the window of narrow_gap_limit.
+// (with margin), the window of gap_limits.
 constexpr float kThreadWindow = 512.f;
 
 // Per-thread raw sums in base 2, relative to this thread's running max (see fold_raw_sums in
@@ -48,13 +48,10 @@ struct ThreadSums {
 
   // Move every sum to a larger max: d' = d + delta, weights scale by 2^delta (delta clamped, so a
   // far jump zeroes the weights and keeps the products finite).
-  FD_HOST_DEVICE void raise_max(float new_max, int32_t where, float scale2, float inv_t,
-                                            float narrow_limit) {
+  FD_HOST_DEVICE void raise_max(float new_max, int32_t where, float scale2, float inv_t, const GapLimits& limits) {
     if (count > 0) {
       const float gap = max_x - new_max;
-      const float delta = gap >= -narrow_limit
-                              ? clamp_far_exp2(gap * scale2)
-                              : wide_exp2_arg(fmaf(max_x, kWideScale, -new_max * kWideScale), inv_t);
+      const float delta = gap >= -limits.exp ? clamp_far_exp2(gap * scale2) : robust_exp2_arg(max_x, new_max, inv_t);
       const float rescale = fast_exp2(delta);
       s2 = rescale * (s2 + delta * (2.f * s1 + delta * s0));
       s1 = rescale * (s1 + delta * s0);
@@ -64,7 +61,7 @@ struct ThreadSums {
       if (narrow_count > 0) {
         // Every narrow gap is at most |narrow_gaps| (they are all <= 0); it grows by -gap. While that
         // stays within the limit they remain narrow, else they are summed scaled from now on.
-        if (gap - narrow_gaps >= -narrow_limit && -gap <= narrow_limit) {
+        if (gap - narrow_gaps >= -limits.sum && -gap <= limits.sum) {
           narrow_gaps += static_cast<float>(narrow_count) * gap;
         } else {
           wide_gaps += narrow_gaps * kWideScale + static_cast<float>(narrow_count) * wide_shift;
@@ -77,17 +74,15 @@ struct ThreadSums {
     argmax = where;
   }
 
-  FD_HOST_DEVICE void add_one(float x, float scale2, float inv_t, float narrow_limit) {
+  // One entry of a vector that holds -inf or far gaps (NaN takes the far way and poisons s0).
+  FD_HOST_DEVICE void add_one(float x, float scale2, float inv_t, const GapLimits& limits) {
     const float gap = x - max_x;
-    float d2;
-    if (gap >= -narrow_limit) {
-      d2 = gap * scale2;
+    const float d2 = gap >= -limits.exp ? gap * scale2 : robust_exp2_arg(x, max_x, inv_t);
+    if (gap >= -limits.sum) {
       narrow_gaps += gap;
       ++narrow_count;
-    } else {  // far (or NaN, which goes through and poisons s0)
-      const float wide = fmaf(x, kWideScale, -max_x * kWideScale);
-      d2 = wide_exp2_arg(wide, inv_t);
-      wide_gaps += wide;
+    } else {
+      wide_gaps += fmaf(x, kWideScale, -max_x * kWideScale);
     }
     const float e = fast_exp2(d2);
     const float de = d2 * e;
@@ -99,7 +94,7 @@ struct ThreadSums {
 
   template <int N>
   FD_HOST_DEVICE void add(const float (&v)[N], int32_t first_index, float scale2, float inv_t,
-                                      float narrow_limit) {
+                          const GapLimits& limits) {
     float vmax = v[0], vmin = v[0];
 #pragma unroll
     for (int j = 1; j < N; ++j) {
@@ -110,9 +105,9 @@ struct ThreadSums {
       int32_t where = 0;
 #pragma unroll
       for (int j = N - 1; j >= 0; --j) where = (v[j] == vmax) ? j : where;
-      raise_max(vmax, first_index + where, scale2, inv_t, narrow_limit);
+      raise_max(vmax, first_index + where, scale2, inv_t, limits);
     }
-    if (vmin > -INFINITY && vmin - max_x >= -narrow_limit) {
+    if (vmin > -INFINITY && vmin - max_x >= -limits.both) {
 #pragma unroll
       for (int j = 0; j < N; ++j) {
         const float gap = v[j] - max_x;  // NaN goes through and poisons s0
@@ -129,7 +124,7 @@ struct ThreadSums {
     } else {
 #pragma unroll
       for (int j = 0; j < N; ++j) {
-        if (v[j] != -INFINITY) add_one(v[j], scale2, inv_t, narrow_limit);
+        if (v[j] != -INFINITY) add_one(v[j], scale2, inv_t, limits);
       }
     }
   }
