@@ -190,6 +190,15 @@ def case_split_vocab(generator):
     return dict(logits=x, token_ids=torch.tensor([100, 50000]), topk=16)
 
 
+def case_split_vocab_one_row(generator):
+    """One long row: the cpp backend splits it across threads, the GPU across CTAs / programs."""
+    x = _randn((1, 70000), generator)
+    x[0, :30000] = F32.min
+    x[0, 30000:45000] = -1e20
+    x[0, 69000:] = F32.min
+    return dict(logits=x, token_ids=torch.tensor([12]), topk=8)
+
+
 LOGIT_CASES = {
     "far_-1e20": lambda g: case_far_negative(g, -1e20),
     "far_finfo_min": lambda g: case_far_negative(g, F32.min),
@@ -209,6 +218,7 @@ LOGIT_CASES = {
     "single_entry_rows": case_single_entry_rows,
     "few_finite_topk": case_few_finite_topk,
     "split_vocab": case_split_vocab,
+    "split_vocab_one_row": case_split_vocab_one_row,
 }
 
 
@@ -410,6 +420,32 @@ def test_verify_tree_multi_draft_accepts_a_sure_token_at_extreme_magnitudes(targ
                                  draft_probs=probs.to(device), seed=torch.arange(3).to(device), backend=backend)
     assert out.num_accepted.tolist() == [1, 1, 1]
     assert out.output_tokens.tolist() == [[7, 7]] * 3
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e7])
+def test_verify_tree_multi_draft_lossless_at_large_offset(target, offset):
+    # SpecInfer's acceptance ratio p(x) / q(x) from logits at 1e7 (float32 spacing 1): computed as
+    # exp(z_x - logsumexp) it is off by up to exp(0.5) (logsumexp rounds to an integer there); the
+    # first emitted token must still follow p = softmax(logits / T) of the float32 logits exactly.
+    from test_verify_tree import chi_square_pvalue, interpreted
+
+    device, backend = target
+    batch = 300 if interpreted(target) else 4000
+    vocab, temperature = 5, 1.0
+    row = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]) + offset
+    logits = row.expand(batch, 3, vocab).contiguous()
+    q = torch.tensor([0.4, 0.3, 0.1, 0.1, 0.1])
+    probs = q.expand(batch, 3, vocab).contiguous()
+    generator = torch.Generator().manual_seed(17)
+    tokens = torch.zeros((batch, 3), dtype=torch.int64)
+    tokens[:, 1:] = torch.multinomial(q, batch * 2, replacement=True, generator=generator).view(batch, 2)
+    parents = torch.tensor([-1, 0, 0])
+    out = fusedecode.verify_tree(logits.to(device), tokens.to(device), parents.to(device), temperature=temperature,
+                                 draft_probs=probs.to(device), seed=torch.arange(batch).to(device) * 7 + 1,
+                                 backend=backend)
+    first = out.output_tokens[:, 0].cpu()
+    p = torch.softmax((row.double() - row.double().max()) / temperature, -1)
+    assert chi_square_pvalue(torch.bincount(first, minlength=vocab), p) > 1e-3
 
 
 def test_verify_tree_empty_batch(target):
