@@ -55,14 +55,21 @@ def reachable_depths(parents):
     with an out-of-range or later parent is unreachable, and so is everything below it. On a valid
     tree this is ``tree_depths``."""
     p, batched = _batched(parents, validate=False)
-    rows = torch.arange(p.shape[0], device=p.device)
-    depth = torch.full_like(p, -1)
-    depth[:, 0] = 0
-    for i in range(1, p.shape[1]):  # parents come first, so one sweep in index order settles all
-        parent = p[:, i]
-        linked = (parent >= 0) & (parent < i)
-        parent_depth = depth[rows, parent.clamp(0, i - 1)]
-        depth[:, i] = torch.where(linked & (parent_depth >= 0), parent_depth + 1, torch.full_like(parent, -1))
+    n = p.shape[1]
+    index = torch.arange(n, device=p.device).expand_as(p)
+    linked = (p >= 0) & (p < index)
+    # Pointer doubling: after k rounds every node knows its 2^k-th ancestor (the root points to
+    # itself, a broken link to itself and is marked), so log2(N) rounds of gathers settle all.
+    jump = torch.where(linked, p, index)
+    jump[:, 0] = 0
+    depth = linked.to(p.dtype)
+    broken = ~linked
+    broken[:, 0] = False
+    for _ in range(max(n - 1, 1).bit_length()):
+        depth = depth + depth.gather(1, jump)
+        broken = broken | broken.gather(1, jump)
+        jump = jump.gather(1, jump)
+    depth = torch.where(broken, torch.full_like(depth, -1), depth)
     return depth if batched else depth[0]
 
 
