@@ -44,29 +44,38 @@ struct CpuTreeRow {
     }
     return -1;
   }
-  // Relative to the row max (never z_t - logsumexp, a difference of two large numbers).
-  float prob(int64_t node, int64_t t) const {
-    return std::exp(scaled_gap(x(node, t), x(node, argmaxes[node]), inv_t) + max_logprob[node]);
+  // p_node(t) relative to the row max (never z_t - logsumexp, a difference of two large numbers);
+  // the row's max and log-probability are read once per pass over the vocabulary.
+  struct NodeProb {
+    float max_x;
+    float max_logprob;
+  };
+  NodeProb node_prob(int64_t node) const { return {x(node, argmaxes[node]), max_logprob[node]}; }
+  float prob_of(const NodeProb& np, float value) const {
+    return std::exp(scaled_gap(value, np.max_x, inv_t) + np.max_logprob);
   }
+  float prob(int64_t node, int64_t t) const { return prob_of(node_prob(node), x(node, t)); }
   float draft_prob(int64_t node, int64_t t) const { return static_cast<float>(q[node * q_node_stride + t]); }
 
-  float excess(int64_t node, int64_t i, float c) const {
-    const float e = prob(node, i) - c * draft_prob(node, i);
+  float excess(const NodeProb& np, int64_t node, int64_t i, float c) const {
+    const float e = prob_of(np, x(node, i)) - c * draft_prob(node, i);
     return e > 0.f ? e : 0.f;
   }
   float residual_mass(int64_t node, float c) const {
+    const NodeProb np = node_prob(node);
     double total = 0.0;
-    for (int64_t i = 0; i < vocab; ++i) total += excess(node, i, c);
+    for (int64_t i = 0; i < vocab; ++i) total += excess(np, node, i, c);
     return static_cast<float>(total);
   }
 
   int64_t sample(int64_t node, float c, float mass, float u) const {
     if (c != 0.f) {
+      const NodeProb np = node_prob(node);
       const double target = static_cast<double>(u) * mass;
       double running = 0.0;
       int64_t last = -1;
       for (int64_t i = 0; i < vocab; ++i) {
-        const float e = excess(node, i, c);
+        const float e = excess(np, node, i, c);
         if (e > 0.f) {
           running += e;
           last = i;

@@ -138,11 +138,19 @@ struct CudaTreeRow {
   __device__ int64_t vocab_size() const { return p.vocab; }
   __device__ int64_t argmax(int64_t node) const { return p.argmax[b * p.nodes + node]; }
   __device__ int64_t token(int64_t node) const { return tokens[node]; }
-  // Relative to the row max (never z_t - logsumexp, a difference of two large numbers).
-  __device__ float prob(int64_t node, int64_t t) const {
-    const float max_x = x(node, argmax(node));
-    return __expf(scaled_gap(x(node, t), max_x, p.inv_t) + p.max_logprob[b * p.nodes + node]);
+  // p_node(t) relative to the row max (never z_t - logsumexp, a difference of two large numbers);
+  // the row's max and log-probability are read once per pass over the vocabulary.
+  struct NodeProb {
+    float max_x;
+    float max_logprob;
+  };
+  __device__ NodeProb node_prob(int64_t node) const {
+    return {x(node, argmax(node)), p.max_logprob[b * p.nodes + node]};
   }
+  __device__ float prob_of(const NodeProb& np, float value) const {
+    return __expf(scaled_gap(value, np.max_x, p.inv_t) + np.max_logprob);
+  }
+  __device__ float prob(int64_t node, int64_t t) const { return prob_of(node_prob(node), x(node, t)); }
   __device__ float draft_prob(int64_t node, int64_t t) const { return load_value(q + node * p.q_stride_n + t); }
 
   __device__ int64_t child_with_token(int64_t node, int64_t wanted) const {
@@ -162,13 +170,14 @@ struct CudaTreeRow {
     return best == kNone ? -1 : best;
   }
 
-  __device__ float excess(int64_t node, int64_t i, float c) const {
-    const float e = prob(node, i) - c * draft_prob(node, i);
+  __device__ float excess(const NodeProb& np, int64_t node, int64_t i, float c) const {
+    const float e = prob_of(np, x(node, i)) - c * draft_prob(node, i);
     return e > 0.f ? e : 0.f;
   }
   __device__ float residual_mass(int64_t node, float c) const {
+    const NodeProb np = node_prob(node);
     float local = 0.f;
-    for (int64_t i = threadIdx.x; i < p.vocab; i += kWalkThreads) local += excess(node, i, c);
+    for (int64_t i = threadIdx.x; i < p.vocab; i += kWalkThreads) local += excess(np, node, i, c);
     return cta_sum(local, scratch);
   }
 
@@ -233,8 +242,9 @@ struct CudaTreeRow {
     long long last_positive = -1;
     float seen = 0.f;
     if (c != 0.f) {
+      const NodeProb np = node_prob(node);
       const int64_t hit = scan_tokens(
-          0, p.vocab, u * mass, [&](int64_t i) { return excess(node, i, c); }, &seen, &last_positive);
+          0, p.vocab, u * mass, [&](int64_t i) { return excess(np, node, i, c); }, &seen, &last_positive);
       return hit >= 0 ? hit : (last_positive >= 0 ? last_positive : argmax(node));
     }
     // Which slice holds the drawn mass (one thread per slice), then the tokens of that slice.
