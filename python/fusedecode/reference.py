@@ -9,6 +9,7 @@ import math
 import torch
 
 from ._types import LogitStats
+from ._validation import float32_temperature_ok, temperature_in_float32_range
 
 
 def logit_stats_reference(logits, temperature=1.0, token_ids=None, topk=0, dtype=torch.float32):
@@ -29,7 +30,7 @@ def logit_stats_reference(logits, temperature=1.0, token_ids=None, topk=0, dtype
         temperature_ok = temperature_in_float32_range(temperature)
     else:
         temperature_col = torch.tensor(float(temperature), dtype=torch.float64, device=logits.device)
-        temperature_ok = torch.full(logits.shape[:-1], _scalar_temperature_ok(temperature), dtype=torch.bool,
+        temperature_ok = torch.full(logits.shape[:-1], float32_temperature_ok(float(temperature)), dtype=torch.bool,
                                     device=logits.device)
     masked = x == -math.inf
     finite = torch.isfinite(x)
@@ -78,16 +79,6 @@ def logit_stats_reference(logits, temperature=1.0, token_ids=None, topk=0, dtype
         fields["topk_confidence"] = torch.where(invalid, nan, log_s - top_mean)
     fields = {name: value if name == "argmax" else value.to(dtype) for name, value in fields.items()}
     return LogitStats(**fields)
-
-
-def temperature_in_float32_range(temperature):
-    """Per entry: finite, > 0 and 1/T finite once T is rounded to float32 (what the kernels use)."""
-    t32 = temperature.to(torch.float32)
-    return torch.isfinite(t32) & (t32 > 0) & torch.isfinite(1.0 / t32)
-
-
-def _scalar_temperature_ok(temperature):
-    return bool(temperature_in_float32_range(torch.tensor(float(temperature), dtype=torch.float64)))
 
 
 # ------------------------------------------------------------------------------------------------
