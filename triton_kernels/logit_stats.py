@@ -1,6 +1,6 @@
 """Triton kernels of ``logit_stats``: one pass over each row of logits.
 
-Math (DESIGN section 3), per row with ``z = x / T`` over the finite entries F (``n = |F|``), every
+Math, per row with ``z = x / T`` over the finite entries F (``n = |F|``), every
 quantity relative to the row maximum ``m = max x`` (never a difference of two large numbers):
 
     logsumexp      = m / T + log S              S = sum exp(z - max z)

@@ -13,7 +13,7 @@ from ._validation import float32_temperature_ok, temperature_in_float32_range
 
 
 def logit_stats_reference(logits, temperature=1.0, token_ids=None, topk=0, dtype=torch.float32):
-    """``logit_stats`` (DESIGN section 3), returned in ``dtype``: float32 for the torch backend,
+    """``logit_stats``, returned in ``dtype``: float32 for the torch backend,
     float64 as the test oracle. ``argmax`` is int64.
 
     Always computed in float64 and relative to the row maximum: z - max z = (x - max x) / T is

@@ -97,10 +97,10 @@ FD_HOST_DEVICE float clamp_far_exp2(float d2) { return d2 < -kFarExp2 ? -kFarExp
 
 // How a kernel treats a gap d = x - max_x of its window. It sums d as it is when d >= -sum (a window
 // of `window` such gaps cannot overflow; exact down to subnormal gaps) and as d * kWideScale
-// otherwise; its exponent is d * scale2 when d >= -exp (finite there) and robust_exp2_arg otherwise
-// (exp is -1 when scale2 itself overflowed: temperatures below log2(e) / FLT_MAX; both limits are
-// finite, so a difference that overflowed to -inf is always far). `both` is the
-// smaller limit: a vector whose gaps all reach it takes the common path.
+// otherwise. Its exponent is d * scale2 when d >= -exp (finite there) and robust_exp2_arg otherwise;
+// exp is -1 when scale2 itself overflowed (temperatures below log2(e) / FLT_MAX). Both limits are
+// finite, so a difference that overflowed to -inf is always far. `both` is the smaller limit: a
+// vector whose gaps all reach it takes the common path.
 struct GapLimits {
   float sum;
   float exp;
