@@ -38,6 +38,7 @@ class PendingChain(NamedTuple):
     tokens: torch.Tensor
     valid: torch.Tensor
     positions: torch.Tensor
+    mask: torch.Tensor
 
     @classmethod
     def from_prompt(cls, input_ids, prompt_valid):
@@ -52,7 +53,8 @@ class PendingChain(NamedTuple):
 class TreeBatch(NamedTuple):
     """Every row's pruned tree as padded ``[B, N]`` device tensors, as the target's tree forward and
     ``verify_tree`` take them: ``tokens`` (-1 for padding nodes; entry 0 is the root), ``parents``,
-    ``valid`` (real nodes, the root included) and ``positions``."""
+    ``valid`` (real nodes, the root included), ``positions`` and the ``[B, N, N]`` tree attention
+    ``mask``."""
 
     tokens: torch.Tensor
     parents: torch.Tensor
@@ -71,7 +73,9 @@ class TreeBatch(NamedTuple):
         valid = tokens >= 0
         valid[:, 0] = True
         positions = tree_position_ids(parents, root_positions)  # padding nodes get a harmless depth 1
-        return cls(tokens.to(device), parents.to(device), valid.to(device), positions.to(device))
+        # Built on the host: the tree helpers validate their input, which on a GPU would cost a sync.
+        mask = tree_attention_mask(parents)
+        return cls(tokens.to(device), parents.to(device), valid.to(device), positions.to(device), mask.to(device))
 
 
 class RowWalk(NamedTuple):
@@ -105,7 +109,7 @@ class Verifier:
     def score(self, trees):
         """The target's float32 logits ``[B, N, V]`` at every node of ``trees`` (a ``TreeBatch``),
         from one forward pass with the tree attention mask."""
-        tokens, mask, nodes = trees.tokens.clamp(min=0), tree_attention_mask(trees.parents), trees.tokens.shape[1]
+        tokens, mask, nodes = trees.tokens.clamp(min=0), trees.mask, trees.tokens.shape[1]
         if self.chain is None:
             logits = self.cache.forward(tokens, trees.valid, trees.positions, mask, last=nodes)
         else:
@@ -133,9 +137,10 @@ class Verifier:
         return process_tree_logits(self.logits_processor, logits, row_ids, pruned_trees)
 
     def verify(self, scores, trees, draft_probs):
-        """One fused ``verify_tree`` over every row; the processors already applied the temperature."""
+        """One fused ``verify_tree`` over every row; the processors already applied the temperature.
+        The trees are built by this loop, so the value checks (a host sync each on a GPU) are skipped."""
         return row_walks(verify_tree(scores, trees.tokens, trees.parents, temperature=1.0 if self.do_sample else 0.0,
-                                     draft_probs=draft_probs))
+                                     draft_probs=draft_probs, validate=False))
 
     def keep_accepted(self, paths):
         """Keep the context before the trees and, per row, the accepted path's nodes."""
