@@ -15,7 +15,8 @@ from ._types import LogitStats, TreeVerification
 from .backends import available_backends
 from .linear_ce import linear_cross_entropy_entropy
 from .logit_stats import logit_stats
+from .ops.linear_logit_stats import linear_logit_stats
 from .verify_tree import verify_tree
 
-__all__ = ["logit_stats", "LogitStats", "verify_tree", "TreeVerification", "linear_cross_entropy_entropy", "tree",
+__all__ = ["logit_stats", "LogitStats", "linear_logit_stats", "verify_tree", "TreeVerification", "linear_cross_entropy_entropy", "tree",
            "available_backends", "build_info", "__version__"]

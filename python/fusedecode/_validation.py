@@ -340,3 +340,36 @@ def check_linear_ce_args(hidden, weight, targets, delta, temperature, ignore_ind
             raise ValueError(f"targets must be in [0, {vocab}) or equal ignore_index={ignore_index}, "
                              f"got {int(targets[bad][0])}")
     return temperature, ignore_index, chunk
+
+
+def check_linear_logit_stats_args(hidden, weight, temperature, token_ids, topk, chunk):
+    """``fusedecode.linear_logit_stats``'s arguments but the head transform (``head_transform``):
+    ``hidden`` ``[..., T, H]`` and ``weight`` ``[V, H]`` of one float dtype and device, then the
+    ``logit_stats`` arguments for the logits ``[..., T, V]`` they make, and ``chunk`` None or >= 1."""
+    for name, tensor in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(tensor, torch.Tensor):
+            raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise ArgumentTypeError(f"hidden must be float32, float16 or bfloat16, got {hidden.dtype}")
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must have shape [..., T, H], got {tuple(hidden.shape)}")
+    width = hidden.shape[-1]
+    if width < 1:
+        raise ValueError(f"hidden must have H >= 1 features, got shape {tuple(hidden.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise ArgumentTypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != width:
+        raise ValueError(f"weight must have shape [V, H] with H = {width} (hidden's last dim), got {tuple(weight.shape)}")
+    vocab = weight.shape[0]
+    if not 1 <= vocab < 2**31:
+        raise ValueError(f"weight must have 1 <= V < 2^31 rows, got {vocab}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    # The logits [..., T, V] the head makes, as logit_stats sees them: a broadcast scalar (shape and
+    # device only; nothing of that size is allocated or read).
+    logits = hidden.new_empty((), dtype=torch.float32).expand(*hidden.shape[:-1], vocab)
+    check_temperature(temperature, logits)
+    check_token_ids(token_ids, logits)
+    check_int("topk", topk, 0, MAX_TOPK)
+    if chunk is not None:
+        check_int("chunk", chunk, 1, 2**31 - 1)

@@ -1,0 +1,105 @@
+"""The tiled language-model head: the one code path of the ops that compute a head's logits
+themselves and reduce them row by row (``linear_logit_stats``, ``linear_cross_entropy_entropy``).
+
+Rows go through ``chunk`` at a time (``head_chunks``), so only one ``[chunk, V]`` buffer of logits is
+alive at a time. Each chunk's logits are one matmul accumulated in float32 (float64 for float64
+inputs) and never rounded to a half-precision dtype on the way (``head_matmul``); the per-row offset
+(the lm_head bias, plus ``delta @ weight.T`` for SRGen; ``head_offsets``) and the head transform
+(``fusedecode.head_transform``) then act on them in place (``transform_chunk``). What an op computes
+from a chunk's rows is its own step; each step's per-row results go into the op's output rows
+``[start, stop)`` (``write_rows``), which is all the merging row-independent statistics need.
+"""
+
+import functools
+
+import torch
+
+from ..head_transform import apply_head_transform
+
+__all__ = ["CHUNK_BYTES", "default_chunk", "accumulate_dtype", "head_matmul", "head_offsets", "transform_chunk",
+           "head_chunks", "write_rows"]
+
+# chunk * V float32 logits per chunk: 48 MiB sits in the middle of the 32-64 MiB that keep the
+# matmuls large enough to run at full speed without the chunk dominating memory.
+CHUNK_BYTES = 48 << 20
+# Half-precision weights on CPU are widened to float32 this many bytes at a time (torch's CPU matmul
+# has no float32 output for half inputs): a slice small enough to stay in cache, large enough that
+# each slice's matmul runs at full speed.
+_WIDEN_BYTES = 8 << 20
+
+
+def default_chunk(vocab):
+    """Rows per chunk so that one chunk of float32 logits takes about ``CHUNK_BYTES``."""
+    return max(1, CHUNK_BYTES // (4 * vocab))
+
+
+def accumulate_dtype(dtype):
+    """What logits of ``dtype`` inputs accumulate in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _has_mm_out_dtype():
+    return "dtype" in torch.ops.aten.mm.overloads()
+
+
+def head_matmul(rows, weight, accumulate):
+    """``rows @ weight.T`` (``[n, H]`` by ``[V, H]``) as ``[n, V]`` in ``accumulate``.
+
+    Products of half-precision inputs are summed in float32 and returned unrounded, as cuBLAS does
+    for a model's head: on CUDA with ``out_dtype``, on CPU by widening the weight to float32 one
+    slice of the vocabulary at a time (the product of two float16/bfloat16 numbers is exact in float32,
+    so both give the float32 sum of the exact products).
+    """
+    rows = rows.to(weight.dtype)
+    if weight.dtype == accumulate:
+        return torch.mm(rows, weight.T)
+    if weight.is_cuda and _has_mm_out_dtype():
+        return torch.mm(rows, weight.T, out_dtype=accumulate)
+    wide_rows = rows.to(accumulate)
+    vocab, width = weight.shape
+    logits = wide_rows.new_empty((rows.shape[0], vocab))
+    step = max(1, _WIDEN_BYTES // (4 * width))
+    for start in range(0, vocab, step):
+        stop = min(start + step, vocab)
+        torch.mm(wide_rows, weight[start:stop].to(accumulate).T, out=logits[:, start:stop])
+    return logits
+
+
+def head_offsets(weight, delta, bias, accumulate):
+    """The rows added to every logit row: ``delta @ weight.T + bias``, ``[B, V]`` with a ``[B, H]``
+    delta, ``[V]`` with only a bias, None without either. Kept apart from the hidden states so that a
+    small float32 ``delta`` is not rounded away by adding it to half-precision ones."""
+    offset = head_matmul(delta, weight, accumulate) if delta is not None else None
+    if bias is not None:
+        offset = bias.to(accumulate).contiguous() if offset is None else offset + bias.to(accumulate)
+    return offset
+
+
+def transform_chunk(logits, offset, logit_scale, softcap):
+    """The model's logits from a chunk's ``rows @ weight.T``, in place: ``+ offset`` (``[V]`` or None),
+    then the head transform. Returns ``logits``."""
+    if offset is not None:
+        logits += offset
+    return apply_head_transform(logits, logit_scale, softcap)
+
+
+def head_chunks(rows, weight, chunk, accumulate):
+    """``(start, stop, logits)`` for consecutive row ranges of ``rows`` ``[n, H]``: ``logits`` is
+    ``head_matmul(rows[start:stop], weight)``, untransformed. Each chunk's buffer is released when
+    the next one is made as long as the caller keeps no reference to it (``del logits`` at the end of
+    the loop body: the loop variable still holds the previous chunk while the next one is made)."""
+    for start in range(0, rows.shape[0], chunk):
+        stop = min(start + chunk, rows.shape[0])
+        logits = head_matmul(rows[start:stop], weight, accumulate)
+        yield start, stop, logits
+        del logits
+
+
+def write_rows(outputs, start, stop, results):
+    """Copy one chunk's per-row ``results`` (by name) into rows ``[start, stop)`` of ``outputs`` (by
+    name); outputs not computed (None, or empty placeholders) are skipped."""
+    for name, target in outputs.items():
+        value = results[name]
+        if value is not None and target is not None and target.numel():
+            target[start:stop].copy_(value)
