@@ -74,9 +74,10 @@ def score(model, input_ids, attention_mask=None, *, temperature=1.0, topk=0, max
         real = attention_mask.to(torch.bool)
         valid = real[:, 1:] & real[:, :-1]
         scored = torch.where(valid, scored, torch.zeros_like(scored))  # padding ids may be out of range
-    stats = linear_logit_stats(hidden[:, :-1].to(head.weight.dtype), head.weight, bias=head.transform.bias,
-                               logit_scale=head.transform.logit_scale, softcap=head.transform.softcap,
-                               temperature=temperature, token_ids=scored, topk=topk, chunk=max_tokens_per_chunk)
+    with torch.no_grad():
+        stats = linear_logit_stats(hidden[:, :-1].to(head.weight.dtype), head.weight, bias=head.transform.bias,
+                                   logit_scale=head.transform.logit_scale, softcap=head.transform.softcap,
+                                   temperature=temperature, token_ids=scored, topk=topk, chunk=max_tokens_per_chunk)
     return _mask_padding(stats, valid)
 
 

@@ -45,7 +45,8 @@ def linear_logit_stats(hidden, weight, *, bias=None, logit_scale=None, softcap=N
     and the result is exactly ``logit_stats(z, temperature=..., token_ids=..., topk=...)``: every
     field, its accuracy, masking (-inf logits) and NaN rules are ``logit_stats``'s. Rows go through
     ``chunk`` at a time, so the extra memory is one chunk of float32 logits, ``chunk * V * 4``
-    bytes, never ``[..., T, V]`` (19 GB in float32 at T = 32k, V = 152k).
+    bytes, never ``[..., T, V]`` (19 GB in float32 at T = 32k, V = 152k). No gradients (the
+    statistics are measurements; ``linear_cross_entropy_entropy`` is the differentiable fused head).
 
     Args:
         hidden: float32/float16/bfloat16 ``[..., T, H]``: final hidden states (what lm_head reads).
@@ -83,12 +84,13 @@ def linear_logit_stats(hidden, weight, *, bias=None, logit_scale=None, softcap=N
     chunk = int(chunk) if chunk is not None else default_chunk(weight.shape[0])
     arguments = (rows, weight, transform.bias, transform.logit_scale, transform.softcap, temperature_rows,
                  temperature_scalar, token_rows, int(topk), chunk)
-    if name == "torch":
-        results = _tiled_stats(*arguments, _chunk_stats_torch)
-    elif name == "triton":
-        results = torch.ops.fusedecode.linear_logit_stats_triton(*arguments)
-    else:  # cpp or cuda: the native logit_stats, dispatched on the device
-        results = torch.ops.fusedecode.linear_logit_stats(*arguments)
+    with torch.no_grad():
+        if name == "torch":
+            results = _tiled_stats(*arguments, _chunk_stats_torch)
+        elif name == "triton":
+            results = torch.ops.fusedecode.linear_logit_stats_triton(*arguments)
+        else:  # cpp or cuda: the native logit_stats, dispatched on the device
+            results = torch.ops.fusedecode.linear_logit_stats(*arguments)
     fields = dict(zip(FIELDS, results))
     fields["token_logprob"] = fields["token_logprob"] if token_ids is not None else None
     fields["topk_confidence"] = fields["topk_confidence"] if topk > 0 else None
