@@ -22,14 +22,12 @@ import torch
 
 from ._validation import check_linear_ce_args
 from .backends import resolve_backend, unavailable_reason
-from .head_transform import apply_head_transform, check_head_transform, head_transform_slope
+from .head_transform import check_head_transform, head_transform_slope
+from .ops._tiled_head import accumulate_dtype, default_chunk, head_chunks, head_offsets, matmul, transform_chunk
 
-__all__ = ["linear_cross_entropy_entropy"]
+__all__ = ["linear_cross_entropy_entropy", "default_chunk"]
 
 _NOT_IMPLEMENTED = ("cpp", "cuda")
-# chunk * V float32 logits per chunk: 48 MiB sits in the middle of the 32-64 MiB that keep the
-# matmuls large enough to run at full speed without the chunk dominating memory.
-_CHUNK_BYTES = 48 << 20
 
 
 def linear_cross_entropy_entropy(hidden, weight, targets, *, delta=None, bias=None, logit_scale=None, softcap=None,
@@ -117,11 +115,6 @@ def linear_cross_entropy_entropy(hidden, weight, targets, *, delta=None, bias=No
     return ce, entropy
 
 
-def default_chunk(vocab):
-    """Rows per chunk so that one chunk of float32 logits takes about ``_CHUNK_BYTES``."""
-    return max(1, _CHUNK_BYTES // (4 * vocab))
-
-
 @torch.compiler.assume_constant_result
 def _resolve_backend(backend, device, dtype):
     """``resolve_backend`` for an op that has only the torch and triton backends, and whose triton
@@ -145,25 +138,8 @@ def _resolve_backend(backend, device, dtype):
 
 
 # ------------------------------------------------------------------------------------------------
-# The chunked pass, shared by both backends (they differ only in the per-chunk step)
-
-
-def _has_mm_out_dtype():
-    return "dtype" in torch.ops.aten.mm.overloads()
-
-
-def _matmul(a, b, accumulate):
-    """``a @ b`` accumulated in and returned as ``accumulate`` (float32, or float64 for float64 inputs).
-
-    ``a`` is cast to ``b``'s dtype (the weight or hidden side). Half-precision products come back
-    unrounded on CUDA (``out_dtype``); on CPU they are rounded to the half dtype first.
-    """
-    a = a.to(b.dtype)
-    if b.dtype == accumulate:
-        return torch.mm(a, b)
-    if b.is_cuda and _has_mm_out_dtype():
-        return torch.mm(a, b, out_dtype=accumulate)
-    return torch.mm(a, b).to(accumulate)
+# The chunked pass: the tiled head (ops/_tiled_head.py) shared with linear_logit_stats; the two
+# backends differ only in the per-chunk step
 
 
 def _chunk_step_torch(logits, offset, targets, scale, loss, entropy, entropy_grad, entropy_row, inv_temperature,
@@ -176,10 +152,8 @@ def _chunk_step_torch(logits, offset, targets, scale, loss, entropy, entropy_gra
     gradient with respect to ``z``, ``scale * (softmax(y) - onehot) * dy/dz`` (0 on ignored rows,
     NaN on rows whose target is out of range). Without ``compute_grad`` the logits are left in an
     unspecified state."""
-    if offset is not None:
-        logits += offset
     transformed = logit_scale is not None or softcap is not None
-    apply_head_transform(logits, logit_scale, softcap)
+    transform_chunk(logits, offset, logit_scale, softcap)
     if entropy_row >= 0:
         log_p = torch.log_softmax(logits[entropy_row] * inv_temperature, dim=-1)
         p = log_p.exp()
@@ -222,16 +196,7 @@ def _chunk_step(backend):
 
 
 def _accumulate_dtype(hidden):
-    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
-
-
-def _offsets(weight, delta, bias, accumulate):
-    """The rows added to every logit row: ``delta @ weight.T + bias``, ``[B, V]`` with a delta, ``[V]``
-    with only a bias, None without either."""
-    offset = _matmul(delta, weight.T, accumulate) if delta is not None else None
-    if bias is not None:
-        offset = bias.to(accumulate).contiguous() if offset is None else offset + bias.to(accumulate)
-    return offset
+    return accumulate_dtype(hidden.dtype)
 
 
 def _chunked_pass(hidden, weight, targets, delta, bias, logit_scale, softcap, ce_scale, inv_temperature,
@@ -252,7 +217,7 @@ def _chunked_pass(hidden, weight, targets, delta, bias, logit_scale, softcap, ce
     options = dict(dtype=accumulate, device=hidden.device)
     step = _chunk_step(backend)
     compute_grad = need_hidden or need_colsum or need_weight
-    offset = _offsets(weight, delta, bias, accumulate)
+    offset = head_offsets(weight, delta, bias, accumulate)
     targets = targets.contiguous()
     row_loss = torch.empty((batch, tokens), **options)
     entropy = torch.full((batch,), float("nan"), **options)
@@ -262,23 +227,21 @@ def _chunked_pass(hidden, weight, targets, delta, bias, logit_scale, softcap, ce
     grad_weight = torch.zeros((vocab, width), **options) if need_weight else None
     for b in range(batch):
         row_offset = offset[b] if offset is not None and offset.dim() == 2 else offset
-        for start in range(0, tokens, chunk):
-            stop = min(start + chunk, tokens)
+        for start, stop, logits in head_chunks(hidden[b], weight, chunk, accumulate):
             rows = hidden[b, start:stop]
-            logits = _matmul(rows, weight.T, accumulate)
             entropy_row = tokens - 1 - start if with_entropy and stop == tokens else -1
             step(logits, row_offset, targets[b, start:stop], ce_scale[b:b + 1], row_loss[b, start:stop],
                  entropy[b:b + 1], entropy_grad[b], entropy_row, inv_temperature, ignore_index, compute_grad,
                  logit_scale, softcap)
             if need_hidden:
-                grad_hidden[b, start:stop] = _matmul(logits, weight, accumulate)
+                grad_hidden[b, start:stop] = matmul(logits, weight, accumulate)
             if need_colsum:
                 colsum[b] += logits.sum(0)
             if need_weight:
                 # Ignored rows have zero gradient, but 0 * NaN is NaN: a NaN in an ignored row (padding)
                 # must not reach the weight gradient, so those rows are zeroed, not multiplied away.
                 ignored = (targets[b, start:stop] == ignore_index).unsqueeze(1)
-                grad_weight += _matmul(logits.T, rows.masked_fill(ignored, 0), accumulate)
+                grad_weight += matmul(logits.T, rows.masked_fill(ignored, 0), accumulate)
             del logits  # before the next chunk's logits are allocated
     return row_loss, entropy, entropy_grad, grad_hidden, colsum, grad_weight
 
@@ -302,14 +265,14 @@ def _forward(hidden, weight, targets, delta, bias, logit_scale, softcap, tempera
         backend, True, need_hidden, need_colsum, weight_now)
     ce = row_loss.sum(-1) * ce_scale
     if weight_now and delta is not None:
-        grad_weight += _matmul(colsum.T, delta, accumulate)
+        grad_weight += matmul(colsum.T, delta, accumulate)
 
     def or_empty(tensor):  # a custom op's outputs may not alias each other: one fresh empty each
         return tensor if tensor is not None else hidden.new_empty((0,), dtype=accumulate)
 
-    grad_delta = _matmul(colsum, weight, accumulate) if need_delta else None
+    grad_delta = matmul(colsum, weight, accumulate) if need_delta else None
     grad_bias = colsum if need_bias else None  # dz/dbias is the identity: the row sums themselves
-    entropy_grad_hidden = _matmul(entropy_grad, weight, accumulate) if need_hidden or need_delta else None
+    entropy_grad_hidden = matmul(entropy_grad, weight, accumulate) if need_hidden or need_delta else None
     return (ce, entropy, ce_scale, or_empty(grad_hidden), or_empty(grad_delta), or_empty(grad_weight),
             or_empty(grad_bias), entropy_grad, or_empty(entropy_grad_hidden))
 
@@ -356,7 +319,7 @@ def _register_ops():
             hidden, weight, targets, delta, bias, logit_scale, softcap, ce_scale, 1.0, ignore_index, chunk, backend,
             False, False, delta is not None, True)
         if delta is not None:
-            grad_weight += _matmul(colsum.T, delta, grad_weight.dtype)
+            grad_weight += matmul(colsum.T, delta, grad_weight.dtype)
         return grad_weight
 
     @linear_ce_weight_grad.register_fake

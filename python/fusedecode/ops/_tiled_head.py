@@ -16,7 +16,7 @@ import torch
 
 from ..head_transform import apply_head_transform
 
-__all__ = ["CHUNK_BYTES", "default_chunk", "accumulate_dtype", "head_matmul", "head_offsets", "transform_chunk",
+__all__ = ["CHUNK_BYTES", "default_chunk", "accumulate_dtype", "matmul", "head_matmul", "head_offsets", "transform_chunk",
            "head_chunks", "write_rows"]
 
 # chunk * V float32 logits per chunk: 48 MiB sits in the middle of the 32-64 MiB that keep the
@@ -43,20 +43,31 @@ def _has_mm_out_dtype():
     return "dtype" in torch.ops.aten.mm.overloads()
 
 
+def matmul(a, b, accumulate):
+    """``a @ b`` accumulated in and returned as ``accumulate``, ``a`` cast to ``b``'s dtype (the weight
+    or hidden side). Products of half-precision inputs come back unrounded on CUDA (``out_dtype``);
+    on CPU they are rounded to the half dtype first (torch's CPU matmul has no float32 output for
+    them): what the gradient contractions of ``linear_cross_entropy_entropy`` use, as Liger-Kernel
+    does. The head's own logits come from ``head_matmul``, never rounded."""
+    a = a.to(b.dtype)
+    if b.dtype == accumulate:
+        return torch.mm(a, b)
+    if b.is_cuda and _has_mm_out_dtype():
+        return torch.mm(a, b, out_dtype=accumulate)
+    return torch.mm(a, b).to(accumulate)
+
+
 def head_matmul(rows, weight, accumulate):
     """``rows @ weight.T`` (``[n, H]`` by ``[V, H]``) as ``[n, V]`` in ``accumulate``.
 
     Products of half-precision inputs are summed in float32 and returned unrounded, as cuBLAS does
-    for a model's head: on CUDA with ``out_dtype``, on CPU by widening the weight to float32 one
-    slice of the vocabulary at a time (the product of two float16/bfloat16 numbers is exact in float32,
-    so both give the float32 sum of the exact products).
+    for a model's head: on CUDA through ``matmul``, on CPU by widening the weight to float32 one
+    slice of the vocabulary at a time (the product of two float16/bfloat16 numbers is exact in
+    float32, so both give the float32 sum of the exact products).
     """
-    rows = rows.to(weight.dtype)
-    if weight.dtype == accumulate:
-        return torch.mm(rows, weight.T)
-    if weight.is_cuda and _has_mm_out_dtype():
-        return torch.mm(rows, weight.T, out_dtype=accumulate)
-    wide_rows = rows.to(accumulate)
+    if weight.dtype == accumulate or (weight.is_cuda and _has_mm_out_dtype()):
+        return matmul(rows, weight.T, accumulate)
+    wide_rows = rows.to(weight.dtype).to(accumulate)
     vocab, width = weight.shape
     logits = wide_rows.new_empty((rows.shape[0], vocab))
     step = max(1, _WIDEN_BYTES // (4 * width))
