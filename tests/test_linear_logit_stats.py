@@ -281,3 +281,19 @@ def test_opcheck(cpu_backend, generator):
                       (hidden, weight, bias, 0.5, 4.0, torch.rand(5, generator=generator) + 0.5, 1.0,
                        torch.randint(0, 37, (5,), generator=generator), 3, 4)]:
         torch.library.opcheck(op, arguments)
+
+
+def test_torch_compile_fullgraph(generator):
+    require_backend("cpu", "cpp")
+    torch._dynamo.reset()
+    hidden, weight = make_head(generator, (2, 5, 16), 300)
+    token_ids = torch.randint(0, 300, (2, 5), generator=generator)
+
+    def step(hidden, weight, token_ids):
+        stats = fusedecode.linear_logit_stats(hidden, weight, softcap=9.0, token_ids=token_ids, topk=4, chunk=3,
+                                              temperature=0.8, backend="cpp")
+        return stats.entropy * 2 + stats.self_certainty, stats.argmax, stats.token_logprob, stats.topk_confidence
+
+    got = torch.compile(step, fullgraph=True)(hidden, weight, token_ids)
+    for a, b in zip(got, step(hidden, weight, token_ids)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
