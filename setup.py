@@ -1,6 +1,6 @@
 """Build script of fusedecode.
 
-Environment (DESIGN section 6):
+Environment (docs/backends.md, "Build switches"):
   FUSEDECODE_SKIP_NATIVE=1        build no extension: pure Python + Triton + torch backends
   FUSEDECODE_BUILD_CUDA=auto|0|1  CUDA kernels when nvcc and a CUDA build of torch are present
                                   (auto); never (0); always, failing loudly without them (1)

@@ -11,10 +11,35 @@
 
 namespace fusedecode {
 
-// num_accepted [B], accepted_nodes [B, D+1], output_tokens [B, D+1], then the stats of every node
-// [B, N]: logsumexp, entropy, varentropy, self_certainty, max_logprob, argmax.
-using VerifyTreeOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                     at::Tensor, at::Tensor, at::Tensor>;
+// The outputs of fusedecode::verify_tree by name: the fields of OUTPUTS in
+// python/fusedecode/ops/verify_tree.py, in its order (the schema's in csrc/ops.cpp): the walk's, then
+// the always-computed LogitStats fields of every node row.
+struct VerifyTreeOutputs {
+  at::Tensor num_accepted;    // [B] int64
+  at::Tensor accepted_nodes;  // [B, D+1] int64
+  at::Tensor output_tokens;   // [B, D+1] int64
+  at::Tensor logsumexp;       // [B, N] float32, as are the next four
+  at::Tensor entropy;
+  at::Tensor varentropy;
+  at::Tensor self_certainty;
+  at::Tensor max_logprob;
+  at::Tensor argmax;  // [B, N] int64
+
+  // The schema's return value: the only place the fields have positions.
+  using Returns = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                             at::Tensor, at::Tensor>;
+  Returns returns() const {
+    return {num_accepted, accepted_nodes, output_tokens, logsumexp, entropy, varentropy, self_certainty,
+            max_logprob, argmax};
+  }
+
+  // Where the statistics pass writes the node stats (verify_tree asks for no token or top-k field).
+  StatsOutputPointers stats_pointers() {
+    return {logsumexp.data_ptr<float>(),      entropy.data_ptr<float>(),     varentropy.data_ptr<float>(),
+            self_certainty.data_ptr<float>(), max_logprob.data_ptr<float>(), argmax.data_ptr<int64_t>(),
+            nullptr,                          nullptr};
+  }
+};
 
 inline void check_verify_tree_inputs(const at::Tensor& logits, const at::Tensor& tokens, const at::Tensor& parents,
                                      double temperature, const c10::optional<at::Tensor>& draft_probs,
@@ -52,15 +77,17 @@ inline VerifyTreeOutputs allocate_verify_tree_outputs(const at::Tensor& logits, 
   const int64_t batch = logits.size(0), nodes = logits.size(1);
   const auto i64 = logits.options().dtype(at::kLong);
   const auto f32 = logits.options().dtype(at::kFloat);
-  return {at::zeros({batch}, i64),
-          at::full({batch, depth + 1}, -1, i64),
-          at::full({batch, depth + 1}, -1, i64),
-          at::empty({batch, nodes}, f32),
-          at::empty({batch, nodes}, f32),
-          at::empty({batch, nodes}, f32),
-          at::empty({batch, nodes}, f32),
-          at::empty({batch, nodes}, f32),
-          at::empty({batch, nodes}, i64)};
+  VerifyTreeOutputs outputs;
+  outputs.num_accepted = at::zeros({batch}, i64);
+  outputs.accepted_nodes = at::full({batch, depth + 1}, -1, i64);
+  outputs.output_tokens = at::full({batch, depth + 1}, -1, i64);
+  outputs.logsumexp = at::empty({batch, nodes}, f32);
+  outputs.entropy = at::empty({batch, nodes}, f32);
+  outputs.varentropy = at::empty({batch, nodes}, f32);
+  outputs.self_certainty = at::empty({batch, nodes}, f32);
+  outputs.max_logprob = at::empty({batch, nodes}, f32);
+  outputs.argmax = at::empty({batch, nodes}, i64);
+  return outputs;
 }
 
 inline int verify_mode(double temperature, const c10::optional<at::Tensor>& draft_probs) {

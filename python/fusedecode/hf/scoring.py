@@ -13,9 +13,9 @@ import inspect
 
 import torch
 
-from .._types import LogitStats
-from .._validation import ArgumentTypeError, INDEX_DTYPES, check_int, check_temperature
+from .._validation import INDEX_DTYPES, MAX_TOPK, check_int, check_tensor, check_temperature
 from ..ops.linear_logit_stats import linear_logit_stats
+from ..ops.logit_stats import LogitStats
 from .correction.output_head import FinalHiddenCapture, check_head, read_output_head
 
 __all__ = ["score"]
@@ -82,26 +82,16 @@ def score(model, input_ids, attention_mask=None, *, temperature=1.0, topk=0, max
 
 
 def _check_score_args(input_ids, attention_mask, temperature, topk, max_tokens_per_chunk):
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in INDEX_DTYPES:
-        raise ArgumentTypeError(f"input_ids must be an int32/int64 tensor, got "
-                                f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
-    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+    check_tensor("input_ids", input_ids, INDEX_DTYPES, dims=(2,))
+    if input_ids.shape[1] < 1:
         raise ValueError(f"input_ids must have shape [B, T] with T >= 1, got {tuple(input_ids.shape)}")
     if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype.is_floating_point:
-            raise ArgumentTypeError(f"attention_mask must be an integer or bool tensor, got "
-                                    f"{getattr(attention_mask, 'dtype', type(attention_mask).__name__)}")
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
-                             f"got {tuple(attention_mask.shape)}")
-        if attention_mask.device != input_ids.device:
-            raise ValueError(f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}")
+        check_tensor("attention_mask", attention_mask, INDEX_DTYPES + (torch.bool,), shape=input_ids.shape,
+                     device=input_ids.device, device_of="input_ids")
         if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (real tokens)")
-    if isinstance(temperature, torch.Tensor):
-        raise ArgumentTypeError("temperature must be a float, got a tensor")
-    check_temperature(temperature, input_ids.new_empty((), dtype=torch.float32).expand(*input_ids.shape, 1))
-    check_int("topk", topk, 0, 64)
+    check_temperature(temperature)
+    check_int("topk", topk, 0, MAX_TOPK)
     if max_tokens_per_chunk is not None:
         check_int("max_tokens_per_chunk", max_tokens_per_chunk, 1, 2**31 - 1)
 

@@ -7,7 +7,7 @@ inputs) and never rounded to a half-precision dtype on the way (``head_matmul``)
 (the lm_head bias, plus ``delta @ weight.T`` for SRGen; ``head_offsets``) and the head transform
 (``fusedecode.head_transform``) then act on them in place (``transform_chunk``). What an op computes
 from a chunk's rows is its own step; each step's per-row results go into the op's output rows
-``[start, stop)`` (``write_rows``), which is all the merging row-independent statistics need.
+``[start, stop)`` (``output_rows``), which is all the merging row-independent statistics need.
 """
 
 import functools
@@ -17,7 +17,7 @@ import torch
 from ..head_transform import apply_head_transform
 
 __all__ = ["CHUNK_BYTES", "default_chunk", "accumulate_dtype", "matmul", "head_matmul", "head_offsets", "transform_chunk",
-           "head_chunks", "write_rows"]
+           "head_chunks", "output_rows"]
 
 # chunk * V float32 logits per chunk: 48 MiB sits in the middle of the 32-64 MiB that keep the
 # matmuls large enough to run at full speed without the chunk dominating memory.
@@ -107,10 +107,7 @@ def head_chunks(rows, weight, chunk, accumulate):
         del logits
 
 
-def write_rows(outputs, start, stop, results):
-    """Copy one chunk's per-row ``results`` (by name) into rows ``[start, stop)`` of ``outputs`` (by
-    name); outputs not computed (None, or empty placeholders) are skipped."""
-    for name, target in outputs.items():
-        value = results[name]
-        if value is not None and target is not None and target.numel():
-            target[start:stop].copy_(value)
+def output_rows(outputs, start, stop):
+    """Views of rows ``[start, stop)`` of every output (by name): where one chunk's per-row results
+    go. An output not computed (an empty placeholder) stays empty."""
+    return {name: tensor[start:stop] if tensor.numel() else tensor for name, tensor in outputs.items()}

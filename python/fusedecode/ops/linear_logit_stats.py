@@ -1,30 +1,45 @@
 """``fusedecode.linear_logit_stats``: ``logit_stats`` of a language-model head's logits, tile by tile.
 
 The definitions are written once, in ``linear_logit_stats``'s docstring below (the statistics are
-``logit_stats``'s); the naive oracle is ``reference.linear_logit_stats_reference``. Every backend
-walks the same tiled head (``ops/_tiled_head.py``: chunks of rows, float32 logits per chunk, the head
-transform in place) and differs only in the statistics of a chunk: ``torch`` computes them with
-``reference.logit_stats_reference``; ``cpp`` and ``cuda`` with the native ``fusedecode::logit_stats``
-(custom op ``fusedecode::linear_logit_stats``); ``triton`` with ``fusedecode::logit_stats_triton``
-(custom op ``fusedecode::linear_logit_stats_triton``). On a GPU the chunk's matmul is cuBLAS.
+``logit_stats``'s, ``ops/logit_stats.py``); the test oracle is ``reference.logit_stats_reference`` of
+``reference.head_logits_reference``. Every backend walks the same tiled head (``ops/_tiled_head.py``:
+chunks of rows, float32 logits per chunk, the head transform in place, shared with
+``linear_cross_entropy_entropy``) and differs only in the statistics of a chunk: ``torch`` computes
+them with ``reference.logit_stats_reference``; ``cpp`` and ``cuda`` with the native
+``fusedecode::logit_stats`` (custom op ``fusedecode::linear_logit_stats``, implemented here in
+Python); ``triton`` with the kernels of ``triton_kernels/logit_stats.py``, which write straight into
+the output rows (custom op ``fusedecode::linear_logit_stats_triton``). On a GPU each chunk's matmul
+is cuBLAS. The template of ``ops/logit_stats.py`` (``ops/README.md``).
 """
 
-from typing import Optional, Tuple
+import operator
 
 import torch
 
 from .. import _native
-from .._types import LogitStats
 from .._validation import check_linear_logit_stats_args
-from ..backends import resolve_backend
+from ..backends import OpBackends, resolve_backend, triton_import_error
 from ..head_transform import check_head_transform
 from ..reference import logit_stats_reference
-from ._tiled_head import default_chunk, head_chunks, head_offsets, transform_chunk, write_rows
+from ._outputs import allocate, by_name, schema_returns
+from ._tiled_head import default_chunk, head_chunks, head_offsets, output_rows, transform_chunk
+from .logit_stats import OUTPUTS, LogitStats
 
 __all__ = ["linear_logit_stats"]
 
-# Outputs: logit_stats's, one value per row of hidden (the custom ops return them flat, ``[rows]``).
-FIELDS = LogitStats._fields
+# ------------------------------------------------------------------------------------------------
+# Outputs: logit_stats' table (``OUTPUTS``, imported), one value per row of hidden; the custom ops
+# return them flat, ``[rows]``.
+
+BACKENDS = OpBackends("linear_logit_stats")
+# The custom ops take hidden viewed as [rows, H], the head transform (bias [V] or None, scale and
+# soft-cap or None), the temperature as a float32 tensor [rows] or None plus a scalar, the token ids
+# as int64 [rows] or None, topk and the rows per chunk.
+ARGUMENTS = ("(Tensor hidden, Tensor weight, Tensor? bias, float? logit_scale, float? softcap, Tensor? temperature, "
+             "float temperature_scalar, Tensor? token_ids, int topk, int chunk)")
+SCHEMA = f"{ARGUMENTS} -> {schema_returns(OUTPUTS)}"
+# Every custom op of this op and its schema (tests/ops/test_registry.py compares them with torch's).
+SCHEMAS = {"linear_logit_stats": SCHEMA, "linear_logit_stats_triton": SCHEMA}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -36,7 +51,8 @@ def linear_logit_stats(hidden, weight, *, bias=None, logit_scale=None, softcap=N
     """``fusedecode.logit_stats`` of a language-model head's logits, without materialising them.
 
     For every row ``t`` of ``hidden``, the logits are accumulated in float32 as a model's head makes
-    them, each step only if its argument is given:
+    them (for float16/bfloat16 inputs: the float32 sum of the exact products, never rounded to the
+    input dtype), each step only if its argument is given:
 
         z_t = hidden_t @ weight.T + bias
         z_t = z_t * logit_scale
@@ -72,18 +88,19 @@ def linear_logit_stats(hidden, weight, *, bias=None, logit_scale=None, softcap=N
         >>> stats.argmax
         tensor([0, 0])
         >>> [round(value, 4) for value in stats.entropy.tolist()]
-        [0.8325, 1.0986]
+        [0.8332, 1.0986]
     """
     check_linear_logit_stats_args(hidden, weight, temperature, token_ids, topk, chunk)
     transform = check_head_transform(bias, logit_scale, softcap, weight)
-    name = resolve_backend(backend, hidden.device)
-    rows_shape, width = hidden.shape[:-1], hidden.shape[-1]
-    rows = hidden.reshape(-1, width)
+    topk = operator.index(topk)
+    name = resolve_backend(backend, hidden.device, BACKENDS)
+
+    rows_shape = hidden.shape[:-1]
     temperature_rows, temperature_scalar = _temperature_arguments(temperature)
     token_rows = token_ids.reshape(-1).to(torch.int64).contiguous() if token_ids is not None else None
-    chunk = int(chunk) if chunk is not None else default_chunk(weight.shape[0])
-    arguments = (rows, weight, transform.bias, transform.logit_scale, transform.softcap, temperature_rows,
-                 temperature_scalar, token_rows, int(topk), chunk)
+    chunk = operator.index(chunk) if chunk is not None else default_chunk(weight.shape[0])
+    arguments = (hidden.reshape(-1, hidden.shape[-1]), weight, transform.bias, transform.logit_scale,
+                 transform.softcap, temperature_rows, temperature_scalar, token_rows, topk, chunk)
     with torch.no_grad():
         if name == "torch":
             results = _tiled_stats(*arguments, _chunk_stats_torch)
@@ -91,9 +108,7 @@ def linear_logit_stats(hidden, weight, *, bias=None, logit_scale=None, softcap=N
             results = torch.ops.fusedecode.linear_logit_stats_triton(*arguments)
         else:  # cpp or cuda: the native logit_stats, dispatched on the device
             results = torch.ops.fusedecode.linear_logit_stats(*arguments)
-    fields = dict(zip(FIELDS, results))
-    fields["token_logprob"] = fields["token_logprob"] if token_ids is not None else None
-    fields["topk_confidence"] = fields["topk_confidence"] if topk > 0 else None
+    fields = by_name(OUTPUTS, results, _requested(token_ids, topk))
     return LogitStats(**{field: value.view(rows_shape) if value is not None else None
                          for field, value in fields.items()})
 
@@ -109,88 +124,85 @@ def _temperature_arguments(temperature):
     return None, float(temperature)
 
 
+def _requested(token_ids, topk):
+    """Which optional outputs the call asks for (the ``requested_by`` conditions of ``OUTPUTS``)."""
+    return {"token_ids": token_ids is not None, "topk": topk > 0}
+
+
 # ------------------------------------------------------------------------------------------------
 # The tiled pass, shared by every backend (they differ only in the statistics of one chunk)
 
 
-def _allocate(rows, token_ids, topk):
-    """The outputs by name, ``[rows]`` each (an empty ``[0]`` placeholder for an optional output
-    not requested): the fake kernel's result, and what the tiled pass writes into."""
-    count = rows.shape[0]
-    options = dict(dtype=torch.float32, device=rows.device)
-    outputs = {field: rows.new_empty((count,), **options)
-               for field in ("logsumexp", "entropy", "varentropy", "self_certainty", "max_logprob")}
-    outputs["argmax"] = rows.new_empty((count,), dtype=torch.int64, device=rows.device)
-    outputs["token_logprob"] = rows.new_empty((count,) if token_ids is not None else (0,), **options)
-    outputs["topk_confidence"] = rows.new_empty((count,) if topk > 0 else (0,), **options)
-    return outputs
-
-
 def _tiled_stats(rows, weight, bias, logit_scale, softcap, temperature, temperature_scalar, token_ids, topk, chunk,
                  chunk_stats):
-    """The statistics of every row, ``chunk`` rows of logits at a time; ``chunk_stats(logits,
-    temperature, temperature_scalar, token_ids, topk)`` gives one chunk's, by name."""
-    outputs = _allocate(rows, token_ids, topk)
+    """The statistics of every row, ``chunk`` rows of logits at a time: ``chunk_stats(logits,
+    temperature, temperature_scalar, token_ids, topk, into)`` writes one chunk's into ``into``, the
+    outputs' views of its rows. Returns the outputs in table order."""
+    outputs = allocate_outputs(rows, token_ids, topk)
     offset = head_offsets(weight, None, bias, torch.float32)
     for start, stop, logits in head_chunks(rows, weight, chunk, torch.float32):
         transform_chunk(logits, offset, logit_scale, softcap)
-        results = chunk_stats(logits, _rows(temperature, start, stop), temperature_scalar,
-                              _rows(token_ids, start, stop), topk)
-        write_rows(outputs, start, stop, results)
-        del logits, results  # before the next chunk's logits are made
-    return tuple(outputs[field] for field in FIELDS)
+        chunk_stats(logits, _rows(temperature, start, stop), temperature_scalar, _rows(token_ids, start, stop), topk,
+                    output_rows(outputs, start, stop))
+        del logits  # before the next chunk's logits are made
+    return tuple(outputs.values())
 
 
 def _rows(tensor, start, stop):
     return tensor[start:stop] if tensor is not None else None
 
 
-def _chunk_stats_torch(logits, temperature, temperature_scalar, token_ids, topk):
+def _copy_into(into, results):
+    for name, target in into.items():
+        if target.numel():
+            target.copy_(results[name])
+
+
+def _chunk_stats_torch(logits, temperature, temperature_scalar, token_ids, topk, into):
     stats = logit_stats_reference(logits, temperature if temperature is not None else temperature_scalar, token_ids,
                                   topk)
-    return stats._asdict()
+    _copy_into(into, stats._asdict())
 
 
-def _chunk_stats_op(op):
-    """One chunk's statistics by a ``logit_stats`` custom op (its ``[outer, inner, V]`` view)."""
-    def chunk_stats(logits, temperature, temperature_scalar, token_ids, topk):
-        return dict(zip(FIELDS, op(logits.unsqueeze(0), temperature, temperature_scalar, token_ids, topk)))
+def _chunk_stats_native(logits, temperature, temperature_scalar, token_ids, topk, into):
+    results = torch.ops.fusedecode.logit_stats(logits.unsqueeze(0), temperature, temperature_scalar, token_ids, topk)
+    _copy_into(into, by_name(OUTPUTS, results))
 
-    return chunk_stats
+
+def _chunk_stats_triton(logits, temperature, temperature_scalar, token_ids, topk, into):
+    from ..triton_kernels.logit_stats import logit_stats_triton
+
+    logit_stats_triton(logits.unsqueeze(0), temperature, temperature_scalar, token_ids, topk, into)
 
 
 # ------------------------------------------------------------------------------------------------
-# Custom ops: the native statistics (cpp, cuda) and the Triton ones
+# Custom ops: the native statistics (cpp, cuda) and the Triton ones, both implemented in Python
+
+
+def allocate_outputs(rows, token_ids, topk):
+    """The ops' outputs by name for hidden viewed as ``[rows, H]`` (the fake kernel's result, and
+    what the tiled pass writes into)."""
+    return allocate(OUTPUTS, rows, {"rows": rows.shape[0]}, _requested(token_ids, topk))
 
 
 def _fake(rows, weight, bias, logit_scale, softcap, temperature, temperature_scalar, token_ids, topk, chunk):
-    outputs = _allocate(rows, token_ids, topk)
-    return tuple(outputs[field] for field in FIELDS)
+    return tuple(allocate_outputs(rows, token_ids, topk).values())
 
 
-def _register(name, statistics_op):
-    """``fusedecode::<name>``: the tiled pass with ``statistics_op()`` (looked up when called: the op
-    that registers it may be imported after this one) reducing each chunk."""
-    def run(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], logit_scale: Optional[float],
-            softcap: Optional[float], temperature: Optional[torch.Tensor], temperature_scalar: float,
-            token_ids: Optional[torch.Tensor], topk: int, chunk: int) -> Tuple[
-                torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                torch.Tensor]:
+def _register(name, chunk_stats):
+    def run(rows, weight, bias, logit_scale, softcap, temperature, temperature_scalar, token_ids, topk, chunk):
         return _tiled_stats(rows, weight, bias, logit_scale, softcap, temperature, temperature_scalar, token_ids,
-                            topk, chunk, _chunk_stats_op(statistics_op()))
+                            topk, chunk, chunk_stats)
 
-    op = torch.library.custom_op(f"fusedecode::{name}", run, mutates_args=())
+    op = torch.library.custom_op(f"fusedecode::{name}", run, mutates_args=(), schema=SCHEMAS[name])
     op.register_fake(_fake)
 
 
 def _register_ops():
     if _native.native_module() is not None:
-        _register("linear_logit_stats", lambda: torch.ops.fusedecode.logit_stats)
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return
-    _register("linear_logit_stats_triton", lambda: torch.ops.fusedecode.logit_stats_triton)
+        _register("linear_logit_stats", _chunk_stats_native)
+    if triton_import_error() is None:
+        _register("linear_logit_stats_triton", _chunk_stats_triton)
 
 
 _register_ops()

@@ -228,7 +228,7 @@ def test_peak_memory_is_one_chunk():
 
 
 # ------------------------------------------------------------------------------------------------
-# Validation, registration
+# Validation (opcheck and torch.compile: tests/ops/test_registry.py)
 
 
 def test_validation_errors():
@@ -268,32 +268,3 @@ def test_validation_errors():
 def test_named_backend_that_cannot_run_raises():
     with pytest.raises(RuntimeError, match="cuda"):
         fusedecode.linear_logit_stats(torch.randn(2, 4), torch.randn(5, 4), backend="cuda")
-
-
-@pytest.mark.parametrize("cpu_backend", ["cpp", "triton"])
-def test_opcheck(cpu_backend, generator):
-    require_backend("cpu", cpu_backend)
-    op = (torch.ops.fusedecode.linear_logit_stats_triton if cpu_backend == "triton"
-          else torch.ops.fusedecode.linear_logit_stats)
-    hidden, weight = make_head(generator, (5, 8), 37)
-    bias = torch.randn(37, generator=generator)
-    for arguments in [(hidden, weight, None, None, None, None, 1.0, None, 0, 2),
-                      (hidden, weight, bias, 0.5, 4.0, torch.rand(5, generator=generator) + 0.5, 1.0,
-                       torch.randint(0, 37, (5,), generator=generator), 3, 4)]:
-        torch.library.opcheck(op, arguments)
-
-
-def test_torch_compile_fullgraph(generator):
-    require_backend("cpu", "cpp")
-    torch._dynamo.reset()
-    hidden, weight = make_head(generator, (2, 5, 16), 300)
-    token_ids = torch.randint(0, 300, (2, 5), generator=generator)
-
-    def step(hidden, weight, token_ids):
-        stats = fusedecode.linear_logit_stats(hidden, weight, softcap=9.0, token_ids=token_ids, topk=4, chunk=3,
-                                              temperature=0.8, backend="cpp")
-        return stats.entropy * 2 + stats.self_certainty, stats.argmax, stats.token_logprob, stats.topk_confidence
-
-    got = torch.compile(step, fullgraph=True)(hidden, weight, token_ids)
-    for a, b in zip(got, step(hidden, weight, token_ids)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
