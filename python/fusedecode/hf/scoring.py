@@ -101,8 +101,10 @@ def _final_hidden(model, input_ids, attention_mask):
     that computes no other logits where the model allows it."""
     parameters = inspect.signature(model.forward).parameters
     extra = {}
-    if "logits_to_keep" in parameters:
-        extra["logits_to_keep"] = 1
+    for keep in ("logits_to_keep", "num_logits_to_keep"):  # the name since transformers 4.50, and before
+        if keep in parameters:
+            extra[keep] = 1
+            break
     if attention_mask is not None:
         extra["attention_mask"] = attention_mask
         if "position_ids" in parameters:
