@@ -85,6 +85,17 @@ def test_half_precision(backend, dtype, transform, generator):
     check(hidden, weight, backend, chunk=4, topk=3, **transform_arguments(transform, generator, 515, bias_dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weight_widened_in_slices(backend, dtype, generator, monkeypatch):
+    """On CPU a half-precision weight is widened to float32 a slice of the vocabulary at a time:
+    slices of 7 rows here, so that V = 515 ends in a partial one."""
+    from fusedecode.ops import _tiled_head
+
+    monkeypatch.setattr(_tiled_head, "_WIDEN_BYTES", 4 * 64 * 7)
+    hidden, weight = make_head(generator, (3, 64), 515, dtype=dtype)
+    check(hidden, weight, backend, chunk=2, topk=2, softcap=4.0)
+
+
 def test_half_precision_logits_are_not_rounded(backend, generator):
     """A logit whose float16 rounding would move the result: the head must not round to float16.
 
