@@ -57,19 +57,23 @@ def matmul(a, b, accumulate):
     return torch.mm(a, b).to(accumulate)
 
 
-def head_matmul(rows, weight, accumulate):
-    """``rows @ weight.T`` (``[n, H]`` by ``[V, H]``) as ``[n, V]`` in ``accumulate``.
+def head_matmul(rows, weight, accumulate, out=None):
+    """``rows @ weight.T`` (``[n, H]`` by ``[V, H]``) as ``[n, V]`` in ``accumulate``, written into
+    ``out`` (contiguous ``[n, V]`` of ``accumulate``) when given.
 
     Products of half-precision inputs are summed in float32 and returned unrounded, as cuBLAS does
     for a model's head: on CUDA through ``matmul``, on CPU by widening the weight to float32 one
     slice of the vocabulary at a time (the product of two float16/bfloat16 numbers is exact in
     float32, so both give the float32 sum of the exact products).
     """
-    if weight.dtype == accumulate or (weight.is_cuda and _has_mm_out_dtype()):
-        return matmul(rows, weight.T, accumulate)
+    if weight.dtype == accumulate:
+        return torch.mm(rows.to(accumulate), weight.T, out=out)
+    if weight.is_cuda and _has_mm_out_dtype():
+        logits = matmul(rows, weight.T, accumulate)
+        return logits if out is None else out.copy_(logits)
     wide_rows = rows.to(weight.dtype).to(accumulate)
     vocab, width = weight.shape
-    logits = wide_rows.new_empty((rows.shape[0], vocab))
+    logits = out if out is not None else wide_rows.new_empty((rows.shape[0], vocab))
     step = max(1, _WIDEN_BYTES // (4 * width))
     for start in range(0, vocab, step):
         stop = min(start + step, vocab)
@@ -97,12 +101,21 @@ def transform_chunk(logits, offset, logit_scale, softcap):
 
 def head_chunks(rows, weight, chunk, accumulate):
     """``(start, stop, logits)`` for consecutive row ranges of ``rows`` ``[n, H]``: ``logits`` is
-    ``head_matmul(rows[start:stop], weight)``, untransformed. Each chunk's buffer is released when
-    the next one is made as long as the caller keeps no reference to it (``del logits`` at the end of
-    the loop body: the loop variable still holds the previous chunk while the next one is made)."""
-    for start in range(0, rows.shape[0], chunk):
-        stop = min(start + chunk, rows.shape[0])
-        logits = head_matmul(rows[start:stop], weight, accumulate)
+    ``head_matmul(rows[start:stop], weight)``, untransformed, valid until the next chunk is made.
+
+    On CPU every chunk reuses one ``[chunk, V]`` buffer: a fresh one per chunk (tens of MiB, beyond
+    what the allocator keeps mapped) would page-fault its memory in again every time, which costs
+    more than the matmul gains from going chunk by chunk. On CUDA the caching allocator already
+    hands the same memory back; there each chunk's buffer is released when the next one is made as
+    long as the caller keeps no reference to it (``del logits`` at the end of the loop body).
+    """
+    count, vocab = rows.shape[0], weight.shape[0]
+    buffer = None
+    if rows.device.type == "cpu" and count:
+        buffer = rows.new_empty((min(chunk, count), vocab), dtype=accumulate)
+    for start in range(0, count, chunk):
+        stop = min(start + chunk, count)
+        logits = head_matmul(rows[start:stop], weight, accumulate, buffer[:stop - start] if buffer is not None else None)
         yield start, stop, logits
         del logits
 
