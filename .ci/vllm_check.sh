@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # fusedecode.vllm on the real engine: vLLM's CPU build in its own venv, then tests/vllm against the
 # source tree with the extension `make test` built (PYTHONPATH=python; same torch 2.13.0+cpu).
-# Budget: about 2 min of installs with a warm pip cache (3-4 min cold), then the engine tests.
+# Budget: about 2 min of installs with a warm pip cache (3-4 min cold), then the engine tests (three
+# engines, one per module plus a plain one) and examples/deepconf_vllm.py: about 8 min in all on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VLLM_VENV:-.venv-vllm}
@@ -29,4 +30,7 @@ echo "== vLLM venv ready in $(( $(date +%s) - start ))s"
 # python -P: the repo root is not on sys.path, where vLLM would take our triton_kernels/ for Triton's.
 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} PYTHONPATH=python \
   "$VENV/bin/python" -P -m pytest -q -p no:cacheprovider tests/vllm
-echo "== fusedecode.vllm engine tests done in $(( $(date +%s) - start ))s"
+echo "== engine tests done in $(( $(date +%s) - start ))s"
+VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} PYTHONPATH=python \
+  "$VENV/bin/python" -P examples/deepconf_vllm.py
+echo "== fusedecode.vllm engine tests and example done in $(( $(date +%s) - start ))s"
