@@ -246,6 +246,10 @@ def deepconf(llm, prompt, sampling_params=None, *, extract_answer, n_warmup=16, 
         raise TypeError("extract_answer must be a callable taking a completion's text")
     warm_params = _sampling_for(sampling_params, n_warmup, "n_warmup")
     final_params = _sampling_for(sampling_params, n, "n")
+    if final_params.seed is not None:
+        # vLLM seeds a request's n completions seed, seed + 1, ...: without the offset the first final
+        # traces would repeat the warm-up traces and be counted twice in the vote.
+        final_params.seed += n_warmup
     check_window("window", window)
     warm = generate(llm, prompt, warm_params, temperature=temperature, topk=topk, timeout=timeout)[0]
     warm_lowest = [confidence.lowest_group_confidence(s.topk_confidence, window) for s in warm.stats]
