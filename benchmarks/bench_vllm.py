@@ -48,9 +48,12 @@ def generated_tokens(outputs):
 
 
 def commit():
+    """The checkout's commit, "-dirty" when tracked files differ from it (read before measuring)."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+        return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "-uno") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -73,6 +76,7 @@ def main():
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--out", help="also write the markdown table here")
     args = parser.parse_args()
+    revision, load_before = commit(), os.getloadavg()[0]
 
     import torch
     import vllm
@@ -116,9 +120,9 @@ def main():
     medians = {name: statistics.median(values) for name, values in rates.items()}
     base, logprobs_path = medians["(a) plain vLLM"], list(medians.values())[-1]
 
-    lines = [f"vLLM {vllm.__version__} (CPU build), torch {torch.__version__}, fusedecode commit {commit()}, "
+    lines = [f"vLLM {vllm.__version__} (CPU build), torch {torch.__version__}, fusedecode commit {revision}, "
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-             f"Machine: {machine()}; load average before the run {os.getloadavg()[0]:.1f}",
+             f"Machine: {machine()}; load average before the run {load_before:.1f}, after {os.getloadavg()[0]:.1f}",
              f"Bundled target (V = {VOCAB}), {len(PROMPTS)} prompts x N = {args.traces} sampled traces (T = 1), "
              f"max_tokens {args.max_tokens}, max_num_seqs {args.max_num_seqs}; median of {args.repeats} interleaved "
              "repeats after a warm-up", "",
