@@ -38,7 +38,6 @@ class PendingChain(NamedTuple):
     tokens: torch.Tensor
     valid: torch.Tensor
     positions: torch.Tensor
-    mask: torch.Tensor
 
     @classmethod
     def from_prompt(cls, input_ids, prompt_valid):
@@ -60,6 +59,7 @@ class TreeBatch(NamedTuple):
     parents: torch.Tensor
     valid: torch.Tensor
     positions: torch.Tensor
+    mask: torch.Tensor
 
     @classmethod
     def from_pruned(cls, pruned_trees, root_positions, device):
