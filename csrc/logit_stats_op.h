@@ -36,14 +36,16 @@ struct LogitStatsOutputs {
 
   // Raw pointers for the framework-free kernels (nullptr for a field not asked for).
   StatsOutputPointers pointers(bool with_token, bool with_topk) {
-    return {logsumexp.data_ptr<float>(),
-            entropy.data_ptr<float>(),
-            varentropy.data_ptr<float>(),
-            self_certainty.data_ptr<float>(),
-            max_logprob.data_ptr<float>(),
-            argmax.data_ptr<int64_t>(),
-            with_token ? token_logprob.data_ptr<float>() : nullptr,
-            with_topk ? topk_confidence.data_ptr<float>() : nullptr};
+    StatsOutputPointers out{};
+    out.logsumexp = logsumexp.data_ptr<float>();
+    out.entropy = entropy.data_ptr<float>();
+    out.varentropy = varentropy.data_ptr<float>();
+    out.self_certainty = self_certainty.data_ptr<float>();
+    out.max_logprob = max_logprob.data_ptr<float>();
+    out.argmax = argmax.data_ptr<int64_t>();
+    out.token_logprob = with_token ? token_logprob.data_ptr<float>() : nullptr;
+    out.topk_confidence = with_topk ? topk_confidence.data_ptr<float>() : nullptr;
+    return out;
   }
 };
 
@@ -93,9 +95,10 @@ inline RowLayout check_logit_stats_inputs(const at::Tensor& logits, const c10::o
   return layout;
 }
 
-inline LogitStatsOutputs allocate_logit_stats_outputs(const at::Tensor& logits, bool with_token, bool with_topk) {
-  // One entry per row, in row order ([outer * inner]); the Python layer gives them the leading shape.
-  const auto shape = std::vector<int64_t>{logits.size(0) * logits.size(1)};
+// Fresh outputs of `shape` on the logits' device: logit_stats' are one entry per row, in row order
+// ([outer * inner]; the Python layer gives them the leading shape), verify_tree's one per node [B, N].
+inline LogitStatsOutputs allocate_logit_stats_outputs(const at::Tensor& logits, at::IntArrayRef shape, bool with_token,
+                                                      bool with_topk) {
   const auto f32 = logits.options().dtype(at::kFloat);
   auto optional_out = [&](bool wanted) { return wanted ? at::empty(shape, f32) : at::empty({0}, f32); };
   LogitStatsOutputs outputs;

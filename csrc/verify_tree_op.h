@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "fusedecode/tree_walk.h"
+#include "logit_stats_op.h"
 
 namespace fusedecode {
 
@@ -18,26 +19,16 @@ struct VerifyTreeOutputs {
   at::Tensor num_accepted;    // [B] int64
   at::Tensor accepted_nodes;  // [B, D+1] int64
   at::Tensor output_tokens;   // [B, D+1] int64
-  at::Tensor logsumexp;       // [B, N] float32, as are the next four
-  at::Tensor entropy;
-  at::Tensor varentropy;
-  at::Tensor self_certainty;
-  at::Tensor max_logprob;
-  at::Tensor argmax;  // [B, N] int64
+  // [B, N], written by the statistics pass; verify_tree asks for neither token_logprob nor
+  // topk_confidence (empty, not returned).
+  LogitStatsOutputs stats;
 
   // The schema's return value: the only place the fields have positions.
   using Returns = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                              at::Tensor, at::Tensor>;
   Returns returns() const {
-    return {num_accepted, accepted_nodes, output_tokens, logsumexp, entropy, varentropy, self_certainty,
-            max_logprob, argmax};
-  }
-
-  // Where the statistics pass writes the node stats (verify_tree asks for no token or top-k field).
-  StatsOutputPointers stats_pointers() {
-    return {logsumexp.data_ptr<float>(),      entropy.data_ptr<float>(),     varentropy.data_ptr<float>(),
-            self_certainty.data_ptr<float>(), max_logprob.data_ptr<float>(), argmax.data_ptr<int64_t>(),
-            nullptr,                          nullptr};
+    return {num_accepted,  accepted_nodes,       output_tokens,     stats.logsumexp, stats.entropy,
+            stats.varentropy, stats.self_certainty, stats.max_logprob, stats.argmax};
   }
 };
 
@@ -76,17 +67,11 @@ inline void check_verify_tree_inputs(const at::Tensor& logits, const at::Tensor&
 inline VerifyTreeOutputs allocate_verify_tree_outputs(const at::Tensor& logits, int64_t depth) {
   const int64_t batch = logits.size(0), nodes = logits.size(1);
   const auto i64 = logits.options().dtype(at::kLong);
-  const auto f32 = logits.options().dtype(at::kFloat);
   VerifyTreeOutputs outputs;
   outputs.num_accepted = at::zeros({batch}, i64);
   outputs.accepted_nodes = at::full({batch, depth + 1}, -1, i64);
   outputs.output_tokens = at::full({batch, depth + 1}, -1, i64);
-  outputs.logsumexp = at::empty({batch, nodes}, f32);
-  outputs.entropy = at::empty({batch, nodes}, f32);
-  outputs.varentropy = at::empty({batch, nodes}, f32);
-  outputs.self_certainty = at::empty({batch, nodes}, f32);
-  outputs.max_logprob = at::empty({batch, nodes}, f32);
-  outputs.argmax = at::empty({batch, nodes}, i64);
+  outputs.stats = allocate_logit_stats_outputs(logits, {batch, nodes}, false, false);
   return outputs;
 }
 

@@ -220,7 +220,8 @@ LogitStatsOutputs::Returns logit_stats_cpu(const at::Tensor& logits, const c10::
                                            double temperature_scalar, const c10::optional<at::Tensor>& token_ids,
                                            int64_t topk) {
   const RowLayout layout = check_logit_stats_inputs(logits, temperature, token_ids, topk);
-  LogitStatsOutputs outputs = allocate_logit_stats_outputs(logits, token_ids.has_value(), topk > 0);
+  LogitStatsOutputs outputs =
+      allocate_logit_stats_outputs(logits, {logits.size(0) * logits.size(1)}, token_ids.has_value(), topk > 0);
   const int64_t rows = layout.num_rows();
   if (rows == 0) return outputs.returns();
   const StatsOutputPointers out = outputs.pointers(token_ids.has_value(), topk > 0);

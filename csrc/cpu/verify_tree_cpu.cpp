@@ -133,8 +133,8 @@ void walk_all(const at::Tensor& logits, const at::Tensor& tokens, const at::Tens
   const int64_t batch = logits.size(0), nodes = logits.size(1), width = outputs.accepted_nodes.size(1);
   const int64_t splits = cut.count();
   const scalar_t* base = logits.const_data_ptr<scalar_t>();
-  const float* max_logprob = outputs.max_logprob.const_data_ptr<float>();
-  const int64_t* argmaxes = outputs.argmax.const_data_ptr<int64_t>();
+  const float* max_logprob = outputs.stats.max_logprob.const_data_ptr<float>();
+  const int64_t* argmaxes = outputs.stats.argmax.const_data_ptr<int64_t>();
   const int64_t* token_rows = tokens.const_data_ptr<int64_t>();
   const int64_t* parent_rows = parents.const_data_ptr<int64_t>();
   const int64_t* seed_rows = seeds.const_data_ptr<int64_t>();
@@ -163,7 +163,7 @@ VerifyTreeOutputs::Returns verify_tree_cpu(const at::Tensor& logits, const at::T
   if (batch == 0 || nodes == 0) return outputs.returns();
   const float stats_temperature = temperature > 0 ? static_cast<float>(temperature) : 1.f;
   RowLayout layout{batch, nodes, logits.stride(0), logits.stride(1), vocab};
-  const StatsOutputPointers stats = outputs.stats_pointers();
+  const StatsOutputPointers stats = outputs.stats.pointers(false, false);
   const int mode = verify_mode(temperature, draft_probs);
   std::vector<SliceResult> slices;
   const VocabSlices cut{vocab, kVerifySliceTokens};

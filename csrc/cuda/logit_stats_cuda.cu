@@ -35,7 +35,8 @@ LogitStatsOutputs::Returns logit_stats_cuda(const at::Tensor& logits, const c10:
   TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor");
   const RowLayout layout = check_logit_stats_inputs(logits, temperature, token_ids, topk);
   const c10::cuda::CUDAGuard guard(logits.device());
-  LogitStatsOutputs outputs = allocate_logit_stats_outputs(logits, token_ids.has_value(), topk > 0);
+  LogitStatsOutputs outputs =
+      allocate_logit_stats_outputs(logits, {logits.size(0) * logits.size(1)}, token_ids.has_value(), topk > 0);
   const int64_t rows = layout.num_rows();
   if (rows == 0) return outputs.returns();
 

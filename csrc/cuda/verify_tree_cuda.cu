@@ -41,7 +41,7 @@ VerifyTreeOutputs::Returns verify_tree_cuda(const at::Tensor& logits, const at::
   s.inner_stride = logits.stride(1);
   s.vocab = vocab;
   s.temperature = stats_temperature;
-  s.out = outputs.stats_pointers();
+  s.out = outputs.stats.pointers(false, false);
   s.splits = static_cast<int>(splits);
   s.partial_states = reinterpret_cast<StatsState*>(slices.data_ptr<float>());
   s.row_counters = reinterpret_cast<unsigned int*>(counters.data_ptr<int>());
@@ -57,8 +57,8 @@ VerifyTreeOutputs::Returns verify_tree_cuda(const at::Tensor& logits, const at::
   w.seeds = seeds.const_data_ptr<int64_t>();
   w.inv_t = 1.f / stats_temperature;
   w.mode = verify_mode(temperature, draft_probs);
-  w.max_logprob = outputs.max_logprob.const_data_ptr<float>();
-  w.argmax = outputs.argmax.const_data_ptr<int64_t>();
+  w.max_logprob = outputs.stats.max_logprob.const_data_ptr<float>();
+  w.argmax = outputs.stats.argmax.const_data_ptr<int64_t>();
   w.slices = s.partial_states;
   w.splits = static_cast<int>(splits);
   if (w.mode == kVerifyMultiDraft) {
