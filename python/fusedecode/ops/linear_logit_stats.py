@@ -23,13 +23,13 @@ from ..head_transform import check_head_transform
 from ..reference import logit_stats_reference
 from ._outputs import allocate, by_name, schema_returns
 from ._tiled_head import default_chunk, head_chunks, head_offsets, output_rows, transform_chunk
-from .logit_stats import OUTPUTS, LogitStats
+from .logit_stats import OUTPUTS, LogitStats, requested_outputs, temperature_arguments
 
 __all__ = ["linear_logit_stats"]
 
 # ------------------------------------------------------------------------------------------------
-# Outputs: logit_stats' table (``OUTPUTS``, imported), one value per row of hidden; the custom ops
-# return them flat, ``[rows]``.
+# Outputs: logit_stats' table (``OUTPUTS``, imported with its ``requested_outputs`` conditions and
+# ``temperature_arguments``), one value per row of hidden; the custom ops return them flat, ``[rows]``.
 
 BACKENDS = OpBackends("linear_logit_stats")
 # The custom ops take hidden viewed as [rows, H], the head transform (bias [V] or None, scale and
@@ -96,7 +96,7 @@ def linear_logit_stats(hidden, weight, *, bias=None, logit_scale=None, softcap=N
     name = resolve_backend(backend, hidden.device, BACKENDS)
 
     rows_shape = hidden.shape[:-1]
-    temperature_rows, temperature_scalar = _temperature_arguments(temperature)
+    temperature_rows, temperature_scalar = temperature_arguments(temperature)
     token_rows = token_ids.reshape(-1).to(torch.int64).contiguous() if token_ids is not None else None
     chunk = operator.index(chunk) if chunk is not None else default_chunk(weight.shape[0])
     arguments = (hidden.reshape(-1, hidden.shape[-1]), weight, transform.bias, transform.logit_scale,
@@ -108,25 +108,9 @@ def linear_logit_stats(hidden, weight, *, bias=None, logit_scale=None, softcap=N
             results = torch.ops.fusedecode.linear_logit_stats_triton(*arguments)
         else:  # cpp or cuda: the native logit_stats, dispatched on the device
             results = torch.ops.fusedecode.linear_logit_stats(*arguments)
-    fields = by_name(OUTPUTS, results, _requested(token_ids, topk))
+    fields = by_name(OUTPUTS, results, requested_outputs(token_ids, topk))
     return LogitStats(**{field: value.view(rows_shape) if value is not None else None
                          for field, value in fields.items()})
-
-
-# ------------------------------------------------------------------------------------------------
-# From the public arguments to the custom ops' arguments
-
-
-def _temperature_arguments(temperature):
-    """(per-row float32 temperatures ``[rows]`` or None, the scalar temperature)."""
-    if isinstance(temperature, torch.Tensor):
-        return temperature.reshape(-1).to(torch.float32).contiguous(), 1.0
-    return None, float(temperature)
-
-
-def _requested(token_ids, topk):
-    """Which optional outputs the call asks for (the ``requested_by`` conditions of ``OUTPUTS``)."""
-    return {"token_ids": token_ids is not None, "topk": topk > 0}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -182,7 +166,7 @@ def _chunk_stats_triton(logits, temperature, temperature_scalar, token_ids, topk
 def allocate_outputs(rows, token_ids, topk):
     """The ops' outputs by name for hidden viewed as ``[rows, H]`` (the fake kernel's result, and
     what the tiled pass writes into)."""
-    return allocate(OUTPUTS, rows, {"rows": rows.shape[0]}, _requested(token_ids, topk))
+    return allocate(OUTPUTS, rows, {"rows": rows.shape[0]}, requested_outputs(token_ids, topk))
 
 
 def _fake(rows, weight, bias, logit_scale, softcap, temperature, temperature_scalar, token_ids, topk, chunk):
