@@ -19,7 +19,7 @@ TARGET = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)  # splits int
 DRAFT = TARGET.flip(0)
 CHILDREN = (3, 2)  # the root drafts 3 children i.i.d. from q_root, each of them 2 from its own q
 DRAWS = 36_000  # >= required_draws(16): the pair of the first two tokens has 16 cells
-INTERPRETED_DRAWS = 1_500  # the Triton interpreter walks each tree in Python: about a minute
+INTERPRETED_DRAWS = 80  # the Triton interpreter runs every program in Python: ~0.3 s a tree, a minute in all
 
 
 def target_after(token):
@@ -133,7 +133,8 @@ def test_first_and_second_token_follow_the_target(target, mode):
     first, second = first_two_tokens(out, generator)
     context = f"[{backend} on {device}, {mode}, {rows} draws"
     context += f", sees a {detectable_tv(16, rows):.1%} TV error]" if interpreted else "]"
-    assert_distributed_as(first, TARGET, "first token " + context)
-    assert_distributed_as(first * VOCAB + second, pair_distribution(), "first two tokens " + context)
-    # The walk goes deep often enough that the second token is often verify_tree's own.
-    assert float((out.num_accepted > 0).double().mean()) > 0.3
+    assert_distributed_as(first, TARGET, "first token " + context, pool=interpreted)
+    assert_distributed_as(first * VOCAB + second, pair_distribution(), "first two tokens " + context, pool=interpreted)
+    # The walk goes deep often enough that the second token is often verify_tree's own (~1/3 of
+    # the rows target-only, ~3/4 multi-draft).
+    assert float((out.num_accepted > 0).double().mean()) > 0.2
