@@ -71,5 +71,6 @@ def test_first_two_tokens_follow_the_target(sampling):
     assert tokens.shape == (DRAWS, 2) and bool(((tokens >= 0) & (tokens < OUTCOMES)).all())
     assert_distributed_as(tokens[:, 0], first, f"first token [{sampling}]")
     assert_distributed_as(tokens[:, 0] * OUTCOMES + tokens[:, 1], pairs, f"first two tokens [{sampling}]")
-    # The trees were used: the first step accepted drafted tokens in a good share of the rows.
-    assert float((out.num_accepted[0] > 0).double().mean()) > 0.3
+    # The trees were used: the first step accepted drafted tokens in a share of the rows (target-only:
+    # the draft's top 2 are the target's two least likely tokens, p = .2; multi-draft ~ .6).
+    assert float((out.num_accepted[0] > 0).double().mean()) > 0.1
