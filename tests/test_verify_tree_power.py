@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import fusedecode
-from distribution import assert_distributed_as, assert_powerful, detectable_tv, noncentral_power, \
-    chi_square_critical, chi_square_p_value, required_draws, worst_case_noncentrality, ALPHA, POWER, TV_ERROR
+from distribution import (ALPHA, POWER, TV_ERROR, assert_distributed_as, assert_powerful, chi_square_critical,
+                          chi_square_p_value, detectable_tv, noncentral_power, required_draws)
 from helpers import BACKEND_CASES, require_backend
 
 VOCAB = 4

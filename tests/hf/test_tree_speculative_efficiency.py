@@ -3,8 +3,6 @@ floor, and (with the target as its own draft) that every verification accepts th
 walk went down, which fails when the draft's cache loses a fed slot or the tree loses the draft's
 best child."""
 
-import math
-
 import pytest
 import torch
 
