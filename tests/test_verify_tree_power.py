@@ -19,7 +19,7 @@ TARGET = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)  # splits int
 DRAFT = TARGET.flip(0)
 CHILDREN = (3, 2)  # the root drafts 3 children i.i.d. from q_root, each of them 2 from its own q
 DRAWS = 36_000  # >= required_draws(16): the pair of the first two tokens has 16 cells
-INTERPRETED_DRAWS = 60  # the Triton interpreter runs every program in Python (~0.3 s a tree): a minute in all
+INTERPRETED_DRAWS = 150  # the Triton interpreter runs every program in Python: about 40 s a mode
 
 
 def target_after(token):
