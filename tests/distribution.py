@@ -30,7 +30,7 @@ lambda >= 37.93, n >= 23,708 draws for 4 cells (the first token over a 4-token v
 lambda >= 55.16, n >= 34,476 for 16 cells (the pair of the first two tokens). ``required_draws`` finds the smallest n and
 ``assert_powerful`` checks a test's n against it (and that no cell is so rare that the chi-square
 approximation fails: every expected count >= 5, so no cells are pooled and the bound holds as
-stated). The approximation is checked by simulation in ``test_verify_tree_power``.
+stated). The approximation is checked by simulation in ``tests/ops/verify_tree/test_power.py``.
 
 Fixed seeds make the tests deterministic: a correct sampler passes with these seeds, a sampler
 with a 2% error fails with probability >= 0.99 over the choice of seeds.

@@ -78,6 +78,7 @@ def test_paths_layout_agrees():
     ([1, 1], [-1, -1], "reached twice"),  # node 1 is the child of 0 and of itself
     ([1, -1, -1], [-1, -1, -1], "not reachable"),  # node 2 hangs in the air
     ([1, -1], [-1, 5], "out of range"),  # node 1's next sibling
+    ([1, -1, -1], [2, -1, -1], "root .* no siblings"),  # the root's next sibling would be ignored
     ([1, -1], [-1, -1, -1], "same shape"),
     ([[1, -1]], [1, -1], "same shape"),
     ([[[1]]], [[[1]]], "same shape"),
@@ -89,7 +90,7 @@ def test_from_next_sibling_errors(first_child, next_sibling, match):
 
 def test_from_next_sibling_error_names_the_row():
     with pytest.raises(ValueError, match="row 1"):
-        tree_from_next_sibling([[1, -1, -1], [2, -1, -1]], [[2, -1, -1], [-1, -1, 1]])
+        tree_from_next_sibling([[1, -1, -1], [2, -1, -1]], [[-1, 2, -1], [-1, -1, 1]])
 
 
 @pytest.mark.parametrize("parents", [
