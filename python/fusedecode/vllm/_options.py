@@ -21,13 +21,11 @@ Nothing here imports vLLM: ``validate_params`` runs in the API server's process,
 unit-tested without vLLM.
 """
 
-import math
 import os
 from dataclasses import dataclass
-from numbers import Integral, Real
 from typing import Optional
 
-import numpy as np
+from .. import _validation
 
 PREFIX = "fusedecode_"
 TEMPERATURE, TOPK = PREFIX + "temperature", PREFIX + "topk"
@@ -36,7 +34,7 @@ KEY, CHANNEL, AUTHKEY = PREFIX + "key", PREFIX + "channel", PREFIX + "authkey"
 KNOWN_KEYS = (TEMPERATURE, TOPK, WINDOW, THRESHOLD, KEY, CHANNEL, AUTHKEY)
 
 DEEPCONF_TOPK = 20  # the paper's k, used when an early stop is asked for without a topk
-MAX_TOPK = 64  # logit_stats' limit
+MAX_TOPK = _validation.MAX_TOPK  # logit_stats' limit
 GREEDY_BELOW = 1e-5  # vLLM treats a sampling temperature below this as greedy
 AUTHKEY_BYTES = 32
 
@@ -64,33 +62,20 @@ class RequestOptions:
 
 def check_temperature(name, value):
     """A float > 0 whose reciprocal is finite in float32 (what ``fusedecode.logit_stats`` accepts)."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise ValueError(f"{name} must be a float > 0, got {value!r}")
-    value = float(value)
-    with np.errstate(over="ignore", divide="ignore"):
-        as_float32 = np.float32(value)
-        reciprocal = np.float32(1.0) / as_float32
-    if not (0.0 < value and 0 < as_float32 < np.inf and np.isfinite(reciprocal)):
-        raise ValueError(f"{name} must be finite and > 0 with 1/{name} finite in float32, got {value!r}")
-    return value
+    _validation.check_temperature(value, name=name)
+    return float(value)
 
 
 def check_topk(name, value, minimum=0):
-    if isinstance(value, bool) or not isinstance(value, Integral) or not minimum <= value <= MAX_TOPK:
-        raise ValueError(f"{name} must be an int in {minimum}..{MAX_TOPK}, got {value!r}")
-    return int(value)
+    return _validation.check_int(name, value, minimum, MAX_TOPK)
 
 
 def check_window(name, value):
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return int(value)
+    return _validation.check_int(name, value, 1)
 
 
 def check_threshold(name, value):
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite float, got {value!r}")
-    return float(value)
+    return _validation.check_float(name, value)
 
 
 def _check_delivery(extra):
