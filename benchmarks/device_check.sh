@@ -67,6 +67,10 @@ log "linear_cross_entropy_entropy: one SRGen correction, naive vs fused (T=8192,
 timeout ${LINEAR_CE_TIMEOUT:-120} $PY benchmarks/bench_linear_ce.py --device cuda 2>&1 \
   | grep -v -i "warn" | tee -a "$SUMMARY"
 
+log "scoring without [T, V] logits: materialised + logit_stats vs linear_logit_stats (Qwen2-7B head, bf16)"
+timeout ${SCORING_TIMEOUT:-90} $PY benchmarks/bench_scoring.py --device cuda --json "$OUT/bench_scoring.json" 2>&1 \
+  | grep -v -i "warn" | tee -a "$SUMMARY"
+
 log "speculative decoding on the GPU: plain vs HF assisted vs tree speculation (bundled pair)"
 timeout ${SPECULATIVE_TIMEOUT:-90} $PY benchmarks/bench_speculative.py --device cuda --problems 12 2>&1 \
   | grep '^|' | tee -a "$SUMMARY"

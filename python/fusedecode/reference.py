@@ -211,13 +211,7 @@ def linear_cross_entropy_entropy_reference(hidden, weight, targets, delta=None, 
     x = hidden.to(dtype)
     if delta is not None:
         x = x + (delta.to(dtype).unsqueeze(-2) if delta.dim() == x.dim() - 1 else delta.to(dtype))
-    logits = x @ weight.to(dtype).T
-    if bias is not None:
-        logits = logits + bias.to(dtype)
-    if logit_scale is not None:
-        logits = logits * logit_scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
+    logits = head_logits_reference(x, weight, bias, logit_scale, softcap, dtype)
     losses = torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index,
                                                reduction="none").view(targets.shape)
     counted = (targets != ignore_index).sum(-1)
@@ -226,3 +220,18 @@ def linear_cross_entropy_entropy_reference(hidden, weight, targets, delta=None, 
     log_p = torch.log_softmax(logits[..., -1, :] / temperature, dim=-1)
     entropy = -(log_p.exp() * log_p).sum(-1)
     return ce, entropy
+
+
+def head_logits_reference(hidden, weight, bias=None, logit_scale=None, softcap=None, dtype=torch.float64):
+    """A language-model head's logits the naive way, the whole ``[..., T, V]`` in ``dtype``:
+    ``hidden @ weight.T + bias``, then ``* logit_scale``, then ``softcap * tanh(z / softcap)``, each
+    step only if its argument is given (``fusedecode.head_transform``)."""
+    logits = hidden.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    if logit_scale is not None:
+        logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+

@@ -33,6 +33,7 @@ def test_demo_runs_and_writes_html(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "self-certainty Borda voting" in out.stdout and "majority vote" in out.stdout
+    assert "re-scored (hf.score): log-likelihood Borda" in out.stdout
     assert "\x1b[38;2;" in out.stdout  # tokens coloured by entropy
     speculation = [line for line in out.stdout.splitlines() if "tree speculation" in line]
     assert speculation and speculation[0].rstrip().endswith("yes")  # same text as plain greedy decoding

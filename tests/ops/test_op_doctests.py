@@ -6,7 +6,8 @@ import importlib
 
 import pytest
 
-MODULES = ["fusedecode.ops.logit_stats", "fusedecode.ops.verify_tree", "fusedecode.ops.linear_ce", "fusedecode.tree"]
+MODULES = ["fusedecode.ops.logit_stats", "fusedecode.ops.verify_tree", "fusedecode.ops.linear_ce",
+           "fusedecode.ops.linear_logit_stats", "fusedecode.tree"]
 
 
 @pytest.mark.parametrize("name", MODULES)

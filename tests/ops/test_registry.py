@@ -8,12 +8,14 @@ import torch
 
 import fusedecode
 from fusedecode.backends import unavailable_reason
-from fusedecode.ops import linear_ce, logit_stats, verify_tree
+from fusedecode.ops import linear_ce, linear_logit_stats, logit_stats, verify_tree
 from helpers import random_logits
 
-OP_MODULES = {"logit_stats": logit_stats, "verify_tree": verify_tree, "linear_ce": linear_ce}
+OP_MODULES = {"logit_stats": logit_stats, "verify_tree": verify_tree, "linear_ce": linear_ce,
+              "linear_logit_stats": linear_logit_stats}
 # The backend each custom op runs on (named after the op: <name> native or torch, <name>_triton).
-NATIVE = {"logit_stats", "verify_tree"}
+# linear_logit_stats is a Python custom op over the native logit_stats: it needs the extension too.
+NATIVE = {"logit_stats", "verify_tree", "linear_logit_stats"}
 
 
 def backend_of(name):
@@ -88,8 +90,18 @@ def linear_ce_weight_grad_samples(generator):
              torch.rand(2, generator=generator), -100, 2)]
 
 
+def linear_logit_stats_samples(generator):
+    hidden = torch.randn((5, 8), generator=generator)
+    weight = torch.randn((37, 8), generator=generator)
+    bias = torch.randn(37, generator=generator)
+    return [(hidden, weight, None, None, None, None, 1.0, None, 0, 2),
+            (hidden, weight, bias, 0.5, 4.0, torch.rand(5, generator=generator) + 0.5, 1.0,
+             torch.randint(0, 37, (5,), generator=generator), 3, 4)]
+
+
 SAMPLES = {"logit_stats": logit_stats_samples, "verify_tree": verify_tree_samples,
-           "linear_ce_forward": linear_ce_forward_samples, "linear_ce_weight_grad": linear_ce_weight_grad_samples}
+           "linear_ce_forward": linear_ce_forward_samples, "linear_ce_weight_grad": linear_ce_weight_grad_samples,
+           "linear_logit_stats": linear_logit_stats_samples}
 
 
 def test_every_custom_op_has_samples():
@@ -139,9 +151,24 @@ def compile_linear_ce(backend, generator):
     return step, (hidden, weight, targets)
 
 
+def compile_linear_logit_stats(backend, generator):
+    hidden = torch.randn((2, 5, 16), generator=generator)
+    weight = torch.randn((300, 16), generator=generator)
+    token_ids = torch.randint(0, 300, (2, 5), generator=generator)
+
+    def step(hidden, weight, token_ids):
+        stats = fusedecode.linear_logit_stats(hidden, weight, softcap=9.0, temperature=0.8, token_ids=token_ids,
+                                              topk=4, chunk=3, backend=backend)
+        return stats.entropy * 2 + stats.self_certainty, stats.argmax, stats.token_logprob, stats.topk_confidence
+
+    return step, (hidden, weight, token_ids)
+
+
 COMPILE_CASES = [("logit_stats", "cpp", compile_logit_stats), ("logit_stats", "triton", compile_logit_stats),
                  ("verify_tree", "cpp", compile_verify_tree), ("verify_tree", "triton", compile_verify_tree),
-                 ("linear_ce", "torch", compile_linear_ce), ("linear_ce", "triton", compile_linear_ce)]
+                 ("linear_ce", "torch", compile_linear_ce), ("linear_ce", "triton", compile_linear_ce),
+                 ("linear_logit_stats", "cpp", compile_linear_logit_stats),
+                 ("linear_logit_stats", "triton", compile_linear_logit_stats)]
 
 
 @pytest.mark.parametrize("module,backend,case", COMPILE_CASES, ids=[f"{m}-{b}" for m, b, _ in COMPILE_CASES])

@@ -15,6 +15,9 @@
   the package ``fusedecode.hf.correction``. Its ``return_dict_in_generate`` output is an ``SRGenOutput``.
 - Both ``custom_generate`` callables take a streamer as ``token_streamer=`` (``generate`` keeps its own
   ``streamer=`` from them).
+- ``score``: per-token statistics of given sequences under teacher forcing (offline Best-of-N,
+  DeepConf, perplexity) through the model's own head, without ``[B, T, V]`` logits
+  (``fusedecode.linear_logit_stats``); the module ``fusedecode.hf.scoring``.
 - ``bundled_model_path``: the small arithmetic target/draft models shipped with fusedecode (trained by
   ``fusedecode.demo.train_bundled``).
 """
@@ -26,6 +29,7 @@ from ..confidence import (best_of_n, bottom_group_confidence, confidence_thresho
                           weighted_majority_vote)
 from .correction import SRGenConfig, SRGenOutput, srgen
 from .processors import ConfidenceStopping, ConfidenceStopProcessor, UncertaintyProcessor
+from .scoring import score
 from .speculative import TreeConfig, TreeSpeculativeOutput, tree_speculative
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
@@ -48,4 +52,4 @@ __all__ = ["UncertaintyProcessor", "ConfidenceStopping", "ConfidenceStopProcesso
            "mean_confidence", "tail_confidence", "bottom_group_confidence", "lowest_group_confidence",
            "confidence_threshold", "filter_top", "weighted_majority_vote", "majority_vote", "deepconf_vote",
            "bundled_model_path", "TreeConfig", "TreeSpeculativeOutput", "tree_speculative", "SRGenConfig",
-           "SRGenOutput", "srgen"]
+           "SRGenOutput", "srgen", "score"]

@@ -28,14 +28,11 @@ import torch
 
 from .._validation import check_linear_ce_args
 from ..backends import OpBackends, resolve_backend, triton_import_error
-from ..head_transform import apply_head_transform, check_head_transform, head_transform_slope
+from ..head_transform import check_head_transform, head_transform_slope
 from ._outputs import Output, allocate, by_name, schema_returns
+from ._tiled_head import accumulate_dtype, default_chunk, head_chunks, head_offsets, matmul, transform_chunk
 
-__all__ = ["linear_cross_entropy_entropy"]
-
-# chunk * V float32 logits per chunk: 48 MiB sits in the middle of the 32-64 MiB that keep the
-# matmuls large enough to run at full speed without the chunk dominating memory.
-_CHUNK_BYTES = 48 << 20
+__all__ = ["linear_cross_entropy_entropy", "default_chunk"]
 
 # ------------------------------------------------------------------------------------------------
 # Outputs of the forward op: the losses, then what the backward scales by the upstream gradients
@@ -156,11 +153,6 @@ def linear_cross_entropy_entropy(hidden, weight, targets, *, delta=None, bias=No
     return ce, entropy
 
 
-def default_chunk(vocab):
-    """Rows per chunk so that one chunk of float32 logits takes about ``_CHUNK_BYTES``."""
-    return max(1, _CHUNK_BYTES // (4 * vocab))
-
-
 def _requested(hidden, need_hidden, need_delta, need_weight, need_bias):
     """Which gradient outputs the forward computes (the ``requested_by`` conditions of
     ``FORWARD_OUTPUTS``). With B > 1 the weight gradient is recomputed in the backward (see the
@@ -170,25 +162,8 @@ def _requested(hidden, need_hidden, need_delta, need_weight, need_bias):
 
 
 # ------------------------------------------------------------------------------------------------
-# The chunked pass, shared by both backends (they differ only in the per-chunk step)
-
-
-def _has_mm_out_dtype():
-    return "dtype" in torch.ops.aten.mm.overloads()
-
-
-def _matmul(a, b, accumulate):
-    """``a @ b`` accumulated in and returned as ``accumulate`` (float32, or float64 for float64 inputs).
-
-    ``a`` is cast to ``b``'s dtype (the weight or hidden side). Half-precision products come back
-    unrounded on CUDA (``out_dtype``); on CPU they are rounded to the half dtype first.
-    """
-    a = a.to(b.dtype)
-    if b.dtype == accumulate:
-        return torch.mm(a, b)
-    if b.is_cuda and _has_mm_out_dtype():
-        return torch.mm(a, b, out_dtype=accumulate)
-    return torch.mm(a, b).to(accumulate)
+# The chunked pass: the tiled head (ops/_tiled_head.py) shared with linear_logit_stats; the two
+# backends differ only in the per-chunk step
 
 
 def _chunk_step_torch(logits, offset, targets, scale, loss, entropy, entropy_grad, entropy_row, inv_temperature,
@@ -201,10 +176,8 @@ def _chunk_step_torch(logits, offset, targets, scale, loss, entropy, entropy_gra
     gradient with respect to ``z``, ``scale * (softmax(y) - onehot) * dy/dz`` (0 on ignored rows,
     NaN on rows whose target is out of range). Without ``compute_grad`` the logits are left in an
     unspecified state."""
-    if offset is not None:
-        logits += offset
     transformed = logit_scale is not None or softcap is not None
-    apply_head_transform(logits, logit_scale, softcap)
+    transform_chunk(logits, offset, logit_scale, softcap)
     if entropy_row >= 0:
         log_p = torch.log_softmax(logits[entropy_row] * inv_temperature, dim=-1)
         p = log_p.exp()
@@ -239,16 +212,7 @@ def _chunk_step_torch(logits, offset, targets, scale, loss, entropy, entropy_gra
 
 
 def _accumulate_dtype(hidden):
-    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
-
-
-def _offsets(weight, delta, bias, accumulate):
-    """The rows added to every logit row: ``delta @ weight.T + bias``, ``[B, V]`` with a delta, ``[V]``
-    with only a bias, None without either."""
-    offset = _matmul(delta, weight.T, accumulate) if delta is not None else None
-    if bias is not None:
-        offset = bias.to(accumulate).contiguous() if offset is None else offset + bias.to(accumulate)
-    return offset
+    return accumulate_dtype(hidden.dtype)
 
 
 def _chunked_pass(hidden, weight, targets, delta, bias, logit_scale, softcap, ce_scale, inv_temperature,
@@ -269,7 +233,7 @@ def _chunked_pass(hidden, weight, targets, delta, bias, logit_scale, softcap, ce
     accumulate = _accumulate_dtype(hidden)
     options = dict(dtype=accumulate, device=hidden.device)
     compute_grad = need_hidden or need_colsum or need_weight
-    offset = _offsets(weight, delta, bias, accumulate)
+    offset = head_offsets(weight, delta, bias, accumulate)
     targets = targets.contiguous()
     row_loss = torch.empty((batch, tokens), **options)
     entropy = torch.full((batch,), float("nan"), **options)
@@ -279,23 +243,21 @@ def _chunked_pass(hidden, weight, targets, delta, bias, logit_scale, softcap, ce
     grad_weight = torch.zeros((vocab, width), **options) if need_weight else None
     for b in range(batch):
         row_offset = offset[b] if offset is not None and offset.dim() == 2 else offset
-        for start in range(0, tokens, chunk):
-            stop = min(start + chunk, tokens)
+        for start, stop, logits in head_chunks(hidden[b], weight, chunk, accumulate):
             rows = hidden[b, start:stop]
-            logits = _matmul(rows, weight.T, accumulate)
             entropy_row = tokens - 1 - start if with_entropy and stop == tokens else -1
             step(logits, row_offset, targets[b, start:stop], ce_scale[b:b + 1], row_loss[b, start:stop],
                  entropy[b:b + 1], entropy_grad[b], entropy_row, inv_temperature, ignore_index, compute_grad,
                  logit_scale, softcap)
             if need_hidden:
-                grad_hidden[b, start:stop] = _matmul(logits, weight, accumulate)
+                grad_hidden[b, start:stop] = matmul(logits, weight, accumulate)
             if need_colsum:
                 colsum[b] += logits.sum(0)
             if need_weight:
                 # Ignored rows have zero gradient, but 0 * NaN is NaN: a NaN in an ignored row (padding)
                 # must not reach the weight gradient, so those rows are zeroed, not multiplied away.
                 ignored = (targets[b, start:stop] == ignore_index).unsqueeze(1)
-                grad_weight += _matmul(logits.T, rows.masked_fill(ignored, 0), accumulate)
+                grad_weight += matmul(logits.T, rows.masked_fill(ignored, 0), accumulate)
             del logits  # before the next chunk's logits are allocated
     return row_loss, entropy, entropy_grad, grad_hidden, colsum, grad_weight
 
@@ -318,14 +280,14 @@ def _forward(hidden, weight, targets, delta, bias, logit_scale, softcap, tempera
         hidden, weight, targets, delta, bias, logit_scale, softcap, ce_scale, 1.0 / temperature, ignore_index, chunk,
         step, True, need_hidden, need_colsum, weight_now)
     if weight_now and delta is not None:
-        grad_weight += _matmul(colsum.T, delta, accumulate)
+        grad_weight += matmul(colsum.T, delta, accumulate)
     return dict(
         ce=row_loss.sum(-1) * ce_scale, entropy=entropy, ce_scale=ce_scale, grad_hidden_ce=grad_hidden,
-        grad_delta_ce=_matmul(colsum, weight, accumulate) if need_delta else None,
+        grad_delta_ce=matmul(colsum, weight, accumulate) if need_delta else None,
         grad_weight_ce=grad_weight,
         grad_bias_ce=colsum if need_bias else None,  # dz/dbias is the identity: the row sums themselves
         entropy_grad_logits=entropy_grad,
-        entropy_grad_hidden=_matmul(entropy_grad, weight, accumulate) if requested["need_input"] else None)
+        entropy_grad_hidden=matmul(entropy_grad, weight, accumulate) if requested["need_input"] else None)
 
 
 def _weight_grad(hidden, weight, targets, delta, bias, logit_scale, softcap, ce_scale, ignore_index, chunk, step):
@@ -335,7 +297,7 @@ def _weight_grad(hidden, weight, targets, delta, bias, logit_scale, softcap, ce_
         hidden, weight, targets, delta, bias, logit_scale, softcap, ce_scale, 1.0, ignore_index, chunk, step,
         False, False, delta is not None, True)
     if delta is not None:
-        grad_weight += _matmul(colsum.T, delta, grad_weight.dtype)
+        grad_weight += matmul(colsum.T, delta, grad_weight.dtype)
     return grad_weight
 
 

@@ -99,11 +99,11 @@ def logit_stats(logits, *, temperature=1.0, token_ids=None, topk=0, backend=None
     if name == "torch":
         return logit_stats_reference(logits, temperature, token_ids, topk)
 
-    temperature_rows, temperature_scalar = _temperature_arguments(temperature)
+    temperature_rows, temperature_scalar = temperature_arguments(temperature)
     token_rows = token_ids.reshape(-1).to(torch.int64).contiguous() if token_ids is not None else None
     op = torch.ops.fusedecode.logit_stats_triton if name == "triton" else torch.ops.fusedecode.logit_stats
     results = op(_as_rows_3d(logits), temperature_rows, temperature_scalar, token_rows, topk)
-    fields = by_name(OUTPUTS, results, _requested(token_ids, topk))
+    fields = by_name(OUTPUTS, results, requested_outputs(token_ids, topk))
     rows_shape = logits.shape[:-1]
     if len(rows_shape) != 1:  # the ops return one entry per row: [rows]
         fields = {field: value.view(rows_shape) if value is not None else None for field, value in fields.items()}
@@ -114,15 +114,16 @@ def logit_stats(logits, *, temperature=1.0, token_ids=None, topk=0, backend=None
 # From the public arguments to the custom ops' arguments
 
 
-def _temperature_arguments(temperature):
+def temperature_arguments(temperature):
     """(per-row float32 temperatures ``[rows]`` or None, the scalar temperature)."""
     if isinstance(temperature, torch.Tensor):
         return temperature.reshape(-1).to(torch.float32).contiguous(), 1.0
     return None, float(temperature)
 
 
-def _requested(token_ids, topk):
-    """Which optional outputs the call asks for (the ``requested_by`` conditions of ``OUTPUTS``)."""
+def requested_outputs(token_ids, topk):
+    """Which optional outputs the call asks for (the ``requested_by`` conditions of ``OUTPUTS``).
+    Public, as ``temperature_arguments``: ``linear_logit_stats`` returns the same outputs."""
     return {"token_ids": token_ids is not None, "topk": topk > 0}
 
 
@@ -162,7 +163,7 @@ def allocate_outputs(logits, token_ids, topk):
     """The ops' outputs by name for ``logits`` viewed as ``[outer, inner, V]`` (the fake kernel's
     result, and what the Triton kernels write into)."""
     rows = logits.shape[0] * logits.shape[1]
-    return allocate(OUTPUTS, logits, {"rows": rows}, _requested(token_ids, topk))
+    return allocate(OUTPUTS, logits, {"rows": rows}, requested_outputs(token_ids, topk))
 
 
 def _fake(logits, temperature, temperature_scalar, token_ids, topk):

@@ -73,20 +73,20 @@ def config_head_transform(config):
     return logit_scale, softcap
 
 
-def read_output_head(model):
+def read_output_head(model, user="srgen"):
     """The model's ``OutputHead``: ``get_output_embeddings()`` (a linear layer, bias allowed) and the
-    logit transform its config declares."""
+    logit transform its config declares. ``user`` names the caller in error messages."""
     head = model.get_output_embeddings()
     weight = getattr(head, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError("srgen needs a model whose get_output_embeddings() is a linear layer with a [V, H] weight")
+        raise ValueError(f"{user} needs a model whose get_output_embeddings() is a linear layer with a [V, H] weight")
     bias = getattr(head, "bias", None)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     logit_scale, softcap = config_head_transform(config)
     try:
         transform = check_head_transform(bias, logit_scale, softcap, weight)
     except ValueError as error:  # also ArgumentTypeError
-        raise ValueError(f"srgen cannot use this model's output layer: {error}") from None
+        raise ValueError(f"{user} cannot use this model's output layer: {error}") from None
     return OutputHead(weight, transform)
 
 
@@ -98,10 +98,10 @@ class FinalHiddenCapture:
     states: ``num_layers`` times the ``[B, T, H]`` needed, gigabytes for a long prompt.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, user="srgen"):
         decoder = decoder_module(model)
         if decoder is None:
-            raise ValueError("srgen needs model.get_decoder() or model.base_model (the transformer under lm_head) to "
+            raise ValueError(f"{user} needs model.get_decoder() or model.base_model (the transformer under lm_head) to "
                              "read the final hidden states")
         self.hidden = None
         self.handle = decoder.register_forward_hook(self._hook)
@@ -125,7 +125,7 @@ class FinalHiddenCapture:
         self.remove()
 
 
-def check_head(logits, hidden, head):
+def check_head(logits, hidden, head, user="srgen"):
     """Corrected logits are the head's reconstruction for ``hidden + delta``: refuse a model whose
     logits (at ``delta = 0``) are something else, an output transform srgen does not know, which would
     make corrected and uncorrected logits incomparable. One comparison, on the prompt's last position."""
@@ -134,6 +134,6 @@ def check_head(logits, hidden, head):
     scale = logits.abs().max().clamp(min=1)
     if recomputed.shape != logits.shape or not torch.allclose(recomputed, logits, rtol=tolerance,
                                                               atol=tolerance * scale):
-        raise ValueError(f"srgen reconstructs this model's logits as {head.describe()} from the final hidden "
+        raise ValueError(f"{user} reconstructs this model's logits as {head.describe()} from the final hidden "
                          "state (get_output_embeddings() and the config's logit transform), but the model's own "
-                         "logits differ: its head transforms the logits in a way srgen does not know")
+                         f"logits differ: its head transforms the logits in a way {user} does not know")
