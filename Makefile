@@ -9,7 +9,7 @@ TRITON_SPEC ?= triton==3.7.1
 # The Hugging Face integration (fusedecode.hf, the demo) is tested against this transformers.
 TRANSFORMERS_SPEC ?= transformers==5.17.0
 
-.PHONY: install test demo bench sweep cuda-check device-check train-bundled wheel wheel-cpu wheel-py sdist clean
+.PHONY: install test hf-compat demo bench sweep cuda-check device-check train-bundled wheel wheel-cpu wheel-py sdist clean
 
 $(DEPS_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ install: $(DEPS_STAMP)
 
 test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+# The HF tests against transformers 4.57 and the newest release, one venv each (.ci/hf_compat.sh).
+hf-compat: install
+	bash .ci/hf_compat.sh
 
 demo: install
 	$(PY) -m fusedecode demo
@@ -50,7 +54,7 @@ sdist:
 
 # Retrain the bundled arithmetic models (about 10 minutes on 2 CPU cores).
 train-bundled: install
-	$(PY) -m fusedecode.hf.train_bundled
+	$(PY) -m fusedecode.demo.train_bundled
 
 device-check: install
 	bash benchmarks/device_check.sh

@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 BASE_VERSION = "0.1.0"
 DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 
-PACKAGES = ["fusedecode", "fusedecode.triton_kernels", "fusedecode.hf"]
+PACKAGES = ["fusedecode", "fusedecode.triton_kernels", "fusedecode.hf", "fusedecode.hf.speculative",
+            "fusedecode.hf.correction", "fusedecode.demo"]
 # The bundled arithmetic models (weights, configs, tokenizers) ship inside the package.
 PACKAGE_DATA = {"fusedecode": ["assets/*.json", "assets/*/*.json", "assets/*/*.safetensors"]}
 PACKAGE_DIR = {"": "python", "fusedecode.triton_kernels": "triton_kernels"}

@@ -44,5 +44,5 @@ print("installed:", fusedecode.__file__, info["version"], "CUDA archs", info["cu
 PY
 # CPU tests against the installed wheel (the Triton interpreter and ahead-of-time tests ran in make test;
 # tree speculation is pure Python, tested in make test and .ci/hf_compat.sh).
-"$WORK/venv/bin/python" -m pytest -q -p no:cacheprovider tests -k "not aot" --ignore=tests/test_tree_speculative.py
+"$WORK/venv/bin/python" -m pytest -q -p no:cacheprovider tests -k "not aot" --ignore=tests/hf/test_tree_speculative.py
 echo "CUDA wheel check passed"

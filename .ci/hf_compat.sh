@@ -1,12 +1,26 @@
 #!/usr/bin/env bash
-# fusedecode.hf against transformers 4.5x (make test covers 5.x): a second venv, the HF tests only.
-# It imports fusedecode from the source tree, with the extension `make test` built (same torch).
+# fusedecode.hf against the other transformers releases it supports (`make test` covers the pinned
+# 5.17): the last 4.x (4.57) and the newest release (5.24, where past_key_values became cache). One
+# venv each with the HF tests only; they import fusedecode from the source tree, with the extension
+# `make test` built (same torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${HF4_VENV:-.venv-hf4}
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q "torch==2.13.0" "transformers==4.57.6" numpy pytest
-fi
-"$VENV/bin/python" -c "import transformers; print('transformers', transformers.__version__)"
-PYTHONPATH=python "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_hf.py tests/test_tree_speculative.py tests/test_srgen.py
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+HF_TESTS=(tests/hf tests/demo)  # every test of fusedecode.hf and of the demo on the bundled models
+
+check_against() {  # check_against VENV TRANSFORMERS_VERSION
+  local venv=$1 version=$2 start
+  start=$(date +%s)
+  if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+  fi
+  if ! "$venv/bin/python" -c "import transformers, sys; sys.exit(transformers.__version__ != '$version')" 2>/dev/null; then
+    "$venv/bin/python" -m pip install -q "$TORCH_SPEC" "transformers==$version" numpy pytest
+  fi
+  "$venv/bin/python" -c "import transformers; print('== transformers', transformers.__version__)"
+  PYTHONPATH=python "$venv/bin/python" -m pytest -q -p no:cacheprovider "${HF_TESTS[@]}"
+  echo "== transformers $version checked in $(( $(date +%s) - start ))s"
+}
+
+check_against "${HF4_VENV:-.venv-hf4}" "${HF4_VERSION:-4.57.6}"
+check_against "${HF_NEWEST_VENV:-.venv-hf-newest}" "${HF_NEWEST_VERSION:-5.24.0}"

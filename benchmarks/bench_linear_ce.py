@@ -4,6 +4,7 @@
     python benchmarks/bench_linear_ce.py                          # T in {512, 2048}, V = 32000, H = 256
     python benchmarks/bench_linear_ce.py --tokens 1024 --vocab 50000 --width 512 --chunks default 64
     python benchmarks/bench_linear_ce.py --device cuda --json out.json   # T = 8192, V = 151936, H = 896, bf16
+    python benchmarks/bench_linear_ce.py --softcap 30                   # a Gemma-2-style soft-capped head
 
 A correction step optimises a delta added to the final hidden states for 3 AdamW steps on
 ``0.95 * CE(context) + 0.05 * entropy(last row)``: forward, backward w.r.t. delta, optimiser step.
@@ -39,7 +40,12 @@ def _reset_peak_rss():
         handle.write("5")  # resets VmHWM to the current RSS
 
 
-def worker(variant, tokens, vocab, width, chunk):
+def soft_capped(logits, softcap):
+    """The models' own final soft-capping (Gemma 2/3), for the naive variants; None: plain logits."""
+    return logits if softcap is None else __import__("torch").tanh(logits / softcap) * softcap
+
+
+def worker(variant, tokens, vocab, width, chunk, softcap=None):
     """Run one correction step in this process; print a JSON line with peak extra memory and time."""
     import torch
     import torch.nn.functional as F
@@ -55,7 +61,7 @@ def worker(variant, tokens, vocab, width, chunk):
     optimizer = torch.optim.AdamW([delta], lr=0.01)
 
     def naive_loss():
-        logits = (hidden + delta) @ weight.T  # [T, V]
+        logits = soft_capped((hidden + delta) @ weight.T, softcap)  # [T, V]
         ce = F.cross_entropy(logits, targets, ignore_index=-100)
         log_p = torch.log_softmax(logits[-1], dim=-1)
         entropy = -(log_p.exp() * log_p).sum()
@@ -63,7 +69,7 @@ def worker(variant, tokens, vocab, width, chunk):
 
     def fused_loss():
         return fusedecode.linear_cross_entropy_entropy(hidden, weight, targets, delta=delta, chunk=chunk,
-                                                       backend="torch")
+                                                       softcap=softcap, backend="torch")
 
     loss_fn = naive_loss if variant == "naive" else fused_loss
     _reset_peak_rss()
@@ -80,7 +86,7 @@ def worker(variant, tokens, vocab, width, chunk):
                           ce=float(ce), entropy=float(entropy), delta_norm=float(delta.detach().norm()))))
 
 
-def cuda_measure(tokens, vocab, width, dtype_name, repeats):
+def cuda_measure(tokens, vocab, width, dtype_name, repeats, softcap=None):
     """On a GPU, in process: peak extra allocated memory (torch's allocator counter, reset after the
     inputs exist) and median time of one correction step, naive vs fused (backend auto: Triton)."""
     import statistics
@@ -98,13 +104,13 @@ def cuda_measure(tokens, vocab, width, dtype_name, repeats):
     targets[-1] = -100
 
     def naive_loss(delta):
-        logits = ((hidden + delta.to(dtype)) @ weight.T).float()
+        logits = soft_capped(((hidden + delta.to(dtype)) @ weight.T).float(), softcap)
         ce = F.cross_entropy(logits, targets, ignore_index=-100)
         log_p = torch.log_softmax(logits[-1], dim=-1)
         return ce, -(log_p.exp() * log_p).sum()
 
     def fused_loss(delta):
-        return fusedecode.linear_cross_entropy_entropy(hidden, weight, targets, delta=delta)
+        return fusedecode.linear_cross_entropy_entropy(hidden, weight, targets, delta=delta, softcap=softcap)
 
     rows = []
     for variant, loss_fn in (("naive", naive_loss), ("fused", fused_loss)):
@@ -145,10 +151,11 @@ def cuda_main(args):
 
     rows = []
     for tokens in args.tokens:
-        rows += cuda_measure(tokens, args.vocab, args.width, args.dtype, args.repeats)
+        rows += cuda_measure(tokens, args.vocab, args.width, args.dtype, args.repeats, args.softcap)
     name = torch.cuda.get_device_name()
     lines = [f"# linear_cross_entropy_entropy on {name}", "",
-             f"One SRGen correction step ({STEPS} AdamW steps on delta), {args.dtype} hidden/weight; peak extra "
+             f"One SRGen correction step ({STEPS} AdamW steps on delta), {args.dtype} hidden/weight"
+             f"{'' if args.softcap is None else f', soft-cap {args.softcap:g}'}; peak extra "
              "memory from torch.cuda.max_memory_allocated after the inputs; time = median of CUDA-event timings.",
              "", "| T | V | H | variant | peak extra MiB | time ms | memory ratio | speed-up |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -161,8 +168,9 @@ def cuda_main(args):
             json.dump(dict(gpu=name, rows=rows), handle, indent=2)
 
 
-def run_variant(variant, tokens, vocab, width, chunk):
-    command = [sys.executable, __file__, "--worker", variant, str(tokens), str(vocab), str(width), str(chunk)]
+def run_variant(variant, tokens, vocab, width, chunk, softcap=None):
+    command = [sys.executable, __file__, "--worker", variant, str(tokens), str(vocab), str(width), str(chunk),
+               "none" if softcap is None else repr(softcap)]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -181,6 +189,8 @@ def main():
     parser.add_argument("--dtype", default="bfloat16", help="hidden/weight dtype for --device cuda")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="--device cuda: write the rows here")
+    parser.add_argument("--softcap", type=float, default=None,
+                        help="final logit soft-cap of the head (Gemma 2: 30), applied by both variants")
     args = parser.parse_args()
     if args.device == "cuda":
         if args.tokens == [512, 2048]:
@@ -191,13 +201,13 @@ def main():
 
     rows = []
     for tokens in args.tokens:
-        naive = run_variant("naive", tokens, args.vocab, args.width, 0)
+        naive = run_variant("naive", tokens, args.vocab, args.width, 0, args.softcap)
         logits_bytes = tokens * args.vocab * 4
         rows.append(dict(variant="naive", tokens=tokens, vocab=args.vocab, width=args.width, chunk=None,
                          **naive, buffers=naive["peak_extra_bytes"] / logits_bytes))
         for chunk_arg in args.chunks:
             chunk = default_chunk(args.vocab) if chunk_arg == "default" else int(chunk_arg)
-            fused = run_variant("fused", tokens, args.vocab, args.width, chunk)
+            fused = run_variant("fused", tokens, args.vocab, args.width, chunk, args.softcap)
             chunk_bytes = min(chunk, tokens) * args.vocab * 4
             extra = fused["peak_extra_bytes"]
             rows.append(dict(variant=f"fused chunk={chunk_arg}", tokens=tokens, vocab=args.vocab, width=args.width,
@@ -217,14 +227,15 @@ def main():
 
     date = datetime.date.today().isoformat()
     meta = dict(date=date, machine=platform.machine(), cpus=os.cpu_count(), python=platform.python_version(),
-                steps=STEPS)
+                steps=STEPS, softcap=args.softcap)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"linear_ce-cpu-{date}")
+    stem = os.path.join(args.out, f"linear_ce-cpu-{date}" + ("" if args.softcap is None else "-softcap"))
     with open(stem + ".json", "w") as handle:
         json.dump(dict(meta=meta, rows=rows, formula=formula), handle, indent=2)
 
     lines = [f"# linear_cross_entropy_entropy on CPU, {date}", "",
-             f"One SRGen correction step ({STEPS} AdamW steps on delta: forward + backward), float32, "
+             f"One SRGen correction step ({STEPS} AdamW steps on delta: forward + backward), float32"
+             f"{'' if args.softcap is None else f', soft-cap {args.softcap:g}'}, "
              f"{meta['cpus']} CPUs. Peak extra memory = growth of peak RSS over the RSS after the inputs are "
              f"allocated, each variant in a fresh process.", "",
              "| T | V | H | variant | peak extra MiB | buffers held | time s | memory ratio | abs(ce diff) |",
@@ -245,7 +256,7 @@ def main():
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        variant, tokens, vocab, width, chunk = sys.argv[2:7]
-        worker(variant, int(tokens), int(vocab), int(width), int(chunk))
+        variant, tokens, vocab, width, chunk, softcap = sys.argv[2:8]
+        worker(variant, int(tokens), int(vocab), int(width), int(chunk), None if softcap == "none" else float(softcap))
     else:
         main()

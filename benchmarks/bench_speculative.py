@@ -19,9 +19,9 @@ import time
 
 import torch
 
+from fusedecode.demo import arithmetic
+from fusedecode.demo.demo import ForwardCounter, load
 from fusedecode.hf import TreeConfig, bundled_model_path, tree_speculative
-from fusedecode.hf import arithmetic
-from fusedecode.hf.demo import ForwardCounter, load
 
 TREE_CONFIGS = {
     "chain d8 k1 n8": TreeConfig(max_depth=8, top_k=1, max_nodes=8),

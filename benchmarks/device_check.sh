@@ -32,7 +32,8 @@ if [ $rc -ne 0 ]; then grep -E "error|Error" "$OUT/build.log" | head -40; tail -
 $PY -m fusedecode info | tee -a "$SUMMARY"
 
 log "GPU tests"
-timeout ${TEST_TIMEOUT:-200} $PY -m pytest tests -m cuda -q -p no:cacheprovider -W ignore > "$OUT/tests.log" 2>&1
+# Includes the cuda-marked cases of tests/test_adversarial.py (hostile rows, validate=False fuzz).
+timeout ${TEST_TIMEOUT:-300} $PY -m pytest tests -m cuda -q -p no:cacheprovider -W ignore > "$OUT/tests.log" 2>&1
 echo "tests rc=$?" | tee -a "$SUMMARY"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -3 | tee -a "$SUMMARY"
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
@@ -41,6 +42,10 @@ log "compute-sanitizer memcheck"
 timeout ${SANITIZER_TIMEOUT:-100} compute-sanitizer --tool memcheck --error-exitcode 9 $PY benchmarks/sanitizer_check.py \
   > "$OUT/sanitizer.log" 2>&1
 echo "memcheck rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)" | tee -a "$SUMMARY"
+# Invalid input (verify_tree validate=False: draft tokens past the buffers, bad parents) and far rows.
+timeout ${SANITIZER_TIMEOUT:-100} compute-sanitizer --tool memcheck --error-exitcode 9 $PY tests/memcheck_invalid_inputs.py \
+  --device cuda >> "$OUT/sanitizer.log" 2>&1
+echo "memcheck invalid inputs rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)" | tee -a "$SUMMARY"
 
 log "sweep"
 timeout ${SWEEP_TIMEOUT:-200} $PY benchmarks/sweep.py --dtypes bfloat16 float32 --replays ${REPLAYS:-10} \

@@ -10,9 +10,13 @@ so that a change in machine load hits them alike, each batch re-seeded identical
 - ``generate``: plain sampling;
 - ``srgen, never triggers``: infinite thresholds, the bookkeeping cost alone (tokens must equal
   ``generate``'s, which is checked);
-- ``srgen, default``: ``SRGenConfig()``;
-- ``srgen, sensitive``: a lower threshold for this model, whose step entropies at temperature 0.6 are
-  almost all below 0.05 nats and reach 1.8 (the default floor) about once in 6000 tokens;
+- ``srgen, default``: ``SRGenConfig()``, the paper's window 25 and k 4 with the official code's
+  floors (std 0.5, threshold 1.8, warm-up threshold 3.0); the trigger rule is the official one
+  (threshold from the 25 entropies before the step, first token untested);
+- ``srgen, window 25, k 4, no floors``: the paper's window and k alone (floors 0, no trigger during
+  the warm-up): the floors are sized for large models, and this model's step entropies at
+  temperature 0.6 are almost all below 0.05 nats and reach 1.8 about once in 6000 tokens;
+- ``srgen, sensitive``: a lower threshold for this model;
 - ``srgen, sensitive, lr 0.1``: the same trigger with a 10x larger step, to see whether a stronger
   correction changes outcomes where the default step barely moves the distribution.
 
@@ -35,13 +39,15 @@ import torch
 import transformers
 
 import fusedecode
-from fusedecode.hf import SRGenConfig, arithmetic, bundled_model_path, srgen
+from fusedecode.demo import arithmetic
+from fusedecode.hf import SRGenConfig, bundled_model_path, srgen
 
 SENSITIVE = SRGenConfig(window=10, k=2.0, min_std=0.1, min_threshold=0.3, warmup_threshold=0.3)
 VARIANTS = (
     ("generate", None),
     ("srgen, never triggers", SRGenConfig(min_threshold=math.inf, warmup_threshold=math.inf)),
     ("srgen, default", SRGenConfig()),
+    ("srgen, window 25, k 4, no floors", SRGenConfig(min_std=0.0, min_threshold=0.0, warmup_threshold=math.inf)),
     ("srgen, sensitive", SENSITIVE),
     ("srgen, sensitive, lr 0.1", dataclasses.replace(SENSITIVE, lr=0.1)),
 )
@@ -156,6 +162,7 @@ def summarise(results, problems_count):
         fixed = sum(entry["correct"][i][j] and not plain["correct"][i][j] for i, j in touched)
         broken = sum(plain["correct"][i][j] and not entry["correct"][i][j] for i, j in touched)
         per_token = entry["seconds"] / entry["tokens"]
+        per_problem = [len(row) for seed_rows in entry["corrections"] for row in seed_rows]
         rows.append({
             "variant": name,
             "config": None if config is None else {k: getattr(config, k) for k in config.__dataclass_fields__},
@@ -163,6 +170,8 @@ def summarise(results, problems_count):
             "accuracy_mean": sum(accuracies) / len(accuracies),
             "activations_per_seed": activations,
             "activations_per_problem": sum(activations) / (problems_count * len(activations)),
+            # how many (problem, seed) pairs had 0, 1, 2, ... corrections
+            "activation_histogram": [per_problem.count(n) for n in range(max(per_problem, default=0) + 1)],
             "problems_with_activation": len(touched),
             "problems_with_activation_fraction": len(touched) / (problems_count * len(activations)),
             "accuracy_on_activated_problems": (sum(entry["correct"][i][j] for i, j in touched) / len(touched)
@@ -199,10 +208,10 @@ def markdown(rows, meta):
         f"{meta['transformers']}, fusedecode {meta['fusedecode']} at {meta['commit']}; load average "
         f"{meta['load_before']} before, {meta['load_after']} after (a shared machine: times are indicative).",
         "",
-        "| variant | accuracy (per seed) | activations / problem | problems with >= 1 | accuracy there "
-        "(generate there) | fixed / broken vs generate (McNemar p) | entropy before -> after | wall ms / token | overhead "
-        "(wall) | overhead (CPU time) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | accuracy (per seed) | activations / problem | problems with 0, 1, 2, ... | problems with >= 1 | "
+        "accuracy there (generate there) | fixed / broken vs generate (McNemar p) | entropy before -> after | "
+        "wall ms / token | overhead (wall) | overhead (CPU time) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         per_seed = ", ".join(f"{100 * a:.1f}" for a in r["accuracy_per_seed"])
@@ -213,7 +222,8 @@ def markdown(rows, meta):
         overhead = ("- | -" if r["variant"] == "generate"
                     else f"{r['overhead_pct']:+.1f}% | {r['cpu_overhead_pct']:+.1f}%")
         lines.append(f"| {r['variant']} | {100 * r['accuracy_mean']:.1f}% ({per_seed}) | "
-                     f"{r['activations_per_problem']:.3f} | {r['problems_with_activation']} "
+                     f"{r['activations_per_problem']:.3f} | {', '.join(map(str, r['activation_histogram']))} | "
+                     f"{r['problems_with_activation']} "
                      f"({100 * r['problems_with_activation_fraction']:.1f}%) | {there} | "
                      f"{r['fixed_vs_generate']} / {r['broken_vs_generate']} ({r['mcnemar_p']:.2f}) | {entropy} | "
                      f"{r['ms_per_token']:.3f} | {overhead} |")

@@ -28,7 +28,7 @@ POINTER_TYPES = {"token_ptr": "*i64", "argmax_ptr": "*i64", "count_ptr": "*i32",
                  "tokens_ptr": "*i64", "parents_ptr": "*i64", "seeds_ptr": "*i64", "num_accepted_ptr": "*i64",
                  "accepted_ptr": "*i64", "output_ptr": "*i64", "targets_ptr": "*i64"}
 INT64_ARGS = {"outer_stride", "inner_stride", "stride_b", "stride_n", "q_stride_b", "q_stride_n"}
-FLOAT_ARGS = {"temperature", "inv_t", "inv_temperature"}
+FLOAT_ARGS = {"temperature", "inv_t", "inv_temperature", "logit_scale", "softcap"}
 
 
 def signature(fn, logits_type, constexprs):
@@ -59,10 +59,10 @@ def variants():
         yield kernels._merge_kernel, logits_type, dict(common, HAS_TOKEN=extras, SPLITS_PAD=64), 4
     for logits_type, mode in itertools.product(("*fp32", "*fp16", "*bf16"), (0, 1, 2)):
         yield verify_kernels._walk_kernel, logits_type, dict(MODE=mode, N_PAD=64, SPLITS_PAD=64, SCAN=1024), 4
-    for has_bias, compute_grad in itertools.product((False, True), (False, True)):
+    for has_offset, softcap, compute_grad in itertools.product((False, True), repeat=3):
         block = linear_ce_kernels.MAX_BLOCK  # the chunk's logits are float32 whatever the model's dtype
-        yield linear_ce_kernels._chunk_kernel, "*fp32", dict(HAS_BIAS=has_bias, COMPUTE_GRAD=compute_grad,
-                                                             BLOCK=block), 8
+        yield linear_ce_kernels._chunk_kernel, "*fp32", dict(HAS_OFFSET=has_offset, SOFTCAP=softcap,
+                                                             COMPUTE_GRAD=compute_grad, BLOCK=block), 8
 
 
 def resource_usage(cubin):

@@ -12,6 +12,7 @@ import torch
 import fusedecode
 from fusedecode.backends import unavailable_reason
 from helpers import assert_close_to_reference, random_logits
+from test_adversarial import LOGIT_CASES
 
 pytestmark = pytest.mark.cuda
 
@@ -153,3 +154,65 @@ def test_verify_tree_compile_cuda(backend, generator):
     want = step(logits)
     assert torch.equal(got[0], want[0])
     torch.testing.assert_close(got[1], want[1])
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("rows", [1, 5, 2048])
+def test_adversarial_rows_on_both_launch_paths(backend, rows, generator):
+    # The hostile rows of test_adversarial.py tiled to few rows (vocabulary split across CTAs /
+    # programs, last-CTA merge) and to many rows (one CTA per row).
+    need(backend)
+    for case in ("far_-1e20", "far_finfo_min", "one_finite_among_finfo_min", "near_float_max", "mixed_1e30",
+                 "large_offsets", "temperature_extremes", "subnormal", "bf16_extremes", "split_vocab"):
+        args = LOGIT_CASES[case](generator)
+        logits = args["logits"]
+        repeat = -(-rows // logits.shape[0])
+        index = torch.arange(repeat * logits.shape[0])[:rows] % logits.shape[0]
+        kwargs = {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in args.items() if k != "logits"}
+        logits = logits[index].cuda()
+        kwargs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        stats = fusedecode.logit_stats(logits, backend=backend, **kwargs)
+        assert_close_to_reference(stats, logits, context=f"[{case} rows={rows} {backend}]", **kwargs)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_temperature_outside_float32_in_graph_gives_nan(backend, generator):
+    # Inside capture the host check is skipped: a temperature whose reciprocal overflows float32
+    # (or that is 0 in float32) turns its row into NaN in the kernel; other rows are untouched.
+    need(backend)
+    logits = random_logits((4, 3000), generator, device="cuda")
+    temperature = torch.ones(4, device="cuda")
+    fusedecode.logit_stats(logits, temperature=temperature, backend=backend)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fusedecode.logit_stats(logits, temperature=temperature, topk=3, backend=backend)
+    temperature.copy_(torch.tensor([1.0, 1e-39, 0.0, 3e-39], device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert [math.isnan(v) for v in out.entropy.tolist()] == [False, True, True, False]
+    assert out.argmax[1].item() == -1 and out.argmax[3].item() >= 0
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_verify_tree_invalid_input_in_graph(backend, generator):
+    # validate=False under capture: out-of-range draft tokens and parents stay memory-safe and are
+    # never accepted (compute-sanitizer runs tests/memcheck_invalid_inputs.py for the reads).
+    need(backend)
+    vocab = 50
+    logits = torch.full((2, 4, vocab), -5.0, device="cuda")
+    logits[:, :, 3] = 20.0
+    tokens = torch.tensor([[0, 3 + vocab, 3 + 10**7, 3], [0, 3 - vocab, 3, 3]], device="cuda")
+    parents = torch.tensor([[-1, 0, 0, 7], [-1, 0, 2, 1]], device="cuda")
+    probs = torch.full((2, 4, vocab), 1.0 / vocab, device="cuda")
+    seeds = torch.tensor([1, 2], device="cuda")
+    kwargs = dict(temperature=0.5, draft_probs=probs, seed=seeds, validate=False, backend=backend)
+    fusedecode.verify_tree(logits, tokens, parents, **kwargs)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fusedecode.verify_tree(logits, tokens, parents, **kwargs)
+    graph.replay()
+    torch.cuda.synchronize()
+    # Row 0: node 3's parent (7) is out of range, the others draft out-of-range tokens: nothing is
+    # accepted. Row 1: node 2 (parent 2 = itself) is unreachable; node 1 drafts 3 - V: nothing either.
+    assert out.num_accepted.tolist() == [0, 0]
+    assert out.output_tokens[:, 0].tolist() == [3, 3]

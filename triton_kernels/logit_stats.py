@@ -1,23 +1,29 @@
 """Triton kernels of ``logit_stats``: one pass over each row of logits.
 
-Math (DESIGN section 3), per row with ``z = x / T`` over the finite entries F (``n = |F|``):
+Math, per row with ``z = x / T`` over the finite entries F (``n = |F|``), every
+quantity relative to the row maximum ``m = max x`` (never a difference of two large numbers):
 
-    logsumexp      = M + log S                  M = max z, S = sum exp(z - M)
-    entropy        = log S - (E_p[z] - M)
+    logsumexp      = m / T + log S              S = sum exp(z - max z)
+    entropy        = log S - (E_p[z] - max z)
     varentropy     = Var_p[z]
-    self_certainty = log S - (mean_F z - M) - log n
+    self_certainty = log S - mean_F (x - m) / T - log n
     max_logprob    = -log S
-    topk_conf      = logsumexp - mean of the k largest z   (DeepConf: -(1/k) sum of top-k log p)
+    token_logprob  = (x_t - m) / T - log S
+    topk_conf      = log S - mean of the k largest (x - m) / T   (DeepConf: -(1/k) sum of top-k log p)
 
 A program walks its row (or a slice of it) in blocks of ``BLOCK`` lanes. Every lane keeps
 exp-weighted sums ``s0 = sum 2^d, s1 = sum d 2^d, s2 = sum d^2 2^d`` with ``d = (x - m) * log2(e) / T``
-relative to the program's running max ``m``; when a block raises ``m`` all lanes are rescaled once.
+(clamped at -FAR_EXP2, where the weight is 0, so far entries such as -1e20 or finfo.min add exactly
+nothing and every product stays finite) relative to the program's running max ``m``; when a block
+raises ``m`` all lanes are rescaled once (and the argmax is taken from that block). The uniform mean
+of the gaps ``x - m`` is summed per lane as it is and, for when that overflows (finfo.min next to
+finfo.max), also scaled by ``WIDE_SCALE``.
 At the end the lanes are combined with Chan's weighted-variance formula, which avoids the
 cancellation of ``E[d^2] - E[d]^2`` over a whole row. For few rows, ``_partial_kernel`` reduces vocab
 slices to mergeable states and ``_merge_kernel`` combines them (the same state as
-``csrc/include/fusedecode/stats_state.h``). With ``WITH_TOPK`` each program keeps its
-``TOPK_PAD`` (k rounded up to a power of two) largest raw logits, touching them only for blocks
-whose max beats the current smallest kept value.
+``csrc/include/fusedecode/stats_state.h``: the gap mean is kept as a mean of halved gaps). With
+``WITH_TOPK`` each program keeps its ``TOPK_PAD`` (k rounded up to a power of two) largest raw logits,
+touching them only for blocks whose max beats the current smallest kept value.
 
 Masked entries (-inf) carry no probability; NaN or +inf poison the row's sums, and the row's float
 outputs become NaN with argmax -1. Row offsets are int64.
@@ -28,6 +34,47 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+FAR_EXP2 = tl.constexpr(150.0)  # 2^-150 is 0 in float32
+FAR_SHIFT = tl.constexpr(128.0)  # exp(-128) is 0 in float32
+# Lane sums of up to 2^20 gaps (V < 2^31 over >= 2048 lanes) of up to 2 * FLT_MAX fit after this scale.
+WIDE_SCALE = tl.constexpr(2.0**-22)
+
+
+@triton.jit
+def _load_f32(ptr, mask, other):
+    """Load and upcast to float32. bfloat16 is widened from its bits, which is exact for every value
+    (the GPU does the same; the Triton interpreter's own bf16 conversion flushes subnormals)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = tl.load(ptr.to(tl.pointer_type(tl.uint16)), mask=mask, other=0)
+        return tl.where(mask, (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True), other)
+    else:
+        return tl.load(ptr, mask=mask, other=other).to(tl.float32)
+
+
+@triton.jit
+def _scaled_half_gap(half, inv_t):
+    """2 * half * inv_t, multiplied in the order that overflows only when the exact value does."""
+    return tl.where(inv_t >= 1.0, (2.0 * half) * inv_t, 2.0 * (half * inv_t))
+
+
+@triton.jit
+def _merge_shift(max_x, out_max_x, inv_t):
+    """(max_x - out_max_x) / T without overflow, clamped where exp() is 0."""
+    shift = _scaled_half_gap(0.5 * max_x - 0.5 * out_max_x, inv_t)
+    return tl.where(shift < -FAR_SHIFT, -FAR_SHIFT, shift)
+
+
+@triton.jit
+def _exp2_arg(x, m, scale2, inv_t):
+    """log2(e) * (x - m) / T clamped at -FAR_EXP2 (NaN passes and poisons). Outside
+    2^-118 <= 1/T with a finite scale2 (that is T < 4e-39 or T > 3e35), from the halved gap, as
+    robust_exp2_arg in stats_state.h: there the scale overflows, or an overflowing x - m (finfo.min
+    next to finfo.max) has a finite scaled value."""
+    if (scale2 < float("inf")) & (inv_t >= 2.0**-118):
+        d2 = (x - m) * scale2
+    else:
+        d2 = _scaled_half_gap(0.5 * x - 0.5 * m, inv_t) * LOG2E
+    return tl.where(d2 < -FAR_EXP2, -FAR_EXP2, d2)
 
 
 @triton.jit
@@ -51,42 +98,52 @@ def _topk_absorb(top, values, N: tl.constexpr, TOPK_PAD: tl.constexpr):
 
 
 @triton.jit
-def _accumulate(row_ptr, start, end, scale2, BLOCK: tl.constexpr, WITH_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
+def _accumulate(row_ptr, start, end, scale2, inv_t, BLOCK: tl.constexpr, WITH_TOPK: tl.constexpr,
+                TOPK_PAD: tl.constexpr):
     lanes = tl.arange(0, BLOCK)
     running_max = -float("inf")
+    argmax = tl.full([], 2147483647, dtype=tl.int32)  # first index of running_max
     s0 = tl.zeros([BLOCK], dtype=tl.float32)
     s1 = tl.zeros([BLOCK], dtype=tl.float32)
     s2 = tl.zeros([BLOCK], dtype=tl.float32)
-    sum_x = tl.zeros([BLOCK], dtype=tl.float32)
+    gap_sum = tl.zeros([BLOCK], dtype=tl.float32)   # sum of x - running_max (-inf once it overflows)
+    wide_sum = tl.zeros([BLOCK], dtype=tl.float32)  # the same times WIDE_SCALE (never overflows)
     count = tl.zeros([BLOCK], dtype=tl.int32)
-    best_x = tl.full([BLOCK], -float("inf"), dtype=tl.float32)
-    best_index = tl.zeros([BLOCK], dtype=tl.int32)
     top = tl.full([TOPK_PAD], -float("inf"), dtype=tl.float32)
     for block_start in range(start, end, BLOCK):
         index = block_start + lanes
-        x = tl.load(row_ptr + index, mask=index < end, other=-float("inf")).to(tl.float32)
+        x = _load_f32(row_ptr + index, index < end, -float("inf"))
         block_max = tl.max(x, axis=0)
         if block_max > running_max:
-            # Move every lane's sums to the new reference: d' = d + delta, weights scale by 2^delta.
-            delta = (running_max - block_max) * scale2
+            # The first index of the new max (a later block only takes over with a larger value, so
+            # ties go to the lowest index), then every lane's sums move to the new reference:
+            # d' = d + delta, weights scale by 2^delta (delta clamped: a far jump zeroes the
+            # weights, products stay finite).
+            argmax = block_start + tl.argmax(x, axis=0, tie_break_left=True)
+            gap = running_max - block_max
+            delta = _exp2_arg(running_max, block_max, scale2, inv_t)
             rescale = tl.exp2(delta)
             started = s0 != 0  # keeps NaN (a poisoned lane) poisoned
             s2 = tl.where(started, rescale * (s2 + delta * (2.0 * s1 + delta * s0)), 0.0)
             s1 = tl.where(started, rescale * (s1 + delta * s0), 0.0)
             s0 = tl.where(started, rescale * s0, 0.0)
+            seen = count > 0
+            lane_count = count.to(tl.float32)
+            gap_sum = tl.where(seen, gap_sum + lane_count * gap, gap_sum)
+            wide_sum = tl.where(seen, wide_sum + lane_count * (running_max * WIDE_SCALE - block_max * WIDE_SCALE),
+                                wide_sum)
             running_max = block_max
         finite = x != -float("inf")  # NaN counts as finite here so that it poisons the sums
-        d2 = tl.where(finite, (x - running_max) * scale2, 0.0)  # exactly 0 at the max
+        gap = x - running_max  # exactly 0 at the max
+        d2 = tl.where(finite, _exp2_arg(x, running_max, scale2, inv_t), 0.0)
         e = tl.where(finite, tl.exp2(d2), 0.0)
         de = d2 * e
         s0 += e
         s1 += de
         s2 += de * d2
-        sum_x += tl.where(finite, x, 0.0)
+        gap_sum += tl.where(finite, gap, 0.0)
+        wide_sum += tl.where(finite, tl.fma(x, WIDE_SCALE, -running_max * WIDE_SCALE), 0.0)
         count += finite.to(tl.int32)
-        better = x > best_x
-        best_x = tl.where(better, x, best_x)
-        best_index = tl.where(better, index, best_index)
         if WITH_TOPK:
             if block_max > tl.min(top, axis=0):
                 top = _topk_absorb(top, x, BLOCK, TOPK_PAD)
@@ -99,49 +156,55 @@ def _accumulate(row_ptr, start, end, scale2, BLOCK: tl.constexpr, WITH_TOPK: tl.
     centred = lane_mean - mean2
     var2 = tl.sum(s0 * (lane_var + centred * centred), axis=0) / weight
     n = tl.sum(count, axis=0)
-    max_x = tl.max(best_x, axis=0)
-    argmax = tl.min(tl.where(best_x == max_x, best_index, 2147483647), axis=0)
-    total_x = tl.sum(sum_x, axis=0)
-    return running_max, weight, mean2, var2, total_x, n, max_x, argmax, top
+    # The gap mean as a sum of lane shares of it (a plain sum over lanes could overflow): the
+    # unscaled sums, exact down to subnormal gaps, unless one of them overflowed.
+    n_f = tl.maximum(n, 1).to(tl.float32)
+    plain_mean = tl.sum(gap_sum / n_f, axis=0)
+    wide_mean = tl.sum(wide_sum / n_f, axis=0)
+    half_gap_mean = tl.where(plain_mean > -float("inf"), 0.5 * plain_mean, (0.5 / WIDE_SCALE) * wide_mean)
+    return running_max, weight, mean2, var2, half_gap_mean, n, argmax, top
 
 
 @triton.jit
-def _to_state(running_max, weight, mean2, var2, total_x, n, inv_t):
-    """Raw lane sums -> (ref, sum_exp, wmean, wvar, umean) in natural-log units, as stats_state.h."""
+def _to_state(running_max, weight, mean2, var2, inv_t):
+    """Raw lane sums -> (ref, sum_exp, wmean, wvar) in natural-log units, as stats_state.h."""
     poisoned = (weight != weight) | (running_max == float("inf"))
     ref = running_max * inv_t
     sum_exp = tl.where(poisoned, float("nan"), weight)
     wmean = LN2 * mean2
     wvar = LN2 * LN2 * tl.maximum(var2, 0.0)
-    umean = (total_x / tl.maximum(n, 1).to(tl.float32) - running_max) * inv_t
-    return ref, sum_exp, wmean, wvar, umean
+    return ref, sum_exp, wmean, wvar
 
 
 @triton.jit
-def _finalize_store(row, row_ptr, vocab, t, inv_t, ref, sum_exp, wmean, wvar, umean, n, argmax, top, topk,
+def _finalize_store(row, row_ptr, vocab, t, inv_t, max_x, sum_exp, wmean, wvar, half_gap_mean, n, argmax, top, topk,
                     token_ptr, lse_ptr, entropy_ptr, varentropy_ptr, certainty_ptr, max_logprob_ptr, argmax_ptr,
                     token_logprob_ptr, topk_ptr, HAS_TOKEN: tl.constexpr, WITH_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
-    valid = (t > 0) & (t < float("inf")) & (n > 0) & (sum_exp == sum_exp)
+    valid = (t > 0) & (t < float("inf")) & (inv_t < float("inf")) & (n > 0) & (sum_exp == sum_exp)
     log_s = tl.log(sum_exp)
-    lse = ref + log_s
+    lse = max_x * inv_t + log_s
     nan = float("nan")
     tl.store(lse_ptr + row, tl.where(valid, lse, nan))
     tl.store(entropy_ptr + row, tl.where(valid, log_s - wmean, nan))
     tl.store(varentropy_ptr + row, tl.where(valid, wvar, nan))
-    tl.store(certainty_ptr + row, tl.where(valid, log_s - umean - tl.log(tl.maximum(n, 1).to(tl.float32)), nan))
+    certainty = log_s - _scaled_half_gap(half_gap_mean, inv_t) - tl.log(tl.maximum(n, 1).to(tl.float32))
+    tl.store(certainty_ptr + row, tl.where(valid, certainty, nan))
     tl.store(max_logprob_ptr + row, tl.where(valid, -log_s, nan))
     tl.store(argmax_ptr + row, tl.where(valid, argmax, -1).to(tl.int64))
     if HAS_TOKEN:
         token = tl.load(token_ptr + row)
         in_range = (token >= 0) & (token < vocab)
-        x_token = tl.load(row_ptr + tl.where(in_range, token, 0)).to(tl.float32)
-        tl.store(token_logprob_ptr + row, tl.where(valid & in_range, x_token * inv_t - lse, nan))
+        x_token = _load_f32(row_ptr + tl.where(in_range, token, 0), True, 0.0)
+        token_gap = _scaled_half_gap(0.5 * x_token - 0.5 * max_x, inv_t)
+        tl.store(token_logprob_ptr + row, tl.where(valid & in_range, token_gap - log_s, nan))
     if WITH_TOPK:
         keep = tl.minimum(topk, n)
         positions = tl.arange(0, TOPK_PAD)
         ranked = tl.sort(top, descending=True)
-        top_sum = tl.sum(tl.where(positions < keep, ranked, 0.0), axis=0)
-        confidence = lse - inv_t * top_sum / tl.maximum(keep, 1).to(tl.float32)
+        # Gaps to the max in float64: 64 of them of up to 2 * FLT_MAX (once per row).
+        gaps = ranked.to(tl.float64) - max_x.to(tl.float64)
+        mean_gap = tl.sum(tl.where(positions < keep, gaps, 0.0), axis=0) / tl.maximum(keep, 1).to(tl.float64)
+        confidence = (log_s.to(tl.float64) - mean_gap * inv_t.to(tl.float64)).to(tl.float32)
         tl.store(topk_ptr + row, tl.where(valid, confidence, nan))
 
 
@@ -169,10 +232,11 @@ def _row_kernel(logits_ptr, inner_size, outer_stride, inner_stride, vocab, tempe
     row_ptr = _row_pointer(logits_ptr, row, inner_size, outer_stride, inner_stride)
     t = _row_temperature(temperature_ptr, temperature, row, HAS_TEMPERATURE)
     inv_t = 1.0 / t
-    running_max, weight, mean2, var2, total_x, n, max_x, argmax, top = _accumulate(
-        row_ptr, 0, vocab, inv_t * LOG2E, BLOCK, WITH_TOPK, TOPK_PAD)
-    ref, sum_exp, wmean, wvar, umean = _to_state(running_max, weight, mean2, var2, total_x, n, inv_t)
-    _finalize_store(row, row_ptr, vocab, t, inv_t, ref, sum_exp, wmean, wvar, umean, n, argmax, top, topk,
+    running_max, weight, mean2, var2, half_gap_mean, n, argmax, top = _accumulate(
+        row_ptr, 0, vocab, inv_t * LOG2E, inv_t, BLOCK, WITH_TOPK, TOPK_PAD)
+    _ref, sum_exp, wmean, wvar = _to_state(running_max, weight, mean2, var2, inv_t)
+    _finalize_store(row, row_ptr, vocab, t, inv_t, running_max, sum_exp, wmean, wvar, half_gap_mean, n, argmax, top,
+                    topk,
                     token_ptr, lse_ptr, entropy_ptr, varentropy_ptr, certainty_ptr, max_logprob_ptr, argmax_ptr,
                     token_logprob_ptr, topk_ptr, HAS_TOKEN, WITH_TOPK, TOPK_PAD)
 
@@ -190,17 +254,17 @@ def _partial_kernel(logits_ptr, inner_size, outer_stride, inner_stride, vocab, t
     inv_t = 1.0 / t
     start = split * slice_len
     end = tl.minimum(start + slice_len, vocab)
-    running_max, weight, mean2, var2, total_x, n, max_x, argmax, top = _accumulate(
-        row_ptr, start, end, inv_t * LOG2E, BLOCK, WITH_TOPK, TOPK_PAD)
-    ref, sum_exp, wmean, wvar, umean = _to_state(running_max, weight, mean2, var2, total_x, n, inv_t)
+    running_max, weight, mean2, var2, half_gap_mean, n, argmax, top = _accumulate(
+        row_ptr, start, end, inv_t * LOG2E, inv_t, BLOCK, WITH_TOPK, TOPK_PAD)
+    ref, sum_exp, wmean, wvar = _to_state(running_max, weight, mean2, var2, inv_t)
     slot = row * splits + split
-    # Six float fields per slot: ref, sum_exp, wmean, wvar, umean, max_x.
+    # Six float fields per slot: ref, sum_exp, wmean, wvar, half_gap_mean, max_x.
     tl.store(state_ptr + slot * 6 + 0, ref)
     tl.store(state_ptr + slot * 6 + 1, sum_exp)
     tl.store(state_ptr + slot * 6 + 2, wmean)
     tl.store(state_ptr + slot * 6 + 3, wvar)
-    tl.store(state_ptr + slot * 6 + 4, umean)
-    tl.store(state_ptr + slot * 6 + 5, max_x)
+    tl.store(state_ptr + slot * 6 + 4, half_gap_mean)
+    tl.store(state_ptr + slot * 6 + 5, running_max)
     tl.store(count_ptr + slot, n)
     tl.store(argmax_ws_ptr + slot, argmax)
     if WITH_TOPK:
@@ -223,16 +287,16 @@ def _merge_kernel(logits_ptr, inner_size, outer_stride, inner_stride, vocab, tem
     slot = row * splits + s
     n_s = tl.load(count_ptr + slot, mask=in_row, other=0)
     used = n_s > 0
-    ref_s = tl.load(state_ptr + slot * 6 + 0, mask=used, other=0.0)
     sum_exp_s = tl.load(state_ptr + slot * 6 + 1, mask=used, other=0.0)
     wmean_s = tl.load(state_ptr + slot * 6 + 2, mask=used, other=0.0)
     wvar_s = tl.load(state_ptr + slot * 6 + 3, mask=used, other=0.0)
-    umean_s = tl.load(state_ptr + slot * 6 + 4, mask=used, other=0.0)
+    half_gap_mean_s = tl.load(state_ptr + slot * 6 + 4, mask=used, other=0.0)
     max_x_s = tl.load(state_ptr + slot * 6 + 5, mask=used, other=-float("inf"))
     argmax_s = tl.load(argmax_ws_ptr + slot, mask=used, other=2147483647)
 
-    ref = tl.max(tl.where(used, ref_s, -float("inf")), axis=0)
-    shift = tl.where(used, ref_s - ref, 0.0)
+    # Shifts between the slices' maxima as in merge_states (stats_state.h): far slices weigh 0.
+    max_x = tl.max(max_x_s, axis=0)
+    shift = tl.where(used, _merge_shift(max_x_s, max_x, inv_t), 0.0)
     weight_s = tl.where(used, sum_exp_s * tl.exp(shift), 0.0)
     sum_exp = tl.sum(weight_s, axis=0)
     mean_s = wmean_s + shift
@@ -240,8 +304,8 @@ def _merge_kernel(logits_ptr, inner_size, outer_stride, inner_stride, vocab, tem
     centred = mean_s - wmean
     wvar = tl.sum(weight_s * (wvar_s + centred * centred), axis=0) / sum_exp
     n = tl.sum(n_s, axis=0)
-    umean = tl.sum(n_s.to(tl.float32) * (umean_s + shift), axis=0) / tl.maximum(n, 1).to(tl.float32)
-    max_x = tl.max(max_x_s, axis=0)
+    share = n_s.to(tl.float32) / tl.maximum(n, 1).to(tl.float32)
+    half_gap_mean = tl.sum(tl.where(used, share * (half_gap_mean_s + (0.5 * max_x_s - 0.5 * max_x)), 0.0), axis=0)
     argmax = tl.min(tl.where(used & (max_x_s == max_x), argmax_s, 2147483647), axis=0)
     if WITH_TOPK:
         candidates = tl.load(top_ws_ptr + slot[:, None] * TOPK_PAD + tl.arange(0, TOPK_PAD)[None, :],
@@ -250,7 +314,7 @@ def _merge_kernel(logits_ptr, inner_size, outer_stride, inner_stride, vocab, tem
                            tl.reshape(candidates, [SPLITS_PAD * TOPK_PAD]), SPLITS_PAD * TOPK_PAD, TOPK_PAD)
     else:
         top = tl.full([TOPK_PAD], -float("inf"), dtype=tl.float32)
-    _finalize_store(row, row_ptr, vocab, t, inv_t, ref, sum_exp, wmean, wvar, umean, n, argmax, top, topk,
+    _finalize_store(row, row_ptr, vocab, t, inv_t, max_x, sum_exp, wmean, wvar, half_gap_mean, n, argmax, top, topk,
                     token_ptr, lse_ptr, entropy_ptr, varentropy_ptr, certainty_ptr, max_logprob_ptr, argmax_ptr,
                     token_logprob_ptr, topk_ptr, HAS_TOKEN, WITH_TOPK, TOPK_PAD)
 

@@ -21,7 +21,7 @@ they do not depend on the launch shape.
 import triton
 import triton.language as tl
 
-from .logit_stats import LOG2E, _launch_slices
+from .logit_stats import _launch_slices, _load_f32, _merge_shift
 
 SLICE_TOKENS = 4096
 SLICE = tl.constexpr(SLICE_TOKENS)
@@ -40,12 +40,10 @@ def _sample_from_slices(row_ptr, vocab, inv_t, state_ptr, count_ptr, slot0, spli
     """Inverse-CDF sample of softmax(x * inv_t) over one row using its slice states."""
     s = tl.arange(0, SPLITS_PAD)
     used = (s < splits) & (tl.load(count_ptr + slot0 + s, mask=s < splits, other=0) > 0)
-    ref_s = tl.load(state_ptr + (slot0 + s) * 6 + 0, mask=used, other=-float("inf"))
     sum_s = tl.load(state_ptr + (slot0 + s) * 6 + 1, mask=used, other=0.0)
     max_x_s = tl.load(state_ptr + (slot0 + s) * 6 + 5, mask=used, other=-float("inf"))
-    ref = tl.max(ref_s, axis=0)
     max_x = tl.max(max_x_s, axis=0)
-    mass = tl.where(used, sum_s * tl.exp(ref_s - ref), 0.0)
+    mass = tl.where(used, sum_s * tl.exp(_merge_shift(max_x_s, max_x, inv_t)), 0.0)
     cumulative = tl.cumsum(mass, axis=0)
     target = u * tl.sum(mass, axis=0)
     crossing = tl.min(tl.where((cumulative >= target) & (mass > 0), s, SPLITS_PAD), axis=0)
@@ -53,7 +51,6 @@ def _sample_from_slices(row_ptr, vocab, inv_t, state_ptr, count_ptr, slot0, spli
     chosen = tl.where(crossing < SPLITS_PAD, crossing, last_used)
     remaining = target - tl.sum(tl.where(s < chosen, mass, 0.0), axis=0)
     # Rescan the chosen slice in token order, with the weights relative to the row max.
-    scale2 = inv_t * LOG2E
     start = chosen * SLICE
     end = tl.minimum(start + SLICE, vocab)
     lanes = tl.arange(0, SCAN)
@@ -62,9 +59,9 @@ def _sample_from_slices(row_ptr, vocab, inv_t, state_ptr, count_ptr, slot0, spli
     running = 0.0
     for block in range(0, SLICE, SCAN):
         index = start + block + lanes
-        x = tl.load(row_ptr + index, mask=index < end, other=-float("inf")).to(tl.float32)
-        weight = tl.where(x != -float("inf"), tl.exp2((x - max_x) * scale2), 0.0)
-        # The pass-1 slice masses are relative to `ref`; these to max_x * inv_t: the same number.
+        x = _load_f32(row_ptr + index, index < end, -float("inf"))
+        # (x - max_x) / T: -inf (weight 0) where the gap overflows; never 0 * inf.
+        weight = tl.where(x != -float("inf"), tl.exp((x - max_x) * inv_t), 0.0)
         within = running + tl.cumsum(weight, axis=0)
         hit = tl.min(tl.where((within >= remaining) & (weight > 0), index, 2147483647), axis=0)
         token = tl.where((token < 0) & (hit < 2147483647), hit, token)
@@ -74,9 +71,9 @@ def _sample_from_slices(row_ptr, vocab, inv_t, state_ptr, count_ptr, slot0, spli
 
 
 @triton.jit
-def _residual_pass(row_ptr, q_ptr, vocab, inv_t, lse, c, target, SCAN: tl.constexpr):
+def _residual_pass(row_ptr, q_ptr, vocab, inv_t, max_x, log_s, c, target, SCAN: tl.constexpr):
     """Mass of (p - c q)+ over the row, and the first token whose cumulative mass reaches `target`
-    (-1 if none; pass target = +inf to only measure)."""
+    (-1 if none; pass target = +inf to only measure). p = exp((x - max_x) / T - log_s)."""
     lanes = tl.arange(0, SCAN)
     total = 0.0
     token = -1
@@ -84,9 +81,9 @@ def _residual_pass(row_ptr, q_ptr, vocab, inv_t, lse, c, target, SCAN: tl.conste
     for block in range(0, vocab, SCAN):
         index = block + lanes
         inside = index < vocab
-        x = tl.load(row_ptr + index, mask=inside, other=-float("inf")).to(tl.float32)
-        q = tl.load(q_ptr + index, mask=inside, other=0.0).to(tl.float32)
-        p = tl.where(x != -float("inf"), tl.exp(x * inv_t - lse), 0.0)
+        x = _load_f32(row_ptr + index, inside, -float("inf"))
+        q = _load_f32(q_ptr + index, inside, 0.0)
+        p = tl.where(x != -float("inf"), tl.exp((x - max_x) * inv_t - log_s), 0.0)
         excess = tl.maximum(p - c * q, 0.0)
         within = total + tl.cumsum(excess, axis=0)
         hit = tl.min(tl.where((within >= target) & (excess > 0), index, 2147483647), axis=0)
@@ -98,10 +95,14 @@ def _residual_pass(row_ptr, q_ptr, vocab, inv_t, lse, c, target, SCAN: tl.conste
 
 @triton.jit
 def _walk_kernel(logits_ptr, stride_b, stride_n, vocab, nodes, tokens_ptr, parents_ptr, seeds_ptr, inv_t,
-                 lse_ptr, argmax_ptr, state_ptr, count_ptr, splits, q_ptr, q_stride_b, q_stride_n,
+                 max_logprob_ptr, argmax_ptr, state_ptr, count_ptr, splits, q_ptr, q_stride_b, q_stride_n,
                  num_accepted_ptr, accepted_ptr, output_ptr, depth,
                  MODE: tl.constexpr, N_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, SCAN: tl.constexpr):
-    """MODE 0 greedy, 1 target-only sampling, 2 multi-draft (SpecInfer). One program per tree."""
+    """MODE 0 greedy, 1 target-only sampling, 2 multi-draft (SpecInfer). One program per tree.
+
+    The same walk as csrc/include/fusedecode/tree_walk.h, memory-safe on invalid input: a child has
+    a larger index than its parent (so a node with an out-of-range or later parent is unreachable),
+    a draft token outside [0, V) is never accepted or read, and depth + 1 bounds the writes."""
     b = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, N_PAD)
     in_tree = idx < nodes
@@ -116,30 +117,34 @@ def _walk_kernel(logits_ptr, stride_b, stride_n, vocab, nodes, tokens_ptr, paren
     while walking:
         row = b * nodes + node
         row_ptr = logits_ptr + b * stride_b + node * stride_n
-        valid = tl.load(argmax_ptr + row) >= 0
-        is_child = (parents == node) & (idx > 0) & in_tree
+        row_argmax = tl.load(argmax_ptr + row).to(tl.int32)
+        valid = row_argmax >= 0
+        is_child = (parents == node) & (idx > node) & in_tree
         child = N_PAD
         choice = -1
         if MODE == 0:
-            choice = tl.load(argmax_ptr + row)
+            choice = row_argmax
             child = tl.min(tl.where(is_child & (tokens == choice), idx, N_PAD), axis=0)
         elif MODE == 1:
             u = _uniform(seed, b, node, nodes, SAMPLE)
             choice = _sample_from_slices(row_ptr, vocab, inv_t, state_ptr, count_ptr, row * splits, splits, u,
                                          SPLITS_PAD, SCAN)
+            choice = tl.where(choice >= 0, choice, row_argmax)
             child = tl.min(tl.where(is_child & (tokens == choice), idx, N_PAD), axis=0)
         else:
-            lse = tl.load(lse_ptr + row)
+            log_s = -tl.load(max_logprob_ptr + row)
+            max_x = _load_f32(row_ptr + tl.maximum(row_argmax, 0), True, 0.0)
             q_row = q_ptr + b * q_stride_b + node * q_stride_n
             c = 0.0
             mass = 1.0
             candidate = tl.min(tl.where(is_child, idx, N_PAD), axis=0)
             while candidate < N_PAD:
                 x = tl.sum(tl.where(idx == candidate, tokens, 0), axis=0)
-                safe_x = tl.maximum(x, 0)
-                q_x = tl.load(q_row + safe_x).to(tl.float32)
-                drawable = (x >= 0) & (q_x > 0) & (q_x < float("inf"))
-                p_x = tl.exp(tl.load(row_ptr + safe_x).to(tl.float32) * inv_t - lse)
+                in_vocab = (x >= 0) & (x < vocab)  # padding, or out of range: never read, never accepted
+                safe_x = tl.where(in_vocab, x, 0)
+                q_x = _load_f32(q_row + safe_x, True, 0.0)
+                drawable = in_vocab & (q_x > 0) & (q_x < float("inf"))
+                p_x = tl.exp((_load_f32(row_ptr + safe_x, True, 0.0) - max_x) * inv_t - log_s)
                 ratio = tl.maximum(p_x - c * q_x, 0.0) / mass / q_x
                 u = _uniform(seed, b, candidate, nodes, ACCEPT)
                 accepted = drawable & (u < ratio)
@@ -149,7 +154,7 @@ def _walk_kernel(logits_ptr, stride_b, stride_n, vocab, nodes, tokens_ptr, paren
                     next_candidate = N_PAD
                 elif drawable:
                     new_c = c + mass
-                    new_mass, _unused, _unused2 = _residual_pass(row_ptr, q_row, vocab, inv_t, lse, new_c,
+                    new_mass, _unused, _unused2 = _residual_pass(row_ptr, q_row, vocab, inv_t, max_x, log_s, new_c,
                                                                  float("inf"), SCAN)
                     if new_mass > 0:
                         c = new_c
@@ -161,10 +166,14 @@ def _walk_kernel(logits_ptr, stride_b, stride_n, vocab, nodes, tokens_ptr, paren
                     choice = _sample_from_slices(row_ptr, vocab, inv_t, state_ptr, count_ptr, row * splits, splits,
                                                  u, SPLITS_PAD, SCAN)
                 else:
-                    _total, hit, last = _residual_pass(row_ptr, q_row, vocab, inv_t, lse, c, u * mass, SCAN)
+                    _total, hit, last = _residual_pass(row_ptr, q_row, vocab, inv_t, max_x, log_s, c, u * mass,
+                                                       SCAN)
                     choice = tl.where(hit >= 0, hit, last)
+                choice = tl.where(choice >= 0, choice, row_argmax)
         if not valid:
             walking = False
+        elif (child < N_PAD) & (count >= depth):
+            walking = False  # depth + 1 entries written (a wrong depth ends the walk, never overflows)
         elif child < N_PAD:
             count += 1
             tl.store(output_ptr + out_row + count - 1, tl.sum(tl.where(idx == child, tokens, 0), axis=0))
@@ -202,7 +211,7 @@ def verify_tree_triton(target_logits, draft_tokens, parents, temperature, draft_
     q = draft_probs if draft_probs is not None else target_logits
     _walk_kernel[(batch,)](
         target_logits, target_logits.stride(0), target_logits.stride(1), vocab, nodes, draft_tokens, parents, seeds,
-        1.0 / stats_temperature, stats[0], stats[5], state_ws, count_ws, splits, q, q.stride(0), q.stride(1),
+        1.0 / stats_temperature, stats[4], stats[5], state_ws, count_ws, splits, q, q.stride(0), q.stride(1),
         num_accepted, accepted, output, depth,
         MODE=mode, N_PAD=max(2, _next_power_of_2(nodes)), SPLITS_PAD=max(2, _next_power_of_2(splits)), SCAN=1024,
         num_warps=4)

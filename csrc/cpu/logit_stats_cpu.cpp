@@ -3,8 +3,9 @@
 //
 // Each row is read once from memory in chunks of kChunk entries. A chunk is converted to float in an
 // L1-resident buffer, scanned once for its max/argmax/min (and NaN or +inf), then once more for the
-// exp-weighted sums relative to the chunk max. Chunk sums are folded into a StatsState and merged
-// (stats_state.h), which bounds float32 cancellation by the chunk size whatever V is.
+// exp-weighted sums relative to the chunk max (far entries weigh exactly 0). Chunk sums are folded
+// into a StatsState and merged (stats_state.h), which bounds float32 cancellation by the chunk size
+// whatever V is.
 #include "simd.h"
 #include "slice_reduce.h"
 
@@ -55,11 +56,93 @@ FD_ALWAYS_INLINE void to_float(const c10::Half* src, int64_t n, float* dst) {
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
+struct ChunkSums {
+  float s0, s1, s2;
+  float gap_sum;  // sum of x - max (narrow) or of (x - max) * kWideScale (wide)
+  int32_t count;
+};
+
+// The smallest finite entry of a chunk that also holds -inf (masked) entries.
+FD_ALWAYS_INLINE float finite_minimum(const float* buffer, int64_t padded) {
+  f32x8 lane_min = simd::splat(kInf);
+  for (int64_t i = 0; i < padded; i += kLanes) {
+    const f32x8 v = simd::load(buffer + i);
+    lane_min = simd::vmin(lane_min, simd::select(v > simd::splat(-kInf), v, simd::splat(kInf)));
+  }
+  float result = kInf;
+  for (int l = 0; l < kLanes; ++l) result = std::min(result, lane_min[l]);
+  return result;
+}
+
+// Pass 2 over one chunk: exp-weighted sums relative to the chunk max, in base 2. kMasked: the chunk
+// holds -inf entries (they add nothing). kWideSum: some gap x - max is too large to sum as it is
+// (see GapLimits in stats_state.h), so gaps are summed times kWideScale. kRobustExp: some gap times
+// scale2 would overflow (or scale2 did), so exponents come from robust_exp2_arg. Otherwise
+// d2 = (x - max) * scale2 with the max at exactly 0 and gaps summed as they are.
+template <bool kMasked, bool kWideSum, bool kRobustExp>
+FD_ALWAYS_INLINE ChunkSums chunk_sums(const float* buffer, int64_t n, int64_t padded, float chunk_max, float inv_t) {
+  const f32x8 zero = simd::splat(0.f);
+  const f32x8 max_v = simd::splat(chunk_max);
+  const f32x8 scale2_v = simd::splat(inv_t * kLog2e);
+  const f32x8 wide_scale = simd::splat(kWideScale);
+  const f32x8 wide_shift = simd::splat(-chunk_max * kWideScale);
+  const f32x8 half_max = simd::splat(0.5f * chunk_max);
+  const f32x8 inv_t_v = simd::splat(inv_t);
+  f32x8 s0 = zero, s1 = zero, s2 = zero, gaps = zero;
+  i32x8 finite_count = simd::splat_i(0);
+  for (int64_t i = 0; i < padded; i += kLanes) {
+    const f32x8 v = simd::load(buffer + i);
+    const f32x8 diff = v - max_v;  // -inf where it overflows (wide chunks only)
+    f32x8 gap = kWideSum ? v * wide_scale + wide_shift : diff;
+    f32x8 d2;
+    if constexpr (kRobustExp) {  // robust_exp2_arg (stats_state.h), eight lanes at a time
+      const f32x8 half = v * simd::splat(0.5f) - half_max;
+      const f32x8 scaled = inv_t >= 1.f ? (half + half) * inv_t_v : (half * inv_t_v) * simd::splat(2.f);
+      d2 = simd::vmax(scaled * simd::splat(kLog2e), simd::splat(-kFarExp2));
+    } else {
+      d2 = diff * scale2_v;
+    }
+    f32x8 e;
+    if constexpr (kMasked) {
+      const i32x8 finite = v > simd::splat(-kInf);
+      gap = simd::select(finite, gap, zero);
+      d2 = simd::select(finite, d2, zero);
+      e = simd::select(finite, simd::exp2_nonpositive(d2), zero);
+      finite_count -= finite;  // comparisons give -1 for true
+    } else {
+      e = simd::exp2_nonpositive(d2);  // exactly 0 for far entries, so d2 * e stays 0
+    }
+    const f32x8 de = d2 * e;
+    s0 += e;
+    s1 += de;
+    s2 += de * d2;
+    gaps += gap;
+  }
+  int32_t count = static_cast<int32_t>(n);
+  if constexpr (kMasked) {
+    count = 0;
+    for (int l = 0; l < kLanes; ++l) count += finite_count[l];
+  }
+  return {simd::hsum(s0), simd::hsum(s1), simd::hsum(s2), simd::hsum(gaps), count};
+}
+
+// chunk_sums with its three choices made at run time (eight instantiations, one branch per chunk).
+template <bool kMasked>
+FD_ALWAYS_INLINE ChunkSums chunk_sums_for(bool wide_sum, bool robust_exp, const float* buffer, int64_t n,
+                                          int64_t padded, float chunk_max, float inv_t) {
+  if (wide_sum) {
+    return robust_exp ? chunk_sums<kMasked, true, true>(buffer, n, padded, chunk_max, inv_t)
+                      : chunk_sums<kMasked, true, false>(buffer, n, padded, chunk_max, inv_t);
+  }
+  return robust_exp ? chunk_sums<kMasked, false, true>(buffer, n, padded, chunk_max, inv_t)
+                    : chunk_sums<kMasked, false, false>(buffer, n, padded, chunk_max, inv_t);
+}
+
 template <typename scalar_t>
 FD_ALWAYS_INLINE void accumulate_slice(const scalar_t* row, int64_t begin, int64_t end, float inv_t,
                                        SliceResult& out) {
   alignas(32) float buffer[kChunk];
-  const float scale2 = inv_t * kLog2e;
+  const GapLimits limits = gap_limits(inv_t * kLog2e, static_cast<float>(kChunk));
   const i32x8 lane_index{0, 1, 2, 3, 4, 5, 6, 7};
   for (int64_t chunk_begin = begin; chunk_begin < end; chunk_begin += kChunk) {
     const int64_t n = std::min(kChunk, end - chunk_begin);
@@ -81,7 +164,7 @@ FD_ALWAYS_INLINE void accumulate_slice(const scalar_t* row, int64_t begin, int64
       poison |= (v != v) | (v == simd::splat(kInf));
     }
     if (simd::any(poison)) {
-      out.state = merge_states(out.state, fold_raw_sums(0.f, 0, 0.f, 0.f, 0.f, 0.f, 0, inv_t, true));
+      out.state = merge_states(out.state, fold_raw_sums(0.f, 0, 0.f, 0.f, 0.f, 0.f, 0.f, 0, inv_t, true), inv_t);
       return;  // the row is NaN whatever follows
     }
     float chunk_max = -kInf;
@@ -96,46 +179,18 @@ FD_ALWAYS_INLINE void accumulate_slice(const scalar_t* row, int64_t begin, int64
     }
     if (chunk_max == -kInf) continue;  // every entry masked
 
-    // Pass 2: exp-weighted sums relative to the chunk max, in base 2.
-    // Subtract before scaling: the max element gets d2 = 0 exactly.
-    const f32x8 scale2_v = simd::splat(scale2);
-    const f32x8 max_v = simd::splat(chunk_max);
-    f32x8 s0 = simd::splat(0.f), s1 = s0, s2 = s0, sum_x = s0;
-    int32_t count;
-    if (chunk_min > -kInf) {
-      for (int64_t i = 0; i < padded; i += kLanes) {
-        const f32x8 v = simd::load(buffer + i);
-        const f32x8 d2 = (v - max_v) * scale2_v;
-        const f32x8 e = simd::exp2_nonpositive(d2);
-        const f32x8 de = d2 * e;
-        s0 += e;
-        s1 += de;
-        s2 += de * d2;
-        sum_x += v;
-      }
-      count = static_cast<int32_t>(n);
-    } else {
-      i32x8 finite_count = simd::splat_i(0);
-      const f32x8 zero = simd::splat(0.f);
-      for (int64_t i = 0; i < padded; i += kLanes) {
-        const f32x8 v = simd::load(buffer + i);
-        const i32x8 finite = v > simd::splat(-kInf);
-        const f32x8 d2 = simd::select(finite, (v - max_v) * scale2_v, zero);
-        const f32x8 e = simd::select(finite, simd::exp2_nonpositive(d2), zero);
-        const f32x8 de = d2 * e;
-        s0 += e;
-        s1 += de;
-        s2 += de * d2;
-        sum_x += simd::select(finite, v, zero);
-        finite_count -= finite;  // comparisons give -1 for true
-      }
-      count = 0;
-      for (int l = 0; l < kLanes; ++l) count += finite_count[l];
-    }
+    // Pass 2, specialised on what the chunk holds (the common case: no -inf, every gap narrow).
+    const bool masked = chunk_min == -kInf;
+    const float widest = (masked ? finite_minimum(buffer, padded) : chunk_min) - chunk_max;
+    const bool wide = !(widest >= -limits.sum);
+    const bool robust_exp = !(widest >= -limits.exp);
+    const ChunkSums sums =
+        masked ? chunk_sums_for<true>(wide, robust_exp, buffer, n, padded, chunk_max, inv_t)
+               : chunk_sums_for<false>(wide, robust_exp, buffer, n, padded, chunk_max, inv_t);
     const StatsState chunk_state =
-        fold_raw_sums(chunk_max, static_cast<int32_t>(chunk_begin) + chunk_arg, simd::hsum(s0), simd::hsum(s1),
-                      simd::hsum(s2), simd::hsum(sum_x), count, inv_t, false);
-    out.state = merge_states(out.state, chunk_state);
+        fold_raw_sums(chunk_max, static_cast<int32_t>(chunk_begin) + chunk_arg, sums.s0, sums.s1, sums.s2,
+                      wide ? 0.f : sums.gap_sum, wide ? sums.gap_sum : 0.f, sums.count, inv_t, false);
+    out.state = merge_states(out.state, chunk_state, inv_t);
 
     if (out.top.k > 0 && chunk_max > out.top.threshold()) {
       for (int64_t i = 0; i < n; ++i) {

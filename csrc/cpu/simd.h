@@ -58,10 +58,11 @@ FD_ALWAYS_INLINE float hsum(f32x8 v) {
 
 // 2^x for x <= 0 (the only range the kernels need), relative error about 2e-7.
 // Range reduction x = n + f with n = round(x), f in [-0.5, 0.5], then a degree-6 minimax polynomial
-// for 2^f. Inputs below -126 give 2^-126 instead of a subnormal or zero: callers mask the entries
-// that must contribute exactly zero (-inf logits) themselves.
+// for 2^f. Inputs at or below -126.5 (-inf included) give exactly 0: x is clamped at -127, where
+// n = -127 makes the scale 2^n the bit pattern 0. Far entries thus weigh nothing, as in float64.
+// Callers still mask -inf logits themselves (their d * 2^d would be NaN).
 FD_ALWAYS_INLINE f32x8 exp2_nonpositive(f32x8 x) {
-  x = vmax(x, splat(-126.f));
+  x = vmax(x, splat(-127.f));
   const f32x8 shifted = x + splat(0.5f);
   i32x8 n = __builtin_convertvector(shifted, i32x8);  // truncates toward zero
   f32x8 nf = __builtin_convertvector(n, f32x8);

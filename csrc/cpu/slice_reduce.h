@@ -42,9 +42,10 @@ struct TopK {
   void merge(const TopK& other) {
     for (int i = 0; i < other.size; ++i) push(other.values[i]);
   }
-  float sum() const {
-    float total = 0.f;
-    for (int i = 0; i < size; ++i) total += values[i];
+  // Sum of value - max_x over the kept values, in double (64 gaps of up to 2 * FLT_MAX).
+  double gap_sum(float max_x) const {
+    double total = 0.0;
+    for (int i = 0; i < size; ++i) total += static_cast<double>(values[i]) - static_cast<double>(max_x);
     return total;
   }
 };
@@ -89,7 +90,8 @@ void reduce_rows(const scalar_t* base, const RowLayout& layout, Temperature row_
     const int64_t token = token_ids ? token_ids[r] : -1;
     const bool in_range = token >= 0 && token < vocab;
     const float token_x = in_range ? static_cast<float>(base[layout.row_offset(r) + token]) : 0.f;
-    store_row_stats(out, r, result.state, row_temperature(r), in_range, token_x, result.top.sum(), result.top.size);
+    store_row_stats(out, r, result.state, row_temperature(r), in_range, token_x, result.top.gap_sum(result.state.max_x),
+                    result.top.size);
   };
 
   if (slices == 1 && keep_slices == nullptr) {
@@ -120,7 +122,7 @@ void reduce_rows(const scalar_t* base, const RowLayout& layout, Temperature row_
     for (int64_t r = begin; r < end; ++r) {
       SliceResult merged = parts[r * slices];
       for (int64_t s = 1; s < slices; ++s) {
-        merged.state = merge_states(merged.state, parts[r * slices + s].state);
+        merged.state = merge_states(merged.state, parts[r * slices + s].state, 1.f / row_temperature(r));
         merged.top.merge(parts[r * slices + s].top);
       }
       finish_row(r, merged);

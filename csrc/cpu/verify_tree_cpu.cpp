@@ -16,7 +16,7 @@ struct CpuTreeRow {
   int64_t node_stride;
   int64_t vocab;
   float inv_t;
-  const float* lse;          // [N]
+  const float* max_logprob;  // [N]: -log sum exp(z - max z)
   const int64_t* argmaxes;   // [N]
   const SliceResult* slices; // [N * splits]
   int64_t splits;
@@ -28,6 +28,7 @@ struct CpuTreeRow {
 
   float x(int64_t node, int64_t i) const { return static_cast<float>(logits[node * node_stride + i]); }
   bool valid(int64_t node) const { return argmaxes[node] >= 0; }
+  int64_t vocab_size() const { return vocab; }
   int64_t argmax(int64_t node) const { return argmaxes[node]; }
   int64_t token(int64_t node) const { return tokens[node]; }
 
@@ -43,26 +44,38 @@ struct CpuTreeRow {
     }
     return -1;
   }
-  float prob(int64_t node, int64_t t) const { return std::exp(x(node, t) * inv_t - lse[node]); }
+  // p_node(t) relative to the row max (never z_t - logsumexp, a difference of two large numbers);
+  // the row's max and log-probability are read once per pass over the vocabulary.
+  struct NodeProb {
+    float max_x;
+    float max_logprob;
+  };
+  NodeProb node_prob(int64_t node) const { return {x(node, argmaxes[node]), max_logprob[node]}; }
+  float prob_of(const NodeProb& np, float value) const {
+    return std::exp(scaled_gap(value, np.max_x, inv_t) + np.max_logprob);
+  }
+  float prob(int64_t node, int64_t t) const { return prob_of(node_prob(node), x(node, t)); }
   float draft_prob(int64_t node, int64_t t) const { return static_cast<float>(q[node * q_node_stride + t]); }
 
-  float excess(int64_t node, int64_t i, float c) const {
-    const float e = prob(node, i) - c * draft_prob(node, i);
+  float excess(const NodeProb& np, int64_t node, int64_t i, float c) const {
+    const float e = prob_of(np, x(node, i)) - c * draft_prob(node, i);
     return e > 0.f ? e : 0.f;
   }
   float residual_mass(int64_t node, float c) const {
+    const NodeProb np = node_prob(node);
     double total = 0.0;
-    for (int64_t i = 0; i < vocab; ++i) total += excess(node, i, c);
+    for (int64_t i = 0; i < vocab; ++i) total += excess(np, node, i, c);
     return static_cast<float>(total);
   }
 
   int64_t sample(int64_t node, float c, float mass, float u) const {
     if (c != 0.f) {
+      const NodeProb np = node_prob(node);
       const double target = static_cast<double>(u) * mass;
       double running = 0.0;
       int64_t last = -1;
       for (int64_t i = 0; i < vocab; ++i) {
-        const float e = excess(node, i, c);
+        const float e = excess(np, node, i, c);
         if (e > 0.f) {
           running += e;
           last = i;
@@ -73,25 +86,25 @@ struct CpuTreeRow {
     }
     // Inverse CDF over the slices of the statistics pass, then over the tokens of one slice.
     const SliceResult* own = slices + node * splits;
-    float ref = -kInf, max_x = -kInf;
+    float max_x = -kInf;
     for (int64_t s = 0; s < splits; ++s) {
-      if (own[s].state.count > 0) {
-        ref = std::max(ref, own[s].state.ref);
-        max_x = std::max(max_x, own[s].state.max_x);
-      }
+      if (own[s].state.count > 0) max_x = std::max(max_x, own[s].state.max_x);
     }
+    auto slice_mass = [&](int64_t s) {
+      return static_cast<double>(own[s].state.sum_exp) * std::exp(merge_shift(own[s].state.max_x, max_x, inv_t));
+    };
     double total = 0.0;
     for (int64_t s = 0; s < splits; ++s) {
-      if (own[s].state.count > 0) total += own[s].state.sum_exp * std::exp(own[s].state.ref - ref);
+      if (own[s].state.count > 0) total += slice_mass(s);
     }
     double remaining = static_cast<double>(u) * total;
     int64_t chosen = -1;
     for (int64_t s = 0; s < splits; ++s) {
       if (own[s].state.count == 0) continue;
-      const double slice_mass = own[s].state.sum_exp * std::exp(own[s].state.ref - ref);
+      const double mass = slice_mass(s);
       chosen = s;  // the last slice with mass if rounding leaves `remaining` above the total
-      if (remaining <= slice_mass) break;
-      remaining -= slice_mass;
+      if (remaining <= mass) break;
+      remaining -= mass;
     }
     const int64_t begin = chosen * kVerifySliceTokens;
     const int64_t end = std::min(vocab, begin + kVerifySliceTokens);
@@ -100,7 +113,7 @@ struct CpuTreeRow {
     for (int64_t i = begin; i < end; ++i) {
       const float value = x(node, i);
       if (value == -kInf) continue;
-      const float weight = std::exp((value - max_x) * inv_t);
+      const float weight = std::exp((value - max_x) * inv_t);  // -inf (0) where the gap overflows
       if (weight > 0.f) {
         running += weight;
         last = i;
@@ -117,7 +130,7 @@ void walk_all(const at::Tensor& logits, const at::Tensor& tokens, const at::Tens
               const std::vector<SliceResult>& slices, int64_t splits, const VerifyTreeOutputs& outputs) {
   const int64_t batch = logits.size(0), nodes = logits.size(1), width = std::get<1>(outputs).size(1);
   const scalar_t* base = logits.const_data_ptr<scalar_t>();
-  const float* lse = std::get<3>(outputs).const_data_ptr<float>();
+  const float* max_logprob = std::get<7>(outputs).const_data_ptr<float>();
   const int64_t* argmaxes = std::get<8>(outputs).const_data_ptr<int64_t>();
   const int64_t* token_rows = tokens.const_data_ptr<int64_t>();
   const int64_t* parent_rows = parents.const_data_ptr<int64_t>();
@@ -128,7 +141,7 @@ void walk_all(const at::Tensor& logits, const at::Tensor& tokens, const at::Tens
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       CpuTreeRow<scalar_t, prob_t> row{base + b * logits.stride(0), logits.stride(1), logits.size(2), inv_t,
-                                       lse + b * nodes, argmaxes + b * nodes, slices.data() + b * nodes * splits,
+                                       max_logprob + b * nodes, argmaxes + b * nodes, slices.data() + b * nodes * splits,
                                        splits, q ? q + b * q_batch_stride : nullptr, q_node_stride,
                                        parent_rows + b * nodes, token_rows + b * nodes, nodes};
       walk_tree(row, mode, static_cast<uint64_t>(seed_rows[b]), static_cast<uint64_t>(b), true, width, accepted + b * width,

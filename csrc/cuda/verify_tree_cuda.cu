@@ -76,7 +76,7 @@ VerifyTreeOutputs verify_tree_cuda(const at::Tensor& logits, const at::Tensor& t
   w.seeds = seeds.const_data_ptr<int64_t>();
   w.inv_t = 1.f / stats_temperature;
   w.mode = verify_mode(temperature, draft_probs);
-  w.lse = std::get<3>(outputs).const_data_ptr<float>();
+  w.max_logprob = std::get<7>(outputs).const_data_ptr<float>();
   w.argmax = std::get<8>(outputs).const_data_ptr<int64_t>();
   w.slices = s.partial_states;
   w.splits = static_cast<int>(splits);

@@ -115,7 +115,7 @@ def cmd_demo(demo_argv):
     except ImportError:
         print("the demo needs transformers: pip install transformers (or use `make demo`)", file=sys.stderr)
         return 2
-    from .hf.demo import main as demo_main
+    from .demo.demo import main as demo_main
 
     return demo_main(demo_argv)
 

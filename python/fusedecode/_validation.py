@@ -7,7 +7,9 @@ where the kernels instead turn such rows into NaN.
 """
 
 import math
+import numbers
 import operator
+import struct
 
 import torch
 
@@ -72,10 +74,40 @@ def check_logits(name, logits):
         raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got stride {logits.stride(-1)}")
 
 
+# The kernels compute in float32 with inv_t = 1 / T: a temperature is valid when, rounded to float32,
+# it is finite and > 0 and its reciprocal is finite too (about 3e-39 < T < 3.4e38).
+TEMPERATURE_RANGE = "finite and > 0 with 1/temperature finite in float32 (about 3e-39 < T < 3.4e38)"
+
+
+def _is_real_number(value):
+    """A Python or NumPy real number (np.float32 included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+
+
+def _to_float32(value):
+    """A Python float rounded to float32 (+-inf beyond its range)."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # some Pythons refuse to pack what rounds to inf
+        return math.copysign(math.inf, value)
+
+
+def float32_temperature_ok(value):
+    """The temperature rule above for one Python number (no tensor ops: this runs on every call)."""
+    t32 = _to_float32(value)
+    return t32 > 0 and math.isfinite(t32) and math.isfinite(_to_float32(1.0 / t32))
+
+
+def temperature_in_float32_range(temperature):
+    """The temperature rule above, entry by entry, for a floating-point tensor (any dtype)."""
+    t32 = temperature.to(torch.float32)
+    return torch.isfinite(t32) & (t32 > 0) & torch.isfinite(1.0 / t32)
+
+
 def check_temperature(temperature, logits, allow_zero=False):
     """Returns (per-row float32 tensor or None, scalar float)."""
     rows_shape = logits.shape[:-1]
-    bound = ">= 0" if allow_zero else "> 0"
+    bound = ("0 or " if allow_zero else "") + TEMPERATURE_RANGE
     if isinstance(temperature, torch.Tensor):
         if not temperature.dtype.is_floating_point:
             raise ArgumentTypeError(f"temperature must be a float or a floating-point tensor, got {temperature.dtype}")
@@ -85,15 +117,18 @@ def check_temperature(temperature, logits, allow_zero=False):
         if temperature.device != logits.device:
             raise ValueError(f"temperature is on {temperature.device} but logits are on {logits.device}")
         if values_checkable(temperature):
-            ok = torch.isfinite(temperature) & ((temperature >= 0) if allow_zero else (temperature > 0))
+            ok = temperature_in_float32_range(temperature)
+            if allow_zero:
+                ok |= temperature == 0
             if not bool(ok.all()):
-                raise ValueError(f"temperature must be finite and {bound} in every row")
+                bad = temperature[~ok].reshape(-1)[0].item()
+                raise ValueError(f"temperature must be {bound} in every row, got {bad}")
         return temperature.reshape(-1).to(torch.float32).contiguous(), 1.0
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if not _is_real_number(temperature):
         raise ArgumentTypeError(f"temperature must be a float or a tensor, got {type(temperature).__name__}")
     temperature = float(temperature)
-    if not math.isfinite(temperature) or temperature < 0 or (temperature == 0 and not allow_zero):
-        raise ValueError(f"temperature must be finite and {bound}, got {temperature}")
+    if not ((allow_zero and temperature == 0) or float32_temperature_ok(temperature)):
+        raise ValueError(f"temperature must be {bound}, got {temperature}")
     return None, temperature
 
 
@@ -126,6 +161,27 @@ def check_logit_stats_args(logits, temperature, token_ids, topk):
     return temperature_tensor, temperature_scalar, token_ids, topk
 
 
+def check_tree_parents(parents, name="parents"):
+    """A draft tree as ``parents`` ``[N]`` or ``[B, N]`` (int64): ``parents[0] == -1`` and
+    ``0 <= parents[i] < i`` for every other node, which rules out cycles, self-parents, a second
+    root and out-of-range parents. ``ValueError`` naming the first bad node otherwise. Reads the
+    values (one synchronisation for CUDA tensors)."""
+    nodes = parents.shape[-1]
+    rows = parents.reshape(-1, nodes)
+    index = torch.arange(nodes, device=parents.device)
+    bad = (rows < 0) | (rows >= index)
+    bad[:, 0] = rows[:, 0] != -1
+    if not bool(bad.any()):
+        return
+    row, node = (int(v) for v in torch.nonzero(bad)[0])
+    value = int(rows[row, node])
+    where = f" in row {row}" if parents.dim() == 2 else ""
+    if node == 0:
+        raise ValueError(f"{name}: the root (node 0) must have parent -1, got {value}{where}")
+    raise ValueError(f"{name} must satisfy parents[0] == -1 and 0 <= parents[i] < i for i >= 1 (a tree in "
+                     f"topological order: no cycle or self-parent): node {node} has parent {value}{where}")
+
+
 def check_verify_tree_args(target_logits, draft_tokens, parents, temperature, draft_probs, seed, validate):
     """Validate verify_tree arguments (DESIGN section 4).
 
@@ -156,11 +212,11 @@ def check_verify_tree_args(target_logits, draft_tokens, parents, temperature, dr
         raise ValueError(f"parents must have shape [N] = ({nodes},) or [B, N] = {(batch, nodes)}, "
                          f"got {tuple(parents.shape)}")
 
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if not _is_real_number(temperature):
         raise ValueError(f"temperature must be a float >= 0, got {type(temperature).__name__}")
     temperature = float(temperature)
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if not (temperature == 0 or float32_temperature_ok(temperature)):
+        raise ValueError(f"temperature must be 0 (greedy) or {TEMPERATURE_RANGE}, got {temperature}")
 
     if draft_probs is not None:
         if not isinstance(draft_probs, torch.Tensor) or draft_probs.dtype not in FLOAT_DTYPES:
@@ -180,12 +236,7 @@ def check_verify_tree_args(target_logits, draft_tokens, parents, temperature, dr
 
     parents_rows = parents.to(torch.int64).expand(batch, nodes)
     if validate and values_checkable(parents) and values_checkable(draft_tokens):
-        index = torch.arange(nodes, device=parents.device)
-        root_ok = bool((parents_rows[:, 0] == -1).all())
-        rest = parents_rows[:, 1:]
-        topological = bool(((rest >= 0) & (rest < index[1:])).all()) if nodes > 1 else True
-        if not (root_ok and topological):
-            raise ValueError("parents must satisfy parents[0] == -1 and 0 <= parents[i] < i for i >= 1")
+        check_tree_parents(parents.to(torch.int64))
         if nodes > 1 and batch > 0:
             drafted = draft_tokens[:, 1:]
             low, high = int(drafted.min()), int(drafted.max())
@@ -194,9 +245,12 @@ def check_verify_tree_args(target_logits, draft_tokens, parents, temperature, dr
                                  f"got values in [{low}, {high}]")
 
     if values_checkable(parents) and (parents.device.type == "cpu" or validate):
-        from .tree import tree_depths
+        from .tree import reachable_depths
 
-        depth = int(tree_depths(parents_rows.cpu()).max()) if nodes > 1 else 0
+        # The depth of what the walk can reach, which for an unvalidated tree skips the nodes whose
+        # parent is out of range or not before them (never an IndexError).
+        reachable = reachable_depths(parents.to(torch.int64).cpu())
+        depth = max(int(reachable.max()), 0) if reachable.numel() else 0
     else:
         depth = nodes - 1
     tokens = draft_tokens.to(torch.int64).contiguous()
@@ -215,9 +269,9 @@ def _check_seed(seed, batch, device):
         if seed.shape not in ((), (batch,)):
             raise ValueError(f"seed tensor must have shape [] or [B] = [{batch}], got {tuple(seed.shape)}")
         return seed.to(device).expand(batch).contiguous()
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, an int64 tensor or None, got {type(seed).__name__}")
-    return torch.full((batch,), int(seed) & (2**63 - 1), dtype=torch.int64, device=device)
+    # Python or NumPy integers, as for topk; out of range is an error, never a silent wrap.
+    seed = check_int("seed", seed, 0, 2**63 - 1)
+    return torch.full((batch,), seed, dtype=torch.int64, device=device)
 
 
 def check_linear_ce_args(hidden, weight, targets, delta, temperature, ignore_index, chunk):

@@ -8,9 +8,11 @@ precomputed gradients by the upstream ones, as Liger-Kernel's fused linear cross
 cross-entropy part and the entropy part are kept apart so that any mix ``a * ce + b * entropy``
 (SRGen's corrective loss) gets exact gradients.
 
-``z = (hidden + delta) @ weight.T`` is evaluated as ``hidden @ weight.T + (delta @ weight.T)``: the
-second term is one ``[B, V]`` row per batch entry, and keeping it apart means a small float32
-``delta`` is not rounded away by adding it to half-precision hidden states.
+``z = (hidden + delta) @ weight.T + bias`` is evaluated as ``hidden @ weight.T + (delta @ weight.T + bias)``:
+the second term is one ``[V]`` offset row per batch entry, and keeping it apart means a small float32
+``delta`` is not rounded away by adding it to half-precision hidden states. The head's logit scale and
+soft-capping (``fusedecode.head_transform``) act on each chunk's logits after the offset; their
+derivative multiplies the logit gradients before they are contracted.
 """
 
 import os
@@ -20,6 +22,7 @@ import torch
 
 from ._validation import check_linear_ce_args
 from .backends import resolve_backend, unavailable_reason
+from .head_transform import apply_head_transform, check_head_transform, head_transform_slope
 
 __all__ = ["linear_cross_entropy_entropy"]
 
@@ -29,23 +32,32 @@ _NOT_IMPLEMENTED = ("cpp", "cuda")
 _CHUNK_BYTES = 48 << 20
 
 
-def linear_cross_entropy_entropy(hidden, weight, targets, *, delta=None, temperature=1.0, ignore_index=-100,
-                                 chunk=None, backend=None):
+def linear_cross_entropy_entropy(hidden, weight, targets, *, delta=None, bias=None, logit_scale=None, softcap=None,
+                                 temperature=1.0, ignore_index=-100, chunk=None, backend=None):
     """Mean cross-entropy of a language-model head over a context, and the entropy of its last row,
     without materialising the ``[T, V]`` logits (forward and backward).
 
-    Per batch entry, with ``z_t = (hidden_t + delta) @ weight.T`` accumulated in float32:
+    Per batch entry, with the logits of row ``t`` accumulated in float32 as a model's head makes them,
+    each step only if its argument is given:
+
+        z_t = (hidden_t + delta) @ weight.T + bias
+        z_t = z_t * logit_scale
+        z_t = softcap * tanh(z_t / softcap)
+
+    and then
 
     - ``ce = mean over rows with targets_t != ignore_index of (logsumexp(z_t) - z_t[targets_t])``;
       ``0.0`` (gradient 0) when every row is ignored, e.g. SRGen's first step on a one-token prompt
     - ``entropy = -sum p log p`` with ``p = softmax(z_{T-1} / temperature)``: the last row (the
       current decoding step), whatever its target
 
-    Gradients flow to ``hidden``, ``weight`` and ``delta`` (each only if it requires grad), exact
-    for any upstream mix of ``ce`` and ``entropy``: ``dce/dz_t = (softmax(z_t) - onehot(targets_t)) / n``
-    and ``dentropy/dz_{T-1} = -p (log p + entropy) / temperature``. NaN inputs give NaN outputs.
+    Gradients flow to ``hidden``, ``weight``, ``delta`` and ``bias`` (each only if it requires grad),
+    exact for any upstream mix of ``ce`` and ``entropy``: ``dce/dz_t = (softmax(z_t) - onehot(targets_t)) / n``
+    and ``dentropy/dz_{T-1} = -p (log p + entropy) / temperature``, times the transform's derivative
+    ``logit_scale * (1 - (z / softcap)^2)``. NaN inputs give NaN outputs.
 
-    Memory: ``chunk * V`` float32 logits at a time, plus float32 ``[B, T, H]`` when ``hidden``
+    Memory: ``chunk * V`` float32 logits at a time (twice that on the torch path with ``softcap``
+    and a gradient, for the transform's derivative), plus float32 ``[B, T, H]`` when ``hidden``
     requires grad and ``[V, H]`` when ``weight`` does. With ``B > 1`` the weight gradient is computed
     in the backward by a second chunked pass, since each batch entry's upstream gradient weighs its
     share and keeping ``B`` separate ``[V, H]`` gradients would cost ``B`` times the weight.
@@ -59,6 +71,10 @@ def linear_cross_entropy_entropy(hidden, weight, targets, *, delta=None, tempera
             synchronise) they make that entry's ``ce`` NaN.
         delta: optional ``[H]``, or ``[B, H]`` (one per batch entry), hidden's dtype or float32,
             added to every row of ``hidden``.
+        bias: optional ``[V]``, the weight's dtype or float32: the lm_head bias (Phi).
+        logit_scale: optional finite float multiplying the logits (Cohere's ``logit_scale``; Granite
+            divides by ``logits_scaling``: pass its inverse).
+        softcap: optional float > 0: final soft-capping (Gemma 2/3's ``final_logit_softcapping``).
         temperature: float > 0, for the entropy only.
         ignore_index: target value of rows to leave out.
         chunk: rows per chunk; default keeps ``chunk * V`` float32 logits around 48 MiB.
@@ -80,6 +96,7 @@ def linear_cross_entropy_entropy(hidden, weight, targets, *, delta=None, tempera
     """
     temperature, ignore_index, chunk = check_linear_ce_args(
         hidden, weight, targets, delta, temperature, ignore_index, chunk)
+    transform = check_head_transform(bias, logit_scale, softcap, weight)
     name = _resolve_backend(backend, hidden.device, hidden.dtype)
     batched = hidden.dim() == 3
     if not batched:
@@ -90,9 +107,10 @@ def linear_cross_entropy_entropy(hidden, weight, targets, *, delta=None, tempera
         chunk = default_chunk(weight.shape[0])
     grad_on = torch.is_grad_enabled()
     outputs = torch.ops.fusedecode.linear_ce_forward(
-        hidden, weight, targets, delta, temperature, ignore_index, chunk, name,
-        grad_on and hidden.requires_grad, grad_on and delta is not None and delta.requires_grad,
-        grad_on and weight.requires_grad)
+        hidden, weight, targets, delta, transform.bias, transform.logit_scale, transform.softcap, temperature,
+        ignore_index, chunk, name, grad_on and hidden.requires_grad,
+        grad_on and delta is not None and delta.requires_grad, grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad)
     ce, entropy = outputs[0], outputs[1]
     if not batched:
         ce, entropy = ce.squeeze(0), entropy.squeeze(0)
@@ -148,21 +166,31 @@ def _matmul(a, b, accumulate):
     return torch.mm(a, b).to(accumulate)
 
 
-def _chunk_step_torch(logits, bias, targets, scale, loss, entropy, entropy_grad, entropy_row, inv_temperature,
-                      ignore_index, compute_grad):
+def _chunk_step_torch(logits, offset, targets, scale, loss, entropy, entropy_grad, entropy_row, inv_temperature,
+                      ignore_index, compute_grad, logit_scale, softcap):
     """One chunk in plain torch; the same contract as ``triton_kernels.linear_ce.chunk_step_triton``:
-    writes the rows' losses into ``loss``, the entropy row's entropy and gradient into ``entropy`` and
-    ``entropy_grad`` (when ``entropy_row >= 0``), and with ``compute_grad`` overwrites ``logits`` with
-    ``scale * (softmax - onehot)`` (0 on ignored rows, NaN on rows whose target is out of range).
-    Without ``compute_grad`` the logits are left in an unspecified state."""
-    if bias is not None:
-        logits += bias
+    adds ``offset`` (``[V]`` or None) to the chunk's logits ``z`` and applies the head transform,
+    ``y = transform(z + offset)``; writes the rows' losses into ``loss``, the entropy row's entropy
+    and its gradient with respect to ``z`` into ``entropy`` and ``entropy_grad`` (when
+    ``entropy_row >= 0``), and with ``compute_grad`` overwrites ``logits`` with the cross-entropy
+    gradient with respect to ``z``, ``scale * (softmax(y) - onehot) * dy/dz`` (0 on ignored rows,
+    NaN on rows whose target is out of range). Without ``compute_grad`` the logits are left in an
+    unspecified state."""
+    if offset is not None:
+        logits += offset
+    transformed = logit_scale is not None or softcap is not None
+    apply_head_transform(logits, logit_scale, softcap)
     if entropy_row >= 0:
         log_p = torch.log_softmax(logits[entropy_row] * inv_temperature, dim=-1)
         p = log_p.exp()
         row_entropy = -(p * log_p).sum()
         entropy.copy_(row_entropy)
         torch.mul(p * (log_p + row_entropy), -inv_temperature, out=entropy_grad)
+        if transformed:
+            entropy_grad.mul_(head_transform_slope(logits[entropy_row], logit_scale, softcap))
+    # Taken before the softmax below overwrites the transformed logits (a second [rows, V] buffer
+    # only with soft-capping).
+    slope = head_transform_slope(logits, logit_scale, softcap) if compute_grad and transformed else None
     vocab = logits.shape[1]
     ignored = targets == ignore_index
     out_of_range = ~ignored & ((targets < 0) | (targets >= vocab))
@@ -178,6 +206,8 @@ def _chunk_step_torch(logits, bias, targets, scale, loss, entropy, entropy_grad,
     if compute_grad:
         logits.mul_(scale / sum_exp)
         logits.scatter_add_(1, index, -(counted.to(logits.dtype) * scale).unsqueeze(1))
+        if slope is not None:
+            logits.mul_(slope)
         # Selected rather than multiplied away: a NaN in an ignored row must not leak into the gradient.
         fill = torch.zeros_like(lse).masked_fill_(out_of_range, float("nan"))
         torch.where(counted.unsqueeze(1), logits, fill.unsqueeze(1), out=logits)
@@ -195,16 +225,26 @@ def _accumulate_dtype(hidden):
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
-def _chunked_pass(hidden, weight, targets, delta, ce_scale, inv_temperature, ignore_index, chunk, backend,
-                  with_entropy, need_hidden, need_colsum, need_weight):
+def _offsets(weight, delta, bias, accumulate):
+    """The rows added to every logit row: ``delta @ weight.T + bias``, ``[B, V]`` with a delta, ``[V]``
+    with only a bias, None without either."""
+    offset = _matmul(delta, weight.T, accumulate) if delta is not None else None
+    if bias is not None:
+        offset = bias.to(accumulate).contiguous() if offset is None else offset + bias.to(accumulate)
+    return offset
+
+
+def _chunked_pass(hidden, weight, targets, delta, bias, logit_scale, softcap, ce_scale, inv_temperature,
+                  ignore_index, chunk, backend, with_entropy, need_hidden, need_colsum, need_weight):
     """Walk every batch entry's rows ``chunk`` at a time.
 
     ``ce_scale`` ``[B]`` multiplies each entry's cross-entropy gradient (1/n in the forward; times the
     upstream gradient when the backward recomputes). Returns per-row losses ``[B, T]``, entropies
     ``[B]``, the entropy row's logit gradient ``[B, V]``, and, when asked for, the cross-entropy
-    gradient contracted three ways: with the weight per row (``[B, T, H]``), summed over rows
-    (``[B, V]``, which ``delta`` needs), and with the rows for the weight (``[V, H]``, the
-    ``hidden`` part only: the ``delta`` part is ``colsum.T @ delta``, added by the caller).
+    gradient with respect to the logits (before the head transform) contracted three ways: with the
+    weight per row (``[B, T, H]``), summed over rows (``[B, V]``, which ``delta`` and ``bias`` need),
+    and with the rows for the weight (``[V, H]``, the ``hidden`` part only: the ``delta`` part is
+    ``colsum.T @ delta``, added by the caller).
     """
     batch, tokens, width = hidden.shape
     vocab = weight.shape[0]
@@ -212,7 +252,7 @@ def _chunked_pass(hidden, weight, targets, delta, ce_scale, inv_temperature, ign
     options = dict(dtype=accumulate, device=hidden.device)
     step = _chunk_step(backend)
     compute_grad = need_hidden or need_colsum or need_weight
-    bias = _matmul(delta, weight.T, accumulate) if delta is not None else None
+    offset = _offsets(weight, delta, bias, accumulate)
     targets = targets.contiguous()
     row_loss = torch.empty((batch, tokens), **options)
     entropy = torch.full((batch,), float("nan"), **options)
@@ -221,14 +261,15 @@ def _chunked_pass(hidden, weight, targets, delta, ce_scale, inv_temperature, ign
     colsum = torch.zeros((batch, vocab), **options) if need_colsum else None
     grad_weight = torch.zeros((vocab, width), **options) if need_weight else None
     for b in range(batch):
+        row_offset = offset[b] if offset is not None and offset.dim() == 2 else offset
         for start in range(0, tokens, chunk):
             stop = min(start + chunk, tokens)
             rows = hidden[b, start:stop]
             logits = _matmul(rows, weight.T, accumulate)
             entropy_row = tokens - 1 - start if with_entropy and stop == tokens else -1
-            step(logits, bias[b] if bias is not None else None, targets[b, start:stop], ce_scale[b:b + 1],
-                 row_loss[b, start:stop], entropy[b:b + 1], entropy_grad[b], entropy_row, inv_temperature,
-                 ignore_index, compute_grad)
+            step(logits, row_offset, targets[b, start:stop], ce_scale[b:b + 1], row_loss[b, start:stop],
+                 entropy[b:b + 1], entropy_grad[b], entropy_row, inv_temperature, ignore_index, compute_grad,
+                 logit_scale, softcap)
             if need_hidden:
                 grad_hidden[b, start:stop] = _matmul(logits, weight, accumulate)
             if need_colsum:
@@ -248,17 +289,17 @@ def _ce_scale(targets, ignore_index, accumulate):
     return 1.0 / counted.clamp_min(1).to(accumulate)
 
 
-def _forward(hidden, weight, targets, delta, temperature, ignore_index, chunk, backend, need_hidden, need_delta,
-             need_weight):
+def _forward(hidden, weight, targets, delta, bias, logit_scale, softcap, temperature, ignore_index, chunk, backend,
+             need_hidden, need_delta, need_weight, need_bias):
     batch = hidden.shape[0]
     accumulate = _accumulate_dtype(hidden)
     ce_scale = _ce_scale(targets, ignore_index, accumulate)
     # With B > 1 the weight gradient is recomputed in the backward (see the public docstring).
     weight_now = need_weight and batch == 1
-    need_colsum = need_delta or (weight_now and delta is not None)
+    need_colsum = need_delta or need_bias or (weight_now and delta is not None)
     row_loss, entropy, entropy_grad, grad_hidden, colsum, grad_weight = _chunked_pass(
-        hidden, weight, targets, delta, ce_scale, 1.0 / temperature, ignore_index, chunk, backend, True,
-        need_hidden, need_colsum, weight_now)
+        hidden, weight, targets, delta, bias, logit_scale, softcap, ce_scale, 1.0 / temperature, ignore_index, chunk,
+        backend, True, need_hidden, need_colsum, weight_now)
     ce = row_loss.sum(-1) * ce_scale
     if weight_now and delta is not None:
         grad_weight += _matmul(colsum.T, delta, accumulate)
@@ -267,27 +308,30 @@ def _forward(hidden, weight, targets, delta, temperature, ignore_index, chunk, b
         return tensor if tensor is not None else hidden.new_empty((0,), dtype=accumulate)
 
     grad_delta = _matmul(colsum, weight, accumulate) if need_delta else None
+    grad_bias = colsum if need_bias else None  # dz/dbias is the identity: the row sums themselves
     entropy_grad_hidden = _matmul(entropy_grad, weight, accumulate) if need_hidden or need_delta else None
-    return (ce, entropy, ce_scale, or_empty(grad_hidden), or_empty(grad_delta), or_empty(grad_weight), entropy_grad,
-            or_empty(entropy_grad_hidden))
+    return (ce, entropy, ce_scale, or_empty(grad_hidden), or_empty(grad_delta), or_empty(grad_weight),
+            or_empty(grad_bias), entropy_grad, or_empty(entropy_grad_hidden))
 
 
 def _register_ops():
     @torch.library.custom_op("fusedecode::linear_ce_forward", mutates_args=())
     def linear_ce_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          delta: Optional[torch.Tensor], temperature: float, ignore_index: int, chunk: int,
-                          backend: str, need_hidden: bool, need_delta: bool, need_weight: bool) -> Tuple[
+                          delta: Optional[torch.Tensor], bias: Optional[torch.Tensor], logit_scale: Optional[float],
+                          softcap: Optional[float], temperature: float, ignore_index: int, chunk: int, backend: str,
+                          need_hidden: bool, need_delta: bool, need_weight: bool, need_bias: bool) -> Tuple[
                               torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                              torch.Tensor, torch.Tensor]:
+                              torch.Tensor, torch.Tensor, torch.Tensor]:
         """Batched ``[B, T, H]`` forward. Returns ``(ce [B], entropy [B], ce_scale [B],
-        grad_hidden_ce [B, T, H], grad_delta_ce [B, H], grad_weight_ce [V, H], entropy_grad_logits [B, V],
-        entropy_grad_hidden [B, H])``, the gradients for upstream 1 and empty when not needed."""
-        return _forward(hidden, weight, targets, delta, temperature, ignore_index, chunk, backend, need_hidden,
-                        need_delta, need_weight)
+        grad_hidden_ce [B, T, H], grad_delta_ce [B, H], grad_weight_ce [V, H], grad_bias_ce [B, V],
+        entropy_grad_logits [B, V], entropy_grad_hidden [B, H])``, the gradients for upstream 1 and
+        empty when not needed."""
+        return _forward(hidden, weight, targets, delta, bias, logit_scale, softcap, temperature, ignore_index, chunk,
+                        backend, need_hidden, need_delta, need_weight, need_bias)
 
     @linear_ce_forward.register_fake
-    def _(hidden, weight, targets, delta, temperature, ignore_index, chunk, backend, need_hidden, need_delta,
-          need_weight):
+    def _(hidden, weight, targets, delta, bias, logit_scale, softcap, temperature, ignore_index, chunk, backend,
+          need_hidden, need_delta, need_weight, need_bias):
         batch, tokens, width = hidden.shape
         vocab = weight.shape[0]
         accumulate = _accumulate_dtype(hidden)
@@ -297,40 +341,45 @@ def _register_ops():
 
         return (new(batch), new(batch), new(batch), new(batch, tokens, width) if need_hidden else new(0),
                 new(batch, width) if need_delta else new(0),
-                new(vocab, width) if need_weight and batch == 1 else new(0), new(batch, vocab),
+                new(vocab, width) if need_weight and batch == 1 else new(0),
+                new(batch, vocab) if need_bias else new(0), new(batch, vocab),
                 new(batch, width) if need_hidden or need_delta else new(0))
 
     @torch.library.custom_op("fusedecode::linear_ce_weight_grad", mutates_args=())
     def linear_ce_weight_grad(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                              delta: Optional[torch.Tensor], ce_scale: torch.Tensor, ignore_index: int, chunk: int,
-                              backend: str) -> torch.Tensor:
+                              delta: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                              logit_scale: Optional[float], softcap: Optional[float], ce_scale: torch.Tensor,
+                              ignore_index: int, chunk: int, backend: str) -> torch.Tensor:
         """The cross-entropy part of the weight gradient, ``ce_scale[b]`` weighing entry b: a second
         chunked pass (the backward of batched inputs)."""
         _, _, _, _, colsum, grad_weight = _chunked_pass(
-            hidden, weight, targets, delta, ce_scale, 1.0, ignore_index, chunk, backend, False, False,
-            delta is not None, True)
+            hidden, weight, targets, delta, bias, logit_scale, softcap, ce_scale, 1.0, ignore_index, chunk, backend,
+            False, False, delta is not None, True)
         if delta is not None:
             grad_weight += _matmul(colsum.T, delta, grad_weight.dtype)
         return grad_weight
 
     @linear_ce_weight_grad.register_fake
-    def _(hidden, weight, targets, delta, ce_scale, ignore_index, chunk, backend):
+    def _(hidden, weight, targets, delta, bias, logit_scale, softcap, ce_scale, ignore_index, chunk, backend):
         return weight.new_empty(weight.shape, dtype=_accumulate_dtype(hidden))
 
     def setup_context(ctx, inputs, output):
-        hidden, weight, targets, delta, _, ignore_index, chunk, backend, need_hidden, need_delta, need_weight = inputs
-        ctx.flags = (ignore_index, chunk, backend, need_hidden, need_delta, need_weight, delta is not None)
-        ce_scale, grad_hidden, grad_delta, grad_weight, entropy_grad, entropy_grad_hidden = output[2:]
-        ctx.save_for_backward(hidden, weight, targets, delta, ce_scale, grad_hidden, grad_delta, grad_weight,
-                              entropy_grad, entropy_grad_hidden)
+        (hidden, weight, targets, delta, bias, logit_scale, softcap, _, ignore_index, chunk, backend, need_hidden,
+         need_delta, need_weight, need_bias) = inputs
+        ctx.flags = (logit_scale, softcap, ignore_index, chunk, backend, need_hidden, need_delta, need_weight,
+                     need_bias, delta is not None)
+        ce_scale, grad_hidden, grad_delta, grad_weight, grad_bias, entropy_grad, entropy_grad_hidden = output[2:]
+        ctx.save_for_backward(hidden, weight, targets, delta, bias, ce_scale, grad_hidden, grad_delta, grad_weight,
+                              grad_bias, entropy_grad, entropy_grad_hidden)
 
     def backward(ctx, grad_ce, grad_entropy, *_unused):
-        ignore_index, chunk, backend, need_hidden, need_delta, need_weight, has_delta = ctx.flags
-        (hidden, weight, targets, delta, ce_scale, grad_hidden_ce, grad_delta_ce, grad_weight_ce, entropy_grad,
-         entropy_grad_hidden) = ctx.saved_tensors
+        (logit_scale, softcap, ignore_index, chunk, backend, need_hidden, need_delta, need_weight, need_bias,
+         has_delta) = ctx.flags
+        (hidden, weight, targets, delta, bias, ce_scale, grad_hidden_ce, grad_delta_ce, grad_weight_ce, grad_bias_ce,
+         entropy_grad, entropy_grad_hidden) = ctx.saved_tensors
         accumulate = ce_scale.dtype
         upstream_ce, upstream_entropy = grad_ce.to(accumulate), grad_entropy.to(accumulate)
-        grad_hidden = grad_delta = grad_weight = None
+        grad_hidden = grad_delta = grad_weight = grad_bias = None
         if need_hidden:
             grad_hidden = grad_hidden_ce * upstream_ce.view(-1, 1, 1)
             grad_hidden[:, -1] += upstream_entropy.unsqueeze(1) * entropy_grad_hidden
@@ -338,18 +387,22 @@ def _register_ops():
         if need_delta:
             grad_delta = upstream_ce.unsqueeze(1) * grad_delta_ce + upstream_entropy.unsqueeze(1) * entropy_grad_hidden
             grad_delta = grad_delta.to(delta.dtype)
+        if need_bias:
+            grad_bias = (upstream_ce.unsqueeze(1) * grad_bias_ce + upstream_entropy.unsqueeze(1) * entropy_grad).sum(0)
+            grad_bias = grad_bias.to(bias.dtype)
         if need_weight:
             if hidden.shape[0] == 1:
                 grad_weight = grad_weight_ce * upstream_ce
             else:
                 grad_weight = torch.ops.fusedecode.linear_ce_weight_grad(
-                    hidden, weight, targets, delta, ce_scale * upstream_ce, ignore_index, chunk, backend)
+                    hidden, weight, targets, delta, bias, logit_scale, softcap, ce_scale * upstream_ce, ignore_index,
+                    chunk, backend)
             last_rows = hidden[:, -1].to(accumulate)
             if has_delta:
                 last_rows = last_rows + delta.to(accumulate)
             grad_weight = grad_weight + (upstream_entropy.unsqueeze(1) * entropy_grad).T @ last_rows
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, grad_delta, None, None, None, None, None, None, None
+        return (grad_hidden, grad_weight, None, grad_delta, grad_bias) + (None,) * 10
 
     linear_ce_forward.register_autograd(backward, setup_context=setup_context)
 

@@ -31,7 +31,10 @@ def logit_stats(logits, *, temperature=1.0, token_ids=None, topk=0, backend=None
 
     Args:
         logits: float32/float16/bfloat16 tensor ``[..., V]``; last dim contiguous, other strides free.
-        temperature: positive float, or a float tensor of shape ``[...]`` (one per row).
+        temperature: float, or a float tensor of shape ``[...]`` (one per row), finite and > 0 with
+            1/T finite in float32 (about 3e-39 < T < 3.4e38; checked in float32, as the kernels
+            compute). Every finite logit is a token however negative (-1e20, finfo.min masking):
+            all fields are computed relative to the row maximum, exact at any magnitude.
         token_ids: optional int32/int64 tensor ``[...]``.
         topk: 0 (off) or 1..64.
         backend: None (``$FUSEDECODE_BACKEND`` or ``"auto"``), ``"cuda"``, ``"triton"``, ``"cpp"``,

@@ -9,45 +9,55 @@ import math
 import torch
 
 from ._types import LogitStats
+from ._validation import float32_temperature_ok, temperature_in_float32_range
 
 
 def logit_stats_reference(logits, temperature=1.0, token_ids=None, topk=0, dtype=torch.float32):
-    """``logit_stats`` (DESIGN section 3) computed in ``dtype``: float32 for the torch backend,
-    float64 as the test oracle. Float fields come back in ``dtype``; ``argmax`` is int64.
+    """``logit_stats``, returned in ``dtype``: float32 for the torch backend,
+    float64 as the test oracle. ``argmax`` is int64.
+
+    Always computed in float64 and relative to the row maximum: z - max z = (x - max x) / T is
+    exact there for any float32 logits and temperature, so large offsets (1e6 + noise), tiny
+    temperatures, entries near the float32 maximum or -1e20 / finfo.min masking come out exact,
+    never as the difference of two large numbers.
 
     ``temperature`` is a positive float or a tensor of shape ``logits.shape[:-1]``; ``token_ids`` an
     integer tensor of that shape or None; ``topk`` in 0..64 (0: no ``topk_confidence``).
     """
+    x = logits.to(torch.float64)
     if isinstance(temperature, torch.Tensor):
-        temperature_col = temperature.to(dtype).unsqueeze(-1)
-        temperature_ok = torch.isfinite(temperature) & (temperature > 0)
+        temperature_col = temperature.to(torch.float64).unsqueeze(-1)
+        temperature_ok = temperature_in_float32_range(temperature)
     else:
-        temperature_col = torch.tensor(float(temperature), dtype=dtype, device=logits.device)
-        temperature_ok = torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
-    z = logits.to(dtype) / temperature_col
-    masked = z == -math.inf
-    finite = ~masked
+        temperature_col = torch.tensor(float(temperature), dtype=torch.float64, device=logits.device)
+        temperature_ok = torch.full(logits.shape[:-1], float32_temperature_ok(float(temperature)), dtype=torch.bool,
+                                    device=logits.device)
+    masked = x == -math.inf
+    finite = torch.isfinite(x)
     count = finite.sum(-1)
-    poisoned = (torch.isnan(z) | (z == math.inf)).any(-1)
+    poisoned = (torch.isnan(x) | (x == math.inf)).any(-1)
     invalid = poisoned | (count == 0) | ~temperature_ok
 
-    # Replace what would poison the arithmetic; invalid rows are overwritten with NaN at the end.
-    z_safe = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
-    z_safe = torch.where(masked, torch.full_like(z, -math.inf), z_safe)
-    logsumexp = torch.logsumexp(z_safe, dim=-1)
-    log_p = z_safe - logsumexp.unsqueeze(-1)
+    # Gaps to the row max in z units (-inf for masked entries); invalid rows get a harmless max of
+    # 0 here and NaN at the end.
+    x_safe = torch.where(finite, x, torch.full_like(x, -math.inf))
+    x_max = torch.where(invalid, torch.zeros_like(x[..., 0]), x_safe.max(-1).values)
+    gap = (x_safe - x_max.unsqueeze(-1)) / temperature_col
+    log_s = torch.logsumexp(torch.where(invalid.unsqueeze(-1), torch.zeros_like(gap), gap), dim=-1)
+    log_p = gap - log_s.unsqueeze(-1)
     p = torch.where(finite, log_p.exp(), torch.zeros_like(log_p))
     log_p_finite = torch.where(finite, log_p, torch.zeros_like(log_p))
     entropy = -(p * log_p_finite).sum(-1)
     varentropy = (p * (log_p_finite + entropy.unsqueeze(-1)) ** 2).sum(-1)
-    count_f = count.to(dtype).clamp_min(1)
-    mean_z = torch.where(finite, z_safe, torch.zeros_like(z_safe)).sum(-1) / count_f
-    self_certainty = logsumexp - mean_z - torch.log(count_f)
-    max_logprob = z_safe.max(-1).values - logsumexp
+    count_f = count.to(torch.float64).clamp_min(1)
+    mean_gap = torch.where(finite, gap, torch.zeros_like(gap)).sum(-1) / count_f
+    self_certainty = log_s - mean_gap - torch.log(count_f)
+    max_logprob = -log_s
+    logsumexp = x_max / temperature_col.squeeze(-1) + log_s
     # Scaling by 1/T > 0 keeps the order, so the argmax of the raw logits is exact (ties -> lowest).
     argmax = logits.argmax(-1)
 
-    nan = torch.tensor(math.nan, dtype=dtype, device=logits.device)
+    nan = torch.tensor(math.nan, dtype=torch.float64, device=logits.device)
     fields = dict(
         logsumexp=torch.where(invalid, nan, logsumexp),
         entropy=torch.where(invalid, nan, entropy),
@@ -57,17 +67,17 @@ def logit_stats_reference(logits, temperature=1.0, token_ids=None, topk=0, dtype
         argmax=torch.where(invalid, torch.full_like(argmax, -1), argmax),
     )
     if token_ids is not None:
-        token_z = z.gather(-1, token_ids.to(torch.int64).unsqueeze(-1)).squeeze(-1)
-        fields["token_logprob"] = torch.where(invalid, nan, token_z - logsumexp)
+        token_gap = gap.gather(-1, token_ids.to(torch.int64).unsqueeze(-1)).squeeze(-1)
+        fields["token_logprob"] = torch.where(invalid, nan, token_gap - log_s)
     if topk > 0:
-        k = min(topk, z.shape[-1])
-        top_log_p = z_safe.topk(k, dim=-1).values - logsumexp.unsqueeze(-1)
+        k = min(topk, x.shape[-1])
+        top_gap = gap.topk(k, dim=-1).values
         keep = torch.minimum(count, torch.tensor(topk, device=logits.device))
-        position = torch.arange(k, device=logits.device)
-        in_top = position < keep.unsqueeze(-1)
-        top_sum = torch.where(in_top, top_log_p, torch.zeros_like(top_log_p)).sum(-1)
-        confidence = -top_sum / keep.to(dtype).clamp_min(1)
-        fields["topk_confidence"] = torch.where(invalid, nan, confidence)
+        in_top = torch.arange(k, device=logits.device) < keep.unsqueeze(-1)
+        top_mean = torch.where(in_top, top_gap, torch.zeros_like(top_gap)).sum(-1) / keep.to(torch.float64).clamp_min(1)
+        # -(1/k) sum of the k largest log p = log s - mean of their gaps
+        fields["topk_confidence"] = torch.where(invalid, nan, log_s - top_mean)
+    fields = {name: value if name == "argmax" else value.to(dtype) for name, value in fields.items()}
     return LogitStats(**fields)
 
 
@@ -103,6 +113,10 @@ def verify_tree_reference(target_logits, draft_tokens, parents, temperature, dra
     ``draft_tokens`` and ``parents`` are int64 ``[B, N]``, ``seeds`` int64 ``[B]`` (as
     ``_validation.check_verify_tree_args`` returns them), ``depth`` the tree depth D. Returns the
     fields of ``TreeVerification`` (``num_accepted``, ``accepted_nodes``, ``output_tokens``, ``stats``).
+
+    Unvalidated input follows the fused backends: node c is a child of r only when
+    ``parents[c] == r < c`` (so a node with an out-of-range or later parent is unreachable), and a
+    draft token outside [0, V) is never accepted.
     """
     from ._types import TreeVerification
 
@@ -113,17 +127,19 @@ def verify_tree_reference(target_logits, draft_tokens, parents, temperature, dra
     num_accepted = torch.zeros(batch, dtype=torch.int64)
     accepted_nodes = torch.full((batch, depth + 1), -1, dtype=torch.int64)
     output_tokens = torch.full((batch, depth + 1), -1, dtype=torch.int64)
-    logits = target_logits.detach().cpu().to(dtype)
+    logits = target_logits.detach().cpu().to(torch.float64)
     tokens = draft_tokens.cpu()
     parent_rows = parents.cpu()
     valid_rows = (stats.argmax >= 0).cpu()
-    q_rows = draft_probs.detach().cpu().to(dtype) if draft_probs is not None else None
+    q_rows = draft_probs.detach().cpu().to(torch.float64) if draft_probs is not None else None
 
     for b in range(batch):
         seed = int(seeds[b])
         children = [[] for _ in range(nodes)]
         for i in range(1, nodes):
-            children[int(parent_rows[b, i])].append(i)
+            parent = int(parent_rows[b, i])
+            if 0 <= parent < i:
+                children[parent].append(i)
         node, count = 0, 0
         accepted_nodes[b, 0] = 0
         while True:
@@ -133,7 +149,9 @@ def verify_tree_reference(target_logits, draft_tokens, parents, temperature, dra
                 chosen = int(torch.argmax(logits[b, node]))
                 child = next((c for c in children[node] if int(tokens[b, c]) == chosen), None)
             else:
-                p = torch.softmax(logits[b, node] / temperature, dim=-1)
+                # Relative to the row max: x / T itself may leave every float range.
+                row = logits[b, node]
+                p = torch.softmax((row - row.max()) / temperature, dim=-1)
                 if q_rows is None:
                     chosen = int(torch.multinomial(p, 1, generator=_generator(seed, b, node, SAMPLE)))
                     child = next((c for c in children[node] if int(tokens[b, c]) == chosen), None)
@@ -155,8 +173,8 @@ def _specinfer_node(p, q, children, tokens, seed, b, node):
     residual = p.clone()
     for child in children:
         token = int(tokens[child])
-        if token < 0:
-            continue  # padding node
+        if not 0 <= token < q.shape[0]:
+            continue  # padding node (or a token outside [0, V), never accepted)
         q_token = float(q[token])
         if not (math.isfinite(q_token) and q_token > 0):
             continue  # could not have been drawn from q: skipped
@@ -176,18 +194,25 @@ def _specinfer_node(p, q, children, tokens, seed, b, node):
 
 
 def linear_cross_entropy_entropy_reference(hidden, weight, targets, delta=None, temperature=1.0, ignore_index=-100,
-                                           dtype=torch.float64):
+                                           dtype=torch.float64, bias=None, logit_scale=None, softcap=None):
     """``linear_cross_entropy_entropy`` the naive way: the whole ``[T, V]`` logits in ``dtype``,
     ``torch.nn.functional`` losses, gradients by autograd. The test oracle (float64) and the
     benchmark's baseline (float32); never use it on long contexts.
 
     ``hidden`` ``[T, H]`` or ``[B, T, H]``, ``weight`` ``[V, H]``, ``targets`` of hidden's leading
-    shape, ``delta`` None, ``[H]`` or ``[B, H]``. Returns ``(ce, entropy)`` of shape ``[]`` or ``[B]``.
+    shape, ``delta`` None, ``[H]`` or ``[B, H]``; the head transform ``bias`` ``[V]``, ``logit_scale``
+    and ``softcap`` as in the op. Returns ``(ce, entropy)`` of shape ``[]`` or ``[B]``.
     """
     x = hidden.to(dtype)
     if delta is not None:
         x = x + (delta.to(dtype).unsqueeze(-2) if delta.dim() == x.dim() - 1 else delta.to(dtype))
     logits = x @ weight.to(dtype).T
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    if logit_scale is not None:
+        logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     losses = torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index,
                                                reduction="none").view(targets.shape)
     counted = (targets != ignore_index).sum(-1)

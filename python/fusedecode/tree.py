@@ -16,6 +16,8 @@ Example::
 
 import torch
 
+from ._validation import check_tree_parents, values_checkable
+
 __all__ = [
     "tree_attention_mask",
     "tree_position_ids",
@@ -26,29 +28,55 @@ __all__ = [
 ]
 
 
-def _as_parents(parents):
+def _as_parents(parents, validate=True):
+    """``parents`` as an int64 tensor; with ``validate``, a ``ValueError`` unless it is a tree
+    (``parents[0] == -1``, ``0 <= parents[i] < i``: no cycle, self-parent or out-of-range parent)."""
     if not isinstance(parents, torch.Tensor):
         parents = torch.as_tensor(parents, dtype=torch.int64)
     if parents.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"parents must be an integer tensor, got {parents.dtype}")
     if parents.dim() not in (1, 2) or parents.shape[-1] < 1:
         raise ValueError(f"parents must have shape [N] or [B, N] with N >= 1, got {tuple(parents.shape)}")
-    return parents.to(torch.int64)
+    parents = parents.to(torch.int64)
+    if validate and values_checkable(parents):
+        check_tree_parents(parents)
+    return parents
 
 
-def _batched(parents):
-    parents = _as_parents(parents)
+def _batched(parents, validate=True):
+    parents = _as_parents(parents, validate)
     return (parents, True) if parents.dim() == 2 else (parents.unsqueeze(0), False)
 
 
-def tree_depths(parents):
-    """Depth of every node (root 0), shape like ``parents``. Assumes a valid (topological) tree."""
-    p, batched = _batched(parents)
-    rows = torch.arange(p.shape[0], device=p.device)
-    depth = torch.zeros_like(p)
-    for i in range(1, p.shape[1]):  # parents come first, so one sweep in index order settles all
-        depth[:, i] = depth[rows, p[:, i]] + 1
+def reachable_depths(parents):
+    """Depth of every node the tree walk can reach from the root, -1 for the others; shape like
+    ``parents``. Accepts invalid trees (it is what ``verify_tree(..., validate=False)`` uses): node i
+    is a child of ``parents[i]`` only when ``0 <= parents[i] < i``, as in the fused walks, so a node
+    with an out-of-range or later parent is unreachable, and so is everything below it. On a valid
+    tree this is ``tree_depths``."""
+    p, batched = _batched(parents, validate=False)
+    n = p.shape[1]
+    index = torch.arange(n, device=p.device).expand_as(p)
+    linked = (p >= 0) & (p < index)
+    # Pointer doubling: after k rounds every node knows its 2^k-th ancestor (the root points to
+    # itself, a broken link to itself and is marked), so log2(N) rounds of gathers settle all.
+    jump = torch.where(linked, p, index)
+    jump[:, 0] = 0
+    depth = linked.to(p.dtype)
+    broken = ~linked
+    broken[:, 0] = False
+    for _ in range(max(n - 1, 1).bit_length()):
+        depth = depth + depth.gather(1, jump)
+        broken = broken | broken.gather(1, jump)
+        jump = jump.gather(1, jump)
+    depth = torch.where(broken, torch.full_like(depth, -1), depth)
     return depth if batched else depth[0]
+
+
+def tree_depths(parents):
+    """Depth of every node (root 0), shape like ``parents``. ``ValueError`` on an invalid tree."""
+    _as_parents(parents)
+    return reachable_depths(parents)
 
 
 def tree_position_ids(parents, start=0):

@@ -39,11 +39,16 @@ def verify_tree(target_logits, draft_tokens, parents, *, temperature=0.0, draft_
         target_logits: float32/float16/bfloat16 ``[B, N, V]``, last dim contiguous.
         draft_tokens: int32/int64 ``[B, N]``; entry 0 ignored, -1 marks padding.
         parents: int32/int64 ``[N]`` (one tree for all rows) or ``[B, N]``.
-        temperature: float >= 0.
+        temperature: 0 (greedy), or a float T > 0 with 1/T finite in float32 (about 3e-39 < T < 3.4e38).
         draft_probs: optional ``[B, N, V]`` draft probabilities (multi-draft mode).
-        seed: int, int64 tensor ``[]`` or ``[B]`` (CUDA-graph safe), or None to draw one from
-            torch's default generator (``torch.manual_seed`` makes runs reproducible).
-        validate: check values (token range, tree shape); costs one sync for CUDA tensors.
+        seed: int (Python or NumPy, 0 <= seed < 2**63), int64 tensor ``[]`` or ``[B]`` (CUDA-graph
+            safe), or None to draw one from torch's default generator (``torch.manual_seed`` makes
+            runs reproducible).
+        validate: check values (token range, tree shape); costs one sync for CUDA tensors. With
+            ``validate=False`` invalid input gives an unspecified but memory-safe result: a draft
+            token outside [0, V) is never accepted (nor read), a node whose parent is out of range
+            or not before it is unreachable (node c is a child of r only when
+            ``parents[c] == r < c``), and every walk ends within the tree. B = 0 gives empty outputs.
         backend: None, ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpp"`` or ``"torch"``.
 
     Returns:

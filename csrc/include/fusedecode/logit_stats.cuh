@@ -5,8 +5,8 @@
 // mode): then each CTA writes a StatsState to a workspace, and the last CTA of the row to finish
 // (an atomic counter per row, reset by that CTA) merges the slices and writes the outputs, so the op
 // stays one launch. Each thread reads 16-byte vectors, keeps exp-weighted sums relative to its own
-// running max (rescaled only when the max grows), folds them into a StatsState every kFoldVectors
-// vectors, and the block merges thread states with warp shuffles. With topk, every warp keeps the
+// running max (rescaled only when the max grows; far entries weigh exactly 0), folds them into a
+// StatsState every kFoldVectors vectors, and the block merges thread states with warp shuffles. With topk, every warp keeps the
 // k largest raw logits it has seen in registers (two per lane, sorted), and only values above the
 // warp's current k-th largest are inserted, so after a short warm-up the top-k costs one compare
 // per element.
@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "fusedecode/stats_state.h"
+#include "fusedecode/thread_sums.h"
 
 namespace fusedecode {
 namespace cuda {
@@ -97,88 +98,6 @@ struct VecLoad<__half> {
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// Per-thread raw sums in base 2, relative to this thread's running max (see stats_state.h).
-struct ThreadSums {
-  float max_x;
-  float ref2;
-  float s0, s1, s2, sum_x;
-  int32_t argmax;
-  int32_t count;
-
-  __device__ __forceinline__ void reset() {
-    max_x = -INFINITY;
-    ref2 = -INFINITY;
-    s0 = s1 = s2 = sum_x = 0.f;
-    argmax = -1;
-    count = 0;
-  }
-
-  template <int N>
-  __device__ __forceinline__ void add(const float (&v)[N], int32_t first_index, float scale2) {
-    float vmax = v[0], vmin = v[0];
-#pragma unroll
-    for (int j = 1; j < N; ++j) {
-      vmax = fmaxf(vmax, v[j]);
-      vmin = fminf(vmin, v[j]);
-    }
-    if (vmax > max_x) {  // rare after the first few vectors
-      int32_t where = 0;
-#pragma unroll
-      for (int j = N - 1; j >= 0; --j) where = (v[j] == vmax) ? j : where;
-      const float new_ref2 = vmax * scale2;
-      if (count > 0) {
-        // Move the sums to the new reference: d' = d + delta, weights scale by 2^delta.
-        const float delta = ref2 - new_ref2;
-        const float rescale = fast_exp2(delta);
-        s2 = rescale * (s2 + delta * (2.f * s1 + delta * s0));
-        s1 = rescale * (s1 + delta * s0);
-        s0 = rescale * s0;
-      }
-      max_x = vmax;
-      ref2 = new_ref2;
-      argmax = first_index + where;
-    }
-    if (vmin > -INFINITY) {
-#pragma unroll
-      for (int j = 0; j < N; ++j) {
-        const float d2 = fmaf(v[j], scale2, -ref2);
-        const float e = fast_exp2(d2);
-        const float de = d2 * e;
-        s0 += e;
-        s1 += de;
-        s2 = fmaf(de, d2, s2);
-        sum_x += v[j];
-      }
-      count += N;
-    } else {
-#pragma unroll
-      for (int j = 0; j < N; ++j) {
-        if (v[j] != -INFINITY) {  // NaN goes through and poisons s0
-          const float d2 = fmaf(v[j], scale2, -ref2);
-          const float e = fast_exp2(d2);
-          const float de = d2 * e;
-          s0 += e;
-          s1 += de;
-          s2 = fmaf(de, d2, s2);
-          sum_x += v[j];
-          ++count;
-        }
-      }
-    }
-  }
-
-  __device__ __forceinline__ StatsState fold(float inv_t, float scale2) const {
-    const float residual2 = count > 0 ? fmaf(max_x, scale2, -ref2) : 0.f;
-    return fold_raw_sums(max_x, argmax, s0, s1, s2, sum_x, count, inv_t, false, residual2);
-  }
-};
-
 // The k largest values a warp has been offered, sorted descending: lane l holds entries l and 32 + l.
 struct WarpTopK {
   float lo, hi;
@@ -219,10 +138,13 @@ struct WarpTopK {
     }
   }
 
-  // Sum of the first `n` entries (n <= k), valid in every lane.
-  __device__ __forceinline__ float sum_first(int n) const {
+  // Sum of entry - max_x over the first `n` entries (n <= k), in double (gaps of up to 2 * FLT_MAX;
+  // once per row), valid in every lane.
+  __device__ __forceinline__ double gap_sum_first(int n, float max_x) const {
     const int lane = threadIdx.x & (kWarpSize - 1);
-    float part = (lane < n ? lo : 0.f) + (kWarpSize + lane < n ? hi : 0.f);
+    const double max_d = static_cast<double>(max_x);
+    double part = (lane < n ? static_cast<double>(lo) - max_d : 0.0) +
+                  (kWarpSize + lane < n ? static_cast<double>(hi) - max_d : 0.0);
 #pragma unroll
     for (int offset = kWarpSize / 2; offset > 0; offset /= 2) part += __shfl_xor_sync(kFullMask, part, offset);
     return part;
@@ -231,13 +153,13 @@ struct WarpTopK {
 
 // Combine one StatsState per participating thread into the state of their union, returned in every
 // thread. Instead of log2(n) pairwise merges (each with an exp and divisions on the critical path),
-// three cheap reductions: the max (and argmax), then the exp-weighted sums relative to that max, then
-// the spread of the means around the combined mean (Chan's formula, two-pass, so no cancellation).
+// three cheap reductions: the max (and argmax), then the exp-weighted sums relative to that max
+// (shifts as in merge_states: far states weigh exactly 0) and the count-weighted gap means, then the
+// spread of the means around the combined mean (Chan's formula, two-pass, so no cancellation).
 // kBlock: all threads of the block (uses shared memory and three barriers); else one warp.
 struct CombineScratch {
   float max_x[kThreads / kWarpSize];
   int32_t argmax[kThreads / kWarpSize];
-  float ref[kThreads / kWarpSize];
   float sums[4][kThreads / kWarpSize];
   int32_t count[kThreads / kWarpSize];
 };
@@ -258,9 +180,9 @@ __device__ __forceinline__ float combine_sum(float v, CombineScratch* scratch, i
 }
 
 template <bool kBlock>
-__device__ StatsState combine_states(const StatsState& s, CombineScratch* scratch) {
+__device__ StatsState combine_states(const StatsState& s, CombineScratch* scratch, float inv_t) {
   // 1. max and argmax (ties to the lowest index)
-  float max_x = s.max_x, ref = s.count > 0 ? s.ref : -INFINITY;
+  float max_x = s.max_x;
   int32_t argmax = s.argmax;
   int32_t count = s.count;
 #pragma unroll
@@ -270,7 +192,6 @@ __device__ StatsState combine_states(const StatsState& s, CombineScratch* scratc
     const bool take = other_max > max_x || (other_max == max_x && other_arg < argmax);
     max_x = take ? other_max : max_x;
     argmax = take ? other_arg : argmax;
-    ref = fmaxf(ref, __shfl_xor_sync(kFullMask, ref, offset));
     count += __shfl_xor_sync(kFullMask, count, offset);
   }
   if constexpr (kBlock) {
@@ -278,38 +199,36 @@ __device__ StatsState combine_states(const StatsState& s, CombineScratch* scratc
     if ((threadIdx.x & (kWarpSize - 1)) == 0) {
       scratch->max_x[warp] = max_x;
       scratch->argmax[warp] = argmax;
-      scratch->ref[warp] = ref;
       scratch->count[warp] = count;
     }
     __syncthreads();
     max_x = scratch->max_x[0];
     argmax = scratch->argmax[0];
-    ref = scratch->ref[0];
     count = scratch->count[0];
 #pragma unroll
     for (int w = 1; w < kThreads / kWarpSize; ++w) {
       const bool take = scratch->max_x[w] > max_x || (scratch->max_x[w] == max_x && scratch->argmax[w] < argmax);
       max_x = take ? scratch->max_x[w] : max_x;
       argmax = take ? scratch->argmax[w] : argmax;
-      ref = fmaxf(ref, scratch->ref[w]);
       count += scratch->count[w];
     }
   }
   StatsState out = empty_state();
   if (count == 0) return out;
-  // 2. weights and first moments relative to the common reference
+  // 2. weights and first moments relative to the common maximum
   const bool used = s.count > 0;
-  const float shift = used ? s.ref - ref : 0.f;
+  const float shift = used ? merge_shift(s.max_x, max_x, inv_t) : 0.f;
   const float weight = used ? s.sum_exp * __expf(shift) : 0.f;
   const float mean = s.wmean + shift;
   const float weight_sum = combine_sum<kBlock>(weight, scratch, 0);
   const float mean_sum = combine_sum<kBlock>(used ? weight * mean : 0.f, scratch, 1);
-  const float umean_sum =
-      combine_sum<kBlock>(used ? static_cast<float>(s.count) * (s.umean + shift) : 0.f, scratch, 2);
-  out.ref = ref;
+  const float share = static_cast<float>(s.count) / static_cast<float>(count);
+  const float gap_mean =
+      combine_sum<kBlock>(used ? share * (s.half_gap_mean + half_gap(s.max_x, max_x)) : 0.f, scratch, 2);
+  out.ref = max_x * inv_t;
   out.sum_exp = weight_sum;
   out.wmean = mean_sum / weight_sum;
-  out.umean = umean_sum / static_cast<float>(count);
+  out.half_gap_mean = gap_mean;
   // 3. spread of the means around the combined mean
   const float centred = mean - out.wmean;
   out.wvar = combine_sum<kBlock>(used ? weight * (s.wvar + centred * centred) : 0.f, scratch, 3) / weight_sum;
@@ -319,8 +238,10 @@ __device__ StatsState combine_states(const StatsState& s, CombineScratch* scratc
   return out;
 }
 
+// At least three CTAs per SM (at most 85 registers), as the kernel had before its exact-gap sums;
+// ptxas fits that without spills.
 template <typename T, bool kTopK>
-__global__ void __launch_bounds__(kThreads) logit_stats_kernel(const LogitStatsParams p) {
+__global__ void __launch_bounds__(kThreads, 3) logit_stats_kernel(const LogitStatsParams p) {
   using Load = VecLoad<T>;
   constexpr int kVec = Load::kVec;
   constexpr int kWarps = kThreads / kWarpSize;
@@ -337,6 +258,7 @@ __global__ void __launch_bounds__(kThreads) logit_stats_kernel(const LogitStatsP
   const float t = p.temperatures ? p.temperatures[row] : p.temperature;
   const float inv_t = 1.f / t;
   const float scale2 = inv_t * kLog2e;
+  const GapLimits limits = gap_limits(scale2, kThreadWindow);
 
   // Scalar head up to the first 16-byte boundary, aligned vectors, scalar tail.
   const int misaligned = static_cast<int>((reinterpret_cast<uintptr_t>(row_ptr) % 16) / sizeof(T));
@@ -371,7 +293,7 @@ __global__ void __launch_bounds__(kThreads) logit_stats_kernel(const LogitStatsP
 
   if (split == 0) {
     float v[1] = {tid < head ? Load::scalar(row_ptr + tid) : -INFINITY};
-    if (tid < head) sums.add<1>(v, tid, scale2);
+    if (tid < head) sums.add<1>(v, tid, scale2, inv_t, limits);
     if (kTopK) top.offer<1>(v, tid < head, k);
   }
 
@@ -389,11 +311,14 @@ __global__ void __launch_bounds__(kThreads) logit_stats_kernel(const LogitStatsP
     for (int u = 0; u < kUnroll; ++u) {
       float v[kVec];
       Load::to_float(current[u], v);
-      if (present[u]) sums.add<kVec>(v, static_cast<int32_t>(head + (base + u * kThreads + tid) * kVec), scale2);
+      if (present[u]) {
+        sums.add<kVec>(v, static_cast<int32_t>(head + (base + u * kThreads + tid) * kVec), scale2, inv_t,
+                       limits);
+      }
       if (kTopK) top.offer<kVec>(v, present[u], k);
     }
     if (++batches_since_fold == kFoldVectors / kUnroll) {
-      state = merge_states(state, sums.fold(inv_t, scale2));
+      state = merge_states(state, sums.fold(inv_t), inv_t);
       sums.reset();
       batches_since_fold = 0;
     }
@@ -403,14 +328,14 @@ __global__ void __launch_bounds__(kThreads) logit_stats_kernel(const LogitStatsP
     const int64_t index = tail_begin + tid;
     const bool in_tail = index < p.vocab;
     float v[1] = {in_tail ? Load::scalar(row_ptr + index) : -INFINITY};
-    if (in_tail) sums.add<1>(v, static_cast<int32_t>(index), scale2);
+    if (in_tail) sums.add<1>(v, static_cast<int32_t>(index), scale2, inv_t, limits);
     if (kTopK) top.offer<1>(v, in_tail, k);
   }
 
   __shared__ CombineScratch scratch;
   __shared__ float warp_lists[kTopK ? kWarps : 1][kTopKCapacity];
   __shared__ bool is_last_block;
-  state = combine_states<true>(merge_states(state, sums.fold(inv_t, scale2)), &scratch);
+  state = combine_states<true>(merge_states(state, sums.fold(inv_t), inv_t), &scratch, inv_t);
   if constexpr (kTopK) {
     warp_lists[warp][lane] = top.lo;
     warp_lists[warp][kWarpSize + lane] = top.hi;
@@ -446,13 +371,13 @@ __global__ void __launch_bounds__(kThreads) logit_stats_kernel(const LogitStatsP
       other.sum_exp = __ldcg(&src->sum_exp);
       other.wmean = __ldcg(&src->wmean);
       other.wvar = __ldcg(&src->wvar);
-      other.umean = __ldcg(&src->umean);
+      other.half_gap_mean = __ldcg(&src->half_gap_mean);
       other.max_x = __ldcg(&src->max_x);
       other.count = __ldcg(&src->count);
       other.argmax = __ldcg(&src->argmax);
-      state = merge_states(state, other);
+      state = merge_states(state, other, inv_t);
     }
-    state = combine_states<false>(state, nullptr);
+    state = combine_states<false>(state, nullptr, inv_t);
     if (kTopK) {
       top.reset();
       for (int s = 0; s < p.splits; ++s) {
@@ -466,14 +391,14 @@ __global__ void __launch_bounds__(kThreads) logit_stats_kernel(const LogitStatsP
 
   // Every lane of warp 0 holds the row's state.
   const int keep = k < state.count ? k : state.count;
-  float topk_sum = 0.f;
-  if (kTopK) topk_sum = top.sum_first(keep);
+  double topk_gap_sum = 0.0;
+  if (kTopK) topk_gap_sum = top.gap_sum_first(keep, state.max_x);
   if (lane != 0) return;
 
   const int64_t token = p.token_ids ? p.token_ids[row] : -1;
   const bool in_range = token >= 0 && token < p.vocab;
   const float token_x = in_range ? Load::scalar(row_ptr + token) : 0.f;
-  store_row_stats(p.out, row, state, t, in_range, token_x, topk_sum, keep);
+  store_row_stats(p.out, row, state, t, in_range, token_x, topk_gap_sum, keep);
 }
 
 // CTAs per row: one when rows alone fill the GPU; otherwise enough slices to put about four CTAs

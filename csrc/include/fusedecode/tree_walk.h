@@ -4,9 +4,10 @@
 // emitted); a backend supplies a `Row` with the data-parallel pieces for one batch row:
 //
 //   bool    valid(node)                     the node's row had no NaN/+inf and a finite entry
+//   int64_t vocab_size()                    V
 //   int64_t argmax(node)                    from the statistics pass
 //   int64_t token(node)                     draft token of a node (-1: padding)
-//   int64_t child_with_token(node, token)   first child of `node` drafting `token`, or -1
+//   int64_t child_with_token(node, token)   first child c > node of `node` drafting `token`, or -1
 //   int64_t next_child(node, after)         first child of `node` with index > after, or -1
 //   float   prob(node, token)               p_node(token) = softmax(z_node)[token]
 //   float   draft_prob(node, token)         q_node(token)
@@ -19,6 +20,11 @@
 // SpecInfer in closed form: after j rejections at a node, p'_j = max(p - c_j q, 0) / mass_j with
 // c_0 = 0, mass_0 = 1, c_{j+1} = c_j + mass_j and mass_{j+1} = sum max(p - c_{j+1} q, 0); this is
 // exactly repeated normalize(max(p' - q, 0)), and an update whose residual has no mass is skipped.
+//
+// Invalid input (validate=False) stays memory-safe: a child always has a larger index than its
+// parent (children are searched after `node`), so a node whose parent is out of range or not
+// before it is unreachable and every walk ends within N steps; a draft token outside [0, V) is
+// never accepted and never used as an index (it is skipped like padding); `width` bounds the writes.
 #pragma once
 
 #include <cstdint>
@@ -57,7 +63,7 @@ FD_HOST_DEVICE void walk_tree(Row& row, int mode, uint64_t seed, uint64_t batch_
       for (int64_t candidate = row.next_child(node, node); candidate >= 0;
            candidate = row.next_child(node, candidate)) {
         const int64_t token = row.token(candidate);
-        if (token < 0) continue;  // padding
+        if (token < 0 || token >= row.vocab_size()) continue;  // padding (or out of range: never read)
         const float q = row.draft_prob(node, token);
         if (!(q > 0.f && q < FD_INFINITY)) continue;  // could not have been drawn from q
         const float p = row.prob(node, token);

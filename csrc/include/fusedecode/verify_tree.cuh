@@ -34,7 +34,7 @@ struct VerifyTreeParams {
   const int64_t* seeds;    // [B]
   float inv_t;
   int mode;
-  const float* lse;          // [B, N] from pass 1
+  const float* max_logprob;  // [B, N] from pass 1: -log sum exp(z - max z)
   const int64_t* argmax;     // [B, N] from pass 1
   const StatsState* slices;  // [B * N, splits] from pass 1
   int splits;
@@ -135,9 +135,22 @@ struct CudaTreeRow {
 
   __device__ float x(int64_t node, int64_t i) const { return load_value(logits + node * p.stride_n + i); }
   __device__ bool valid(int64_t node) const { return p.argmax[b * p.nodes + node] >= 0; }
+  __device__ int64_t vocab_size() const { return p.vocab; }
   __device__ int64_t argmax(int64_t node) const { return p.argmax[b * p.nodes + node]; }
   __device__ int64_t token(int64_t node) const { return tokens[node]; }
-  __device__ float prob(int64_t node, int64_t t) const { return __expf(x(node, t) * p.inv_t - p.lse[b * p.nodes + node]); }
+  // p_node(t) relative to the row max (never z_t - logsumexp, a difference of two large numbers);
+  // the row's max and log-probability are read once per pass over the vocabulary.
+  struct NodeProb {
+    float max_x;
+    float max_logprob;
+  };
+  __device__ NodeProb node_prob(int64_t node) const {
+    return {x(node, argmax(node)), p.max_logprob[b * p.nodes + node]};
+  }
+  __device__ float prob_of(const NodeProb& np, float value) const {
+    return __expf(scaled_gap(value, np.max_x, p.inv_t) + np.max_logprob);
+  }
+  __device__ float prob(int64_t node, int64_t t) const { return prob_of(node_prob(node), x(node, t)); }
   __device__ float draft_prob(int64_t node, int64_t t) const { return load_value(q + node * p.q_stride_n + t); }
 
   __device__ int64_t child_with_token(int64_t node, int64_t wanted) const {
@@ -157,13 +170,14 @@ struct CudaTreeRow {
     return best == kNone ? -1 : best;
   }
 
-  __device__ float excess(int64_t node, int64_t i, float c) const {
-    const float e = prob(node, i) - c * draft_prob(node, i);
+  __device__ float excess(const NodeProb& np, int64_t node, int64_t i, float c) const {
+    const float e = prob_of(np, x(node, i)) - c * draft_prob(node, i);
     return e > 0.f ? e : 0.f;
   }
   __device__ float residual_mass(int64_t node, float c) const {
+    const NodeProb np = node_prob(node);
     float local = 0.f;
-    for (int64_t i = threadIdx.x; i < p.vocab; i += kWalkThreads) local += excess(node, i, c);
+    for (int64_t i = threadIdx.x; i < p.vocab; i += kWalkThreads) local += excess(np, node, i, c);
     return cta_sum(local, scratch);
   }
 
@@ -228,16 +242,17 @@ struct CudaTreeRow {
     long long last_positive = -1;
     float seen = 0.f;
     if (c != 0.f) {
+      const NodeProb np = node_prob(node);
       const int64_t hit = scan_tokens(
-          0, p.vocab, u * mass, [&](int64_t i) { return excess(node, i, c); }, &seen, &last_positive);
+          0, p.vocab, u * mass, [&](int64_t i) { return excess(np, node, i, c); }, &seen, &last_positive);
       return hit >= 0 ? hit : (last_positive >= 0 ? last_positive : argmax(node));
     }
     // Which slice holds the drawn mass (one thread per slice), then the tokens of that slice.
     const StatsState* own = p.slices + (b * p.nodes + node) * p.splits;
     const bool mine = threadIdx.x < p.splits && own[threadIdx.x].count > 0;
-    const float ref = cta_max(mine ? own[threadIdx.x].ref : -INFINITY, scratch);
     const float max_x = cta_max(mine ? own[threadIdx.x].max_x : -INFINITY, scratch);
-    const float slice_mass = mine ? own[threadIdx.x].sum_exp * __expf(own[threadIdx.x].ref - ref) : 0.f;
+    const float slice_mass =
+        mine ? own[threadIdx.x].sum_exp * __expf(merge_shift(own[threadIdx.x].max_x, max_x, p.inv_t)) : 0.f;
     float total;
     const float before = cta_exclusive_scan(slice_mass, scratch, &total);
     const float target = u * total;
@@ -263,7 +278,8 @@ struct CudaTreeRow {
         lo, hi, remaining,
         [&](int64_t i) {
           const float value = load_value(row + i);
-          return value == -INFINITY ? 0.f : exp2f((value - max_x) * inv_t * kLog2e);
+          // (value - max_x) * inv_t first: -inf (weight 0) where the gap overflows, never 0 * inf.
+          return value == -INFINITY ? 0.f : exp2f(((value - max_x) * inv_t) * kLog2e);
         },
         &seen, &last_positive);
     return hit >= 0 ? hit : (last_positive >= 0 ? last_positive : argmax(node));

@@ -2,19 +2,31 @@
 
 - ``UncertaintyProcessor``: drop-in ``LogitsProcessor`` recording per-token entropy, varentropy,
   self-certainty, ... for every row at every step (one fused op per step, no ``[B, V]`` history).
-- ``ConfidenceStopping``: DeepConf's online early stop on the sliding mean of top-k confidence.
-- ``best_of_n``: Borda voting with self-certainty (Kang et al.).
+- ``ConfidenceStopping``: DeepConf's online early stop on the sliding mean of top-k confidence (the
+  stopping step emits EOS).
+- DeepConf's trace measures, threshold calibration and votes (``lowest_group_confidence``,
+  ``confidence_threshold``, ``deepconf_vote``, ...) and ``best_of_n`` (Borda voting with
+  self-certainty, Kang et al.): from the transformers-free ``fusedecode.confidence``, re-exported.
 - ``tree_speculative`` / ``TreeConfig``: tree speculative decoding with a draft model, verified by
-  ``fusedecode.verify_tree`` (``model.generate(..., custom_generate=tree_speculative, draft_model=...)``).
-- ``bundled_model_path``: the small arithmetic target/draft models shipped with fusedecode.
-- ``srgen``, ``SRGenConfig``: SRGen entropy-triggered corrective decoding, a ``custom_generate`` callable.
+  ``fusedecode.verify_tree`` (``model.generate(..., custom_generate=tree_speculative, draft_model=...)``);
+  the package ``fusedecode.hf.speculative``. Its ``return_dict_in_generate`` output is a
+  ``TreeSpeculativeOutput``.
+- ``srgen``, ``SRGenConfig``: SRGen entropy-triggered corrective decoding, a ``custom_generate`` callable;
+  the package ``fusedecode.hf.correction``. Its ``return_dict_in_generate`` output is an ``SRGenOutput``.
+- Both ``custom_generate`` callables take a streamer as ``token_streamer=`` (``generate`` keeps its own
+  ``streamer=`` from them).
+- ``bundled_model_path``: the small arithmetic target/draft models shipped with fusedecode (trained by
+  ``fusedecode.demo.train_bundled``).
 """
 
 import os
 
-from .processors import ConfidenceStopping, UncertaintyProcessor, best_of_n
-from .srgen import SRGenConfig, srgen
-from .tree_speculative import TreeConfig, tree_speculative
+from ..confidence import (best_of_n, bottom_group_confidence, confidence_threshold, deepconf_vote, filter_top,
+                          group_confidences, lowest_group_confidence, majority_vote, mean_confidence, tail_confidence,
+                          weighted_majority_vote)
+from .correction import SRGenConfig, SRGenOutput, srgen
+from .processors import ConfidenceStopping, ConfidenceStopProcessor, UncertaintyProcessor
+from .speculative import TreeConfig, TreeSpeculativeOutput, tree_speculative
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 BUNDLED = ("target", "draft")
@@ -28,9 +40,12 @@ def bundled_model_path(name="target"):
     path = os.path.join(ASSETS, f"arithmetic-{name}")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"bundled model {name!r} is missing at {path}; "
-                                "run `python -m fusedecode.hf.train_bundled` to create it")
+                                "run `python -m fusedecode.demo.train_bundled` to create it")
     return path
 
 
-__all__ = ["UncertaintyProcessor", "ConfidenceStopping", "best_of_n", "bundled_model_path", "TreeConfig",
-           "tree_speculative", "SRGenConfig", "srgen"]
+__all__ = ["UncertaintyProcessor", "ConfidenceStopping", "ConfidenceStopProcessor", "best_of_n", "group_confidences",
+           "mean_confidence", "tail_confidence", "bottom_group_confidence", "lowest_group_confidence",
+           "confidence_threshold", "filter_top", "weighted_majority_vote", "majority_vote", "deepconf_vote",
+           "bundled_model_path", "TreeConfig", "TreeSpeculativeOutput", "tree_speculative", "SRGenConfig",
+           "SRGenOutput", "srgen"]

@@ -1,8 +1,10 @@
-"""Per-token uncertainty in ``generate``: a drop-in logits processor, DeepConf stopping, Best-of-N.
+"""Per-token uncertainty in ``generate``: a drop-in logits processor and DeepConf's online stop.
 
 Instead of ``output_scores=True`` (a ``[B, V]`` float tensor kept per step: ~19 GB for one sequence
 of 32k steps at V = 152k), ``UncertaintyProcessor`` keeps one fused ``logit_stats`` call per step and
-a few floats per row and step, on the scores' device, without synchronising with the host.
+a few floats per row and step, on the scores' device, without synchronising with the host. The
+trace-level measures and votes over these histories (DeepConf, self-certainty Best-of-N) live in the
+transformers-free ``fusedecode.confidence``.
 """
 
 import math
@@ -121,6 +123,14 @@ class UncertaintyProcessor(LogitsProcessor):
             mask = ~after_eos
         return mask
 
+    def traces(self, field, sequences, eos_token_id=None):
+        """Each row's history of ``field`` over its real generated tokens (see ``token_mask``): a list
+        of 1-D float32 CPU tensors, ready for ``fusedecode.confidence`` (e.g. DeepConf's
+        ``lowest_group_confidence(traces("topk_confidence", out, eos)[i], window)``)."""
+        mask = self.token_mask(sequences, eos_token_id).cpu()
+        values = self.history(field)[:, :mask.shape[1]].float().cpu()
+        return [values[row][mask[row]] for row in range(values.shape[0])]
+
     def sequence_self_certainty(self, sequences, eos_token_id=None):
         """Mean self-certainty of each sequence over its real generated tokens: ``[B]``.
 
@@ -132,80 +142,141 @@ class UncertaintyProcessor(LogitsProcessor):
         return values.sum(1) / mask.sum(1)
 
 
+def _check_threshold(threshold):
+    """A finite float, or a 1-D float64 tensor of finite values (one per row)."""
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        if not math.isfinite(threshold):
+            raise ValueError(f"threshold must be finite, got {threshold!r}")
+        return float(threshold)
+    try:
+        values = torch.as_tensor(threshold, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"threshold must be a float or one float per row, got {threshold!r}") from None
+    if values.dim() != 1 or values.numel() == 0 or not bool(torch.isfinite(values).all()):
+        raise ValueError(f"threshold must be a finite float or a 1-D sequence of finite floats, got {threshold!r}")
+    return values
+
+
+class ConfidenceStopProcessor(UncertaintyProcessor):
+    """The logits processor of ``ConfidenceStopping``: an ``UncertaintyProcessor`` (all of its
+    histories, ``topk_confidence`` included) that also makes EOS (the first of ``eos_token_ids``)
+    the only possible token of a row at the step where the row's group confidence, the mean
+    ``topk_confidence`` of its last ``window`` steps (this one included), falls below ``threshold``.
+    Rows that already ended with one of ``eos_token_ids`` are left alone. Sync-free: the scores
+    pass through one ``torch.where`` per step once ``window`` steps are recorded."""
+
+    def __init__(self, window, threshold, topk, eos_token_ids):
+        super().__init__(topk=topk)
+        self.window, self.threshold, self.eos_token_ids = window, threshold, tuple(eos_token_ids)
+
+    def _thresholds(self, scores):
+        """The threshold as a float, or one per row on the scores' device."""
+        if isinstance(self.threshold, float):
+            return self.threshold
+        if self.threshold.shape[0] != scores.shape[0]:
+            raise ValueError(f"threshold has {self.threshold.shape[0]} values (one per row) but the batch has "
+                             f"{scores.shape[0]} rows")
+        return self.threshold.to(scores.device)
+
+    def reset(self):
+        super().reset()
+        self.stopped = self._ended = self._window_sum = None
+
+    def __call__(self, input_ids, scores):
+        super().__call__(input_ids, scores)  # a new generate call resets the state first
+        confidence = self._steps["topk_confidence"]
+        if self.stopped is None:
+            if max(self.eos_token_ids) >= scores.shape[-1]:
+                raise ValueError(f"eos_token_id {max(self.eos_token_ids)} is outside the vocabulary "
+                                 f"({scores.shape[-1]} tokens)")
+            self.stopped = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
+            self._ended = torch.zeros_like(self.stopped)
+            self._eos = torch.tensor(self.eos_token_ids, device=input_ids.device)
+            self._window_sum = torch.zeros(scores.shape[0], dtype=torch.float64, device=scores.device)
+        else:  # the token of the previous step is known now: rows that ended there are done
+            self._ended = self._ended | torch.isin(input_ids[:, -1], self._eos).to(scores.device)
+        # A running sum over the window, as the official processor's deque and running total; in
+        # float64, where sums of float32 confidences of top-k >= 2 (each >= log 2) are exact.
+        self._window_sum = self._window_sum + confidence[-1].double()
+        if len(confidence) > self.window:
+            self._window_sum = self._window_sum - confidence[-1 - self.window].double()
+        if len(confidence) < self.window:
+            return scores
+        eos = self.eos_token_ids[0]
+        eos_score = scores[:, eos]
+        # A row whose EOS another processor masked (min_new_tokens) is not stopped at this step.
+        below = self._window_sum / self.window < self._thresholds(scores)
+        stop = below & (eos_score > -math.inf) & ~self._ended
+        self.stopped = self.stopped | stop
+        self._ended = self._ended | stop
+        only_eos = torch.full_like(scores, -math.inf)
+        only_eos[:, eos] = eos_score
+        return torch.where(stop.unsqueeze(1), only_eos, scores)
+
+
 class ConfidenceStopping(StoppingCriteria):
-    r"""DeepConf's online early stop: a row stops once the mean ``topk_confidence`` of its last
-    ``window`` tokens falls below ``threshold`` (low confidence: the trace is likely wrong).
+    r"""DeepConf's online early stop (Fu et al., 2025), as the authors' vLLM processor does it: at the
+    step where a row's group confidence (the mean ``topk_confidence`` of its last ``window`` steps,
+    this one included, once ``window`` steps exist) falls below ``threshold``, the row emits EOS
+    there and stops (low confidence: the trace is likely wrong).
 
-    It reads the history of an ``UncertaintyProcessor`` (no second pass over the logits), which must
-    also be given to ``generate``; ``stopper.processor`` is created with ``topk`` when none is passed.
+    Pass both halves to ``generate``: ``stopper.processor`` (a ``ConfidenceStopProcessor``, which
+    records every ``UncertaintyProcessor`` history and forces the EOS) in ``logits_processor`` and
+    the stopper itself in ``stopping_criteria`` (it stops the rows it forced, whatever the
+    generation config's EOS). ``stopper.stopped`` says which rows were stopped early.
 
-    Example::
+    The threshold comes from warm-up traces: ``fusedecode.confidence.confidence_threshold`` of their
+    ``lowest_group_confidence`` (16 traces, ``keep_percent=10`` for DeepConf-low); the paper's window is
+    2048 tokens. Confidence is measured on the scores as the processors before this one left them
+    (the model's raw logits at temperature 1, as the official processor, when it is the first).
 
-        >>> stopper = ConfidenceStopping(window=16, threshold=1.5)
-        >>> out = model.generate(**inputs, logits_processor=[stopper.processor],
-        ...                      stopping_criteria=[stopper])  # doctest: +SKIP
+    Args:
+        window: tokens per group (>= 1).
+        threshold: finite float, or one per row (a sequence or 1-D tensor of the batch's size, e.g.
+            each problem's calibrated threshold repeated for its ``num_return_sequences`` rows);
+            rows below it stop.
+        topk: k of the top-k confidence (the paper uses 20).
+        eos_token_id: the token emitted at the stopping step, or a list of the tokens that end a row
+            (the generation config's EOS ids; the first is emitted): rows that ended with one are
+            not stopped again. (A row ended by another criterion, e.g. a stop string, may still be
+            marked in ``stopped`` later; its output is unaffected.)
+
+    Example (a threshold above any confidence stops every row at its ``window``-th token, EOS)::
+
+        >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+        >>> from fusedecode.hf import ConfidenceStopping, bundled_model_path
+        >>> path = bundled_model_path("target")
+        >>> model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        >>> inputs = tokenizer(["12+34=", "47+385="], return_tensors="pt", padding=True)
+        >>> stopper = ConfidenceStopping(window=4, threshold=1e9, eos_token_id=tokenizer.eos_token_id)
+        >>> out = model.generate(**inputs, max_new_tokens=30, do_sample=False, logits_processor=[stopper.processor],
+        ...                      stopping_criteria=[stopper])
+        >>> stopper.stopped.tolist(), out[:, -1].tolist() == [tokenizer.eos_token_id] * 2
+        ([True, True], True)
+        >>> out.shape[1] - inputs["input_ids"].shape[1]
+        4
     """
 
-    def __init__(self, window, threshold, topk=20, processor=None):
+    def __init__(self, window, threshold, topk=20, *, eos_token_id):
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an int >= 1, got {window!r}")
-        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not math.isfinite(threshold):
-            raise ValueError(f"threshold must be a finite float, got {threshold!r}")
-        if processor is None:
-            processor = UncertaintyProcessor(topk=topk)
-        elif not isinstance(processor, UncertaintyProcessor) or processor.topk == 0:
-            raise ValueError("processor must be an UncertaintyProcessor with topk > 0")
-        self.window, self.threshold, self.processor = window, float(threshold), processor
+        threshold = _check_threshold(threshold)
+        if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= 64:
+            raise ValueError(f"topk must be an int in [1, 64], got {topk!r}")
+        eos_token_ids = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+        if not eos_token_ids or any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in eos_token_ids):
+            raise ValueError(f"eos_token_id must be an int >= 0 or a non-empty list of them (the token emitted at the "
+                             f"stop first), got {eos_token_id!r}")
+        self.window, self.threshold = window, threshold
+        self.processor = ConfidenceStopProcessor(window, threshold, topk, eos_token_ids)
 
-    def sliding_confidence(self):
-        """``[B]`` mean topk_confidence of the last ``window`` steps (NaN before the window fills)."""
-        steps = self.processor._steps["topk_confidence"]
-        if len(steps) < self.window:
-            return None
-        recent = torch.stack(steps[-self.window:], dim=1)
-        return recent.mean(dim=1)
+    @property
+    def stopped(self):
+        """``[B]`` bool: rows stopped by low confidence in the last ``generate`` call (None before one)."""
+        return self.processor.stopped
 
     def __call__(self, input_ids, scores, **kwargs):
-        mean = self.sliding_confidence()
-        if mean is None:
+        stopped = self.processor.stopped
+        if stopped is None or stopped.shape[0] != input_ids.shape[0]:
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        return (mean < self.threshold).to(input_ids.device)
-
-
-def best_of_n(self_certainties, answers, power=0.5):
-    r"""Borda voting with self-certainty (Kang et al., 2025).
-
-    The N candidates are ranked by self-certainty (rank 1 = most certain); each votes for its answer
-    with weight ``(N - r + 1) ** power`` (``power=0``: majority vote). The answer with the largest
-    total wins; ties go to the answer holding the single highest self-certainty. Candidates whose
-    answer is None (none could be extracted) are ignored.
-
-    Returns ``(answer, totals)`` with ``totals`` the vote of every answer.
-
-    Example::
-
-        >>> best_of_n([2.0, 1.0, 0.5], ["12", "13", "13"])[0]
-        '13'
-        >>> best_of_n([2.0, 1.0, 0.5], ["12", "13", "13"], power=2.0)[0]
-        '12'
-    """
-    values = [float(v) for v in (self_certainties.tolist() if isinstance(self_certainties, torch.Tensor)
-                                 else self_certainties)]
-    answers = list(answers)
-    if len(values) != len(answers):
-        raise ValueError(f"self_certainties ({len(values)}) and answers ({len(answers)}) differ in length")
-    if isinstance(power, bool) or not isinstance(power, (int, float)) or power < 0:
-        raise ValueError(f"power must be a float >= 0, got {power!r}")
-    ranked = sorted(((v if not math.isnan(v) else -math.inf, i) for i, v in enumerate(values)), reverse=True)
-    n = len(values)
-    totals, best_single = {}, {}
-    for rank, (value, index) in enumerate(ranked, start=1):
-        answer = answers[index]
-        if answer is None:
-            continue
-        totals[answer] = totals.get(answer, 0.0) + (n - rank + 1) ** power
-        best_single[answer] = max(best_single.get(answer, -math.inf), value)
-    if not totals:
-        return None, totals
-    winner = max(totals, key=lambda a: (totals[a], best_single[a]))
-    return winner, totals
+        return stopped.to(input_ids.device)

@@ -1,7 +1,7 @@
 """Train the bundled target and draft models on CPU (reproducible; about 4 minutes on 2 cores).
 
-    python -m fusedecode.hf.train_bundled                 # writes python/fusedecode/assets/arithmetic-*
-    python -m fusedecode.hf.train_bundled --out DIR --target-steps 200 --draft-steps 100   # quick
+    python -m fusedecode.demo.train_bundled                 # writes python/fusedecode/assets/arithmetic-*
+    python -m fusedecode.demo.train_bundled --out DIR --target-steps 200 --draft-steps 100   # quick
 
 Target: Llama architecture, 4 layers, width 128. Draft: 2 layers, width 128, same tokenizer. Both are
 trained on freshly drawn problems (never one of the 500 evaluation problems) with the loss on the
@@ -24,9 +24,8 @@ import time
 
 import torch
 
+from ..hf import ASSETS
 from . import arithmetic
-
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 TARGET = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)
 DRAFT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4)

@@ -1,6 +1,6 @@
-"""fusedecode.hf.tree_speculative: greedy identity with plain generate, sampling distribution, caches."""
+"""fusedecode.hf.tree_speculative (the package fusedecode.hf.speculative): greedy identity with plain
+generate, sampling distribution, caches."""
 
-import importlib
 import math
 
 import pytest
@@ -9,10 +9,11 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
 from fusedecode.hf import TreeConfig, bundled_model_path, tree_speculative  # noqa: E402
+from fusedecode.hf.speculative.config import next_alpha  # noqa: E402
+from fusedecode.hf.speculative.draft_tree import branch_depth  # noqa: E402
+from fusedecode.hf.speculative.slot_cache import SlotCache  # noqa: E402
 from hf_models import VOCAB, prompts, tiny_model  # noqa: E402
 
-# fusedecode.hf re-exports the function under the module's name; the module holds the cache helpers.
-speculative_module = importlib.import_module("fusedecode.hf.tree_speculative")
 
 def sharpened(model, factor=6.0):
     """Scale lm_head so the random model has peaked distributions (drafts then get accepted)."""
@@ -86,7 +87,7 @@ def test_cache_keeps_exactly_the_accepted_path():
     """After a tree forward and keeping one branch, the next token's logits equal a plain forward."""
     model = tiny_model("llama", seed=4)
     prompt = torch.tensor([[5, 9, 13, 17, 21]])
-    cache = speculative_module._SlotCache(model, 1, prompt.device)
+    cache = SlotCache(model, 1, prompt.device)
     causal = torch.tril(torch.ones(4, 4, dtype=torch.bool))[None]
     cache.forward(prompt[:, :4], torch.ones(1, 4, dtype=torch.bool), torch.arange(4)[None], causal)
     # tree: root 21 (node 0), children 30 (1) and 31 (2), grandchild 40 under 31 (3)
@@ -180,8 +181,8 @@ def test_return_dict_and_streamer():
 
 
 def test_bundled_models_greedy_identity():
-    from fusedecode.hf import arithmetic
-    from fusedecode.hf.demo import load
+    from fusedecode.demo import arithmetic
+    from fusedecode.demo.demo import load
 
     target, tokenizer = load(bundled_model_path("target"))
     draft, _ = load(bundled_model_path("draft"))
@@ -264,16 +265,15 @@ def test_logits_only_where_needed():
 
 
 def test_alpha_follows_the_branch_the_walk_stopped_in():
-    branch_depth = speculative_module._branch_depth
     parents, depths = [-1, 0, 0, 1, 3], [0, 1, 1, 2, 3]  # 0 -> 1 -> 3 -> 4, and 0 -> 2 (a leaf)
     assert branch_depth(parents, depths, 2) == 1  # reached a leaf: the whole branch was accepted
     assert branch_depth(parents, depths, 1) == 3
     assert branch_depth(parents, depths, 0) == 3
-    alpha, config = [0.4], TreeConfig(min_alpha=0.01)
-    speculative_module._update_alpha(alpha, 0, 1, branch_depth(parents, depths, 2), config)
-    assert alpha == [0.2]  # halved
-    speculative_module._update_alpha(alpha, 0, 1, branch_depth(parents, depths, 1), config)
-    assert alpha == [pytest.approx(2 / 3)]  # the rejected fraction of a depth-3 branch
+    alpha, config = 0.4, TreeConfig(min_alpha=0.01)
+    alpha = next_alpha(alpha, 1, branch_depth(parents, depths, 2), config)
+    assert alpha == 0.2  # halved
+    alpha = next_alpha(alpha, 1, branch_depth(parents, depths, 1), config)
+    assert alpha == pytest.approx(2 / 3)  # the rejected fraction of a depth-3 branch
 
 
 def test_history_keeping_processor_is_refused():
@@ -296,3 +296,27 @@ def test_pads_with_eos_when_there_is_no_pad_token():
                           do_sample=False, eos_token_id=eos, tree_config=TreeConfig(max_depth=6, top_k=2))
     assert torch.equal(out, plain)
     assert (out[1, 5 + 7:] == eos).all()
+
+
+def test_prefix_constrained_processor_sees_each_rows_batch_id():
+    """prefix_allowed_tokens_fn is called with the batch id of the row each tree node belongs to."""
+    target = sharpened(tiny_model("llama", seed=1), 4.0)
+    draft = sharpened(tiny_model("llama", seed=2, layers=1), 4.0)
+    allowed = [list(range(3, 50)), list(range(50, VOCAB))]
+    kwargs = dict(max_new_tokens=12, do_sample=False, prefix_allowed_tokens_fn=lambda batch_id, ids: allowed[batch_id])
+    inputs = prompts(2, 6, seed=5)
+    plain = target.generate(**inputs, pad_token_id=0, **kwargs)
+    assert all(set(plain[row, 6:].tolist()) <= set(allowed[row]) for row in range(2))
+    out = speculate(target, inputs, draft, TreeConfig(max_depth=4, top_k=3, max_nodes=10), **kwargs)
+    assert torch.equal(out, plain)
+
+
+def test_cache_is_passed_by_the_forwards_own_keyword():
+    """transformers 5.2x renamed past_key_values to cache (the old name goes in 5.40): no deprecation."""
+    import warnings
+
+    target = tiny_model("llama", seed=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        speculate(target, prompts(2, 6), target, TreeConfig(max_depth=3, top_k=2), max_new_tokens=6, do_sample=False)
+    assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]

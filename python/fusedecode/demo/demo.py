@@ -5,9 +5,11 @@ arithmetic model (or any local checkpoint trained on the same task format).
    red: uncertain), with each sequence's self-certainty.
 2. Best-of-N on held-out problems: N samples per problem; accuracy of a single sample, of the
    majority vote, and of self-certainty Borda voting (Kang et al.).
-3. SRGen corrective decoding against plain sampling on the same problems and seeds: accuracy,
+3. DeepConf online: per problem, warm-up traces calibrate a confidence threshold, then more traces
+   are sampled with early stop and the survivors vote, against majority vote at the same budget.
+4. SRGen corrective decoding against plain sampling on the same problems and seeds: accuracy,
    corrections made and the entropy they removed.
-4. Speculative decoding with the draft model: plain greedy decoding, HF assisted generation and
+5. Speculative decoding with the draft model: plain greedy decoding, HF assisted generation and
    fusedecode tree speculation, compared by target forward passes and tokens per forward.
 
 ``--html PATH`` writes the same view as a self-contained HTML page.
@@ -21,10 +23,10 @@ import time
 
 import torch
 
-from . import arithmetic, best_of_n, bundled_model_path
-from .processors import UncertaintyProcessor
-from .srgen import SRGenConfig, srgen
-from .tree_speculative import TreeConfig, tree_speculative
+from ..confidence import best_of_n, confidence_threshold, deepconf_vote, lowest_group_confidence, majority_vote
+from ..hf import (ConfidenceStopping, SRGenConfig, TreeConfig, UncertaintyProcessor, bundled_model_path, srgen,
+                  tree_speculative)
+from . import arithmetic
 
 
 def entropy_rgb(entropy, scale):
@@ -195,12 +197,92 @@ def speculation_table(model, draft, tokenizer, problems, html_parts, config=None
     return {name: value[1] for name, value in results.items()}
 
 
-# The bundled model's step entropies at temperature 0.6 almost never reach SRGen's default floors
-# (1.8 and 3.0 nats), so the demo shows a trigger tuned to it (benchmarks/eval_srgen.py has both).
+# The bundled model's step entropies at temperature 0.6 almost never reach the floors of SRGen's
+# defaults (std 0.5, thresholds 1.8 and 3.0 nats): with the official trigger rule the defaults make no
+# correction in 900 samples (benchmarks/eval_srgen.py), so the demo shows a trigger tuned to it.
 DEMO_SRGEN = SRGenConfig(window=10, k=2.0, min_std=0.1, min_threshold=0.3, warmup_threshold=0.3)
 
+# DeepConf on the bundled model: the paper's 16 warm-up traces and top-20 confidence; its 2048-token
+# groups are longer than these 20-45-token answers, so groups here are 8 tokens (about one digit step).
+DEEPCONF_WARMUP, DEEPCONF_FINAL, DEEPCONF_WINDOW, DEEPCONF_TOPK = 16, 16, 8, 20
 
-def srgen_table(model, tokenizer, problems, html_parts, temperature=0.6, batch_problems=50, seed=0):
+
+def sample_traces(model, tokenizer, problems, count, temperature, stopper=None):
+    """``count`` sampled traces per problem (rows grouped by problem): answers, each trace's real-token
+    topk_confidence, tokens generated, and which traces ``stopper`` stopped early."""
+    enc = tokenizer([arithmetic.prompt_text(a, b) for a, b in problems], return_tensors="pt", padding=True)
+    processor = stopper.processor if stopper is not None else UncertaintyProcessor(topk=DEEPCONF_TOPK)
+    out = model.generate(**enc, max_new_tokens=60, do_sample=True, temperature=temperature, top_k=0,
+                         num_return_sequences=count, pad_token_id=tokenizer.pad_token_id, logits_processor=[processor],
+                         stopping_criteria=[stopper] if stopper is not None else None)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    confidences = processor.traces("topk_confidence", out, tokenizer.eos_token_id)
+    stopped = stopper.stopped.tolist() if stopper is not None else [False] * len(texts)
+    return [arithmetic.extract_answer(t) for t in texts], confidences, sum(map(len, confidences)), stopped
+
+
+def deepconf_table(model, tokenizer, problems, temperature, html_parts, seed):
+    """DeepConf online (Fu et al. 2025) against majority vote (``deepconf_runs``): accuracy, tokens
+    generated and traces stopped early, printed and added to ``html_parts``."""
+    started = time.time()
+    rows = deepconf_runs(model, tokenizer, problems, temperature, seed)
+    seconds = time.time() - started
+    count, final = len(problems), len(problems) * DEEPCONF_FINAL
+    print(f"DeepConf online, {count} problems at temperature {temperature} ({seconds:.1f} s): per problem, "
+          f"{DEEPCONF_WARMUP} warm-up traces set the\nthreshold (a percentile of their lowest "
+          f"{DEEPCONF_WINDOW}-token group confidence, top-{DEEPCONF_TOPK}); {DEEPCONF_FINAL} more traces stop "
+          "early (EOS) below it;\nthe traces at or above it vote, weighted by that confidence:\n")
+    print(f"  {'method':<32} {'accuracy':>9} {'tokens generated':>17} {'traces stopped':>15}")
+    html_rows = []
+    for name, (correct, tokens, stopped) in rows.items():
+        stops = f"{stopped}/{final}" if stopped or "DeepConf" in name else "-"
+        print(f"  {name:<32} {100 * correct / count:8.1f}% {tokens:>17} {stops:>15}")
+        html_rows.append(f"<tr><td>{html.escape(name)}</td><td>{100 * correct / count:.1f}%</td><td>{tokens}</td>"
+                         f"<td>{stops}</td></tr>")
+    print()
+    html_parts.append(f"<h2>DeepConf online ({count} problems, temperature {temperature})</h2><table><tr>"
+                      "<th>method</th><th>accuracy</th><th>tokens generated</th><th>traces stopped</th></tr>"
+                      + "".join(html_rows) + "</table>")
+    return {name: correct / count for name, (correct, _, _) in rows.items()}
+
+
+def deepconf_runs(model, tokenizer, problems, temperature, seed):
+    """DeepConf online per problem: calibrate on warm-up traces (threshold = a percentile of their
+    lowest group confidence), sample more traces that stop once their group confidence falls below
+    it (the stopping token is EOS), vote among the traces that reach the threshold, weighted by their
+    lowest group confidence. Against majority vote over as many plain traces as DeepConf's budget.
+    Returns, per method, (problems answered right, tokens generated, traces stopped early)."""
+    torch.manual_seed(seed)
+    warm_answers, warm_confidences, warm_tokens, _ = sample_traces(model, tokenizer, problems, DEEPCONF_WARMUP,
+                                                                   temperature)
+    warm_lowest = [lowest_group_confidence(c, DEEPCONF_WINDOW) for c in warm_confidences]
+
+    def per_problem(values, size):
+        return [values[i * size:(i + 1) * size] for i in range(len(problems))]
+
+    rows = {}
+    plain_answers, _, plain_tokens, _ = sample_traces(model, tokenizer, problems, DEEPCONF_FINAL, temperature)
+    correct = sum(majority_vote(w + f)[0] == a + b for w, f, (a, b) in
+                  zip(per_problem(warm_answers, DEEPCONF_WARMUP), per_problem(plain_answers, DEEPCONF_FINAL), problems))
+    rows[f"majority vote, {DEEPCONF_WARMUP + DEEPCONF_FINAL} traces"] = (correct, warm_tokens + plain_tokens, 0)
+    for name, keep in (("DeepConf-low (keep top 10%)", 10), ("DeepConf-high (keep top 90%)", 90)):
+        thresholds = [confidence_threshold(group, keep_percent=keep)
+                      for group in per_problem(warm_lowest, DEEPCONF_WARMUP)]
+        stopper = ConfidenceStopping(window=DEEPCONF_WINDOW, threshold=torch.tensor(thresholds).repeat_interleave(
+            DEEPCONF_FINAL), topk=DEEPCONF_TOPK, eos_token_id=tokenizer.eos_token_id)
+        answers, confidences, tokens, stopped = sample_traces(model, tokenizer, problems, DEEPCONF_FINAL, temperature,
+                                                              stopper)
+        lowest = [lowest_group_confidence(c, DEEPCONF_WINDOW) for c in confidences]
+        correct = 0
+        for i, (a, b) in enumerate(problems):
+            votes = (per_problem(warm_answers, DEEPCONF_WARMUP)[i] + per_problem(answers, DEEPCONF_FINAL)[i],
+                     per_problem(warm_lowest, DEEPCONF_WARMUP)[i] + per_problem(lowest, DEEPCONF_FINAL)[i])
+            correct += deepconf_vote(*votes, thresholds[i])[0] == a + b
+        rows[name] = (correct, warm_tokens + tokens, sum(stopped))
+    return rows
+
+
+def srgen_table(model, tokenizer, problems, html_parts, temperature=0.6, batch_problems=100, seed=0):
     """Sampling accuracy with and without SRGen corrections on the same problems and seeds, with the
     number of corrections and the entropy they removed."""
     results = {}
@@ -255,6 +337,7 @@ def main(argv=None):
                         "(default: the bundled draft with the bundled target, none with --model)")
     parser.add_argument("--speculate", type=int, default=10, help="problems decoded speculatively (0: skip)")
     parser.add_argument("--srgen", type=int, default=100, help="problems for the SRGen comparison (0: skip)")
+    parser.add_argument("--deepconf", type=int, default=16, help="problems for DeepConf online (0: skip)")
     parser.add_argument("--problems", type=int, default=100, help="held-out problems for Best-of-N")
     parser.add_argument("--n", type=int, default=8, help="samples per problem")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -267,12 +350,14 @@ def main(argv=None):
     path = args.model or bundled_model_path("target")
     model, tokenizer = load(path)
     print(f"fusedecode demo: {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)\n")
-    problems = arithmetic.evaluation_problems(args.problems + args.show)
-    shown = random.Random(args.seed).sample(problems[args.problems:], args.show)
+    problems = arithmetic.evaluation_problems(args.problems + args.show + args.deepconf)
+    shown = random.Random(args.seed).sample(problems[args.problems:args.problems + args.show], args.show)
     parts = []
     if shown:
         show_problems(model, tokenizer, shown, args.scale, parts)
     best_of_n_table(model, tokenizer, problems[:args.problems], args.n, args.temperature, 25, parts, args.seed)
+    if args.deepconf > 0:
+        deepconf_table(model, tokenizer, problems[args.problems + args.show:], args.temperature, parts, args.seed)
     if args.srgen > 0:
         srgen_table(model, tokenizer, problems[:args.srgen], parts, seed=args.seed)
     draft_path = args.draft or (bundled_model_path("draft") if args.model is None else None)

@@ -1,0 +1,683 @@
+"""Hostile inputs on every backend: exact numerics at the edges of float32, memory-safe
+``validate=False``, and argument checks that name the argument.
+
+Every finite logit is a token, however negative (-1e20 and ``torch.finfo(torch.float32).min`` are
+common masking idioms); magnitudes up to the float32 range, tiny and huge temperatures and
+per-row temperature tensors must come out within the documented tolerance of the float64
+reference, which is itself checked here against values known in closed form. The CUDA parameters
+(marked ``cuda``) run the same cases on a GPU.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fusedecode
+from fusedecode import tree as fdtree
+from fusedecode.reference import logit_stats_reference
+from helpers import BACKEND_CASES, assert_close_to_reference, require_backend
+
+F32 = torch.finfo(torch.float32)
+F16 = torch.finfo(torch.float16)
+BF16 = torch.finfo(torch.bfloat16)
+
+
+@pytest.fixture(params=BACKEND_CASES)
+def target(request):
+    device, backend = request.param
+    require_backend(device, backend)
+    return device, backend
+
+
+def to_device(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+# ------------------------------------------------------------------------------------------------
+# logit_stats: adversarial rows against the float64 reference
+
+
+def _randn(shape, generator, scale=3.0):
+    return torch.randn(shape, generator=generator, dtype=torch.float64).mul(scale).float()
+
+
+def case_far_negative(generator, far):
+    """Far entries after the max, before it (a rescale from a far running max), interleaved, and
+    spread across chunks and slices."""
+    x = _randn((4, 5000), generator)
+    x[0, 100:] = far
+    x[1, :4900] = far
+    x[2, ::2] = far
+    x[3, 1000:4000] = far
+    return dict(logits=x, token_ids=torch.tensor([5, 4950, 0, 2000]), topk=5)
+
+
+def case_only_one_finite_like(generator):
+    """All entries finfo.min but one (at the start, middle, end), and a row of finfo.min only."""
+    x = torch.full((4, 5000), F32.min)
+    x[0, 0] = 0.0
+    x[1, 2500] = -7.5
+    x[2, 4999] = 12.0
+    return dict(logits=x, token_ids=torch.tensor([0, 7, 4999, 3]), topk=64)
+
+
+def case_near_float_max(generator):
+    """100 entries at 3.4e38 (self_certainty 0, topk_confidence log 100), finfo.max, and rows mixing
+    +-finfo.max, whose differences overflow float32 while mean(z) - max z still fits (70/30, 60/40)
+    or does not (20/80: self_certainty is +inf in float32 too)."""
+    rows = [torch.full((100,), 3.4e38), torch.full((100,), F32.max)]
+    for share_max in (70, 60, 20):
+        row = torch.full((100,), F32.min)
+        row[torch.randperm(100, generator=generator)[:share_max]] = F32.max
+        rows.append(row)
+    logits = torch.stack(rows)
+    far = [int(torch.nonzero(row == F32.min)[0]) for row in rows[2:]]
+    return dict(logits=logits, token_ids=torch.tensor([0, 99] + far), topk=5)
+
+
+def case_float_max_spread_temperatures(generator):
+    """Gaps of -FLT_MAX - FLT_MAX (overflowing float32) under temperatures above and below 1, where
+    the scaled gap is finite again (T = 30) or stays beyond the range (T = 0.5)."""
+    row = torch.tensor([F32.max, -3e38, 1.0, 65504.0, F32.max, F32.min, 0.0, -1e20, 3e38])
+    logits = torch.stack([row, row.flip(0), row, row.roll(3), row])
+    temperature = torch.tensor([30.0, 2.5, 1e30, 0.5, 3e38])
+    return dict(logits=logits, temperature=temperature, token_ids=torch.tensor([1, 2, 5, 0, 7]), topk=4)
+
+
+def case_mixed_1e30(generator):
+    x = _randn((3, 3000), generator)
+    signs = torch.where(torch.rand((3, 3000), generator=generator) < 0.5, -1.0, 1.0)
+    x[0] = signs[0] * 1e30
+    x[1, ::3] = signs[1, ::3] * 1e30
+    x[2, :] = -1e30
+    x[2, 1234] = 1e30
+    return dict(logits=x, token_ids=torch.tensor([0, 1, 1234]), topk=8)
+
+
+def case_large_offsets(generator):
+    """1e6 + noise (self_certainty and token_logprob as differences of large numbers)."""
+    x = _randn((4, 5000), generator, scale=1.0)
+    x[0] += 1e6
+    x[1] -= 1e6
+    x[2] = x[2] * 1e3 + 1e9
+    x[3] = x[3] * 1e24 + 1e30
+    return dict(logits=x, token_ids=torch.tensor([0, 17, 4999, 2]), topk=10)
+
+
+def case_ties_1e30(generator):
+    x = torch.zeros((3, 50))
+    x[0, :3] = 1e30
+    x[1] = 1e30
+    x[2, [4, 9]] = -1e30
+    x[2, [1, 2]] = 1e30
+    return dict(logits=x, token_ids=torch.tensor([0, 7, 1]), topk=3)
+
+
+def case_tiny_temperature(generator):
+    x = torch.tensor([[1.0, 1.0 + 1e-6, 1.0 - 1e-6, 0.0]] * 2)
+    return dict(logits=x, temperature=1e-6, token_ids=torch.tensor([0, 2]), topk=2)
+
+
+def case_temperature_extremes(generator):
+    """One row per temperature near the edges of the float32 range, with ordinary and far logits."""
+    x = _randn((6, 700), generator)
+    x[1, 350:] = -1e20
+    x[4] *= 1e30
+    x[5, :10] = F32.max
+    temperature = torch.tensor([3.5e-39, 1e-38, 1e-6, 1e30, 3e38, 0.5])
+    return dict(logits=x, temperature=temperature, token_ids=torch.tensor([0, 351, 5, 6, 7, 11]), topk=4)
+
+
+def case_float64_temperature_rows(generator):
+    x = _randn((3, 2, 900), generator)
+    x[0, 1, 300:] = F32.min
+    x[2, 0] += 1e6
+    temperature = torch.tensor([[1e-30, 1.0], [2.5, 1e20], [1e-3, 7.0]], dtype=torch.float64)
+    return dict(logits=x, temperature=temperature, topk=6)
+
+
+def case_subnormal(generator):
+    x = _randn((3, 2000), generator, scale=1e-40)  # float32 subnormals
+    x[2, 1000:] = -1e20
+    return dict(logits=x, temperature=torch.tensor([1.0, 1e-38, 3e-39]), token_ids=torch.tensor([3, 4, 5]),
+                topk=7)
+
+
+def case_fp16_extremes(generator):
+    x = _randn((3, 4000), generator).half()
+    x[0, ::7] = -F16.max
+    x[1, :] = F16.max
+    x[1, 100:200] = -F16.max
+    x[2, 5] = F16.max
+    x[2, 6] = -F16.max
+    return dict(logits=x, token_ids=torch.tensor([0, 150, 6]), topk=9)
+
+
+def case_bf16_extremes(generator):
+    x = _randn((3, 4000), generator).bfloat16()
+    x[0, 10:] = BF16.min
+    x[1, ::2] = BF16.max
+    x[1, 1::2] = BF16.min
+    x[2] = x[2] * 1e30
+    return dict(logits=x, token_ids=torch.tensor([10, 1, 3]), topk=64)
+
+
+def case_single_entry_rows(generator):
+    x = torch.tensor([[F32.min], [F32.max], [1e-45], [-1e20], [0.0]])
+    return dict(logits=x, token_ids=torch.zeros(5, dtype=torch.int64), topk=64)
+
+
+def case_few_finite_topk(generator):
+    """topk larger than the number of finite entries, which are far apart."""
+    x = torch.full((3, 3000), -math.inf)
+    x[0, [3, 10]] = torch.tensor([-1e20, 5.0])
+    x[1, [0, 2999, 1500]] = torch.tensor([F32.min, F32.max, 0.0])
+    x[2, 7] = 1e30
+    return dict(logits=x, token_ids=torch.tensor([3, 1500, 8]), topk=64)
+
+
+def case_split_vocab(generator):
+    """Long rows read in several slices (threads / CTAs / programs): the max in a late slice after
+    far slices, far slices after it, finfo.min blocks between."""
+    vocab = 70000
+    x = _randn((2, vocab), generator)
+    x[0, :40000] = -1e20
+    x[0, 60000:] = F32.min
+    x[1, 20000:] = F32.min
+    x[1, 50000] = 30.0
+    return dict(logits=x, token_ids=torch.tensor([100, 50000]), topk=16)
+
+
+def case_split_vocab_one_row(generator):
+    """One long row: the cpp backend splits it across threads, the GPU across CTAs / programs."""
+    x = _randn((1, 70000), generator)
+    x[0, :30000] = F32.min
+    x[0, 30000:45000] = -1e20
+    x[0, 69000:] = F32.min
+    return dict(logits=x, token_ids=torch.tensor([12]), topk=8)
+
+
+LOGIT_CASES = {
+    "far_-1e20": lambda g: case_far_negative(g, -1e20),
+    "far_finfo_min": lambda g: case_far_negative(g, F32.min),
+    "far_-1e38": lambda g: case_far_negative(g, -1e38),
+    "one_finite_among_finfo_min": case_only_one_finite_like,
+    "near_float_max": case_near_float_max,
+    "float_max_spread_temperatures": case_float_max_spread_temperatures,
+    "mixed_1e30": case_mixed_1e30,
+    "large_offsets": case_large_offsets,
+    "ties_1e30": case_ties_1e30,
+    "tiny_temperature": case_tiny_temperature,
+    "temperature_extremes": case_temperature_extremes,
+    "float64_temperature_rows": case_float64_temperature_rows,
+    "subnormal": case_subnormal,
+    "fp16_extremes": case_fp16_extremes,
+    "bf16_extremes": case_bf16_extremes,
+    "single_entry_rows": case_single_entry_rows,
+    "few_finite_topk": case_few_finite_topk,
+    "split_vocab": case_split_vocab,
+    "split_vocab_one_row": case_split_vocab_one_row,
+}
+
+
+@pytest.mark.parametrize("case", list(LOGIT_CASES))
+def test_adversarial_rows(target, case, generator):
+    device, backend = target
+    args = LOGIT_CASES[case](generator)
+    args = {k: to_device(v, device) for k, v in args.items()}
+    logits = args.pop("logits")
+    stats = fusedecode.logit_stats(logits, backend=backend, **args)
+    assert_close_to_reference(stats, logits, context=f"[{case} backend={backend}]", **args)
+    # Every row here has a finite entry and no NaN/+inf: nothing may come out NaN.
+    for field in ("entropy", "varentropy", "self_certainty", "max_logprob", "topk_confidence"):
+        assert not torch.isnan(getattr(stats, field)).any(), f"{field} has NaN [{case}]"
+
+
+@pytest.mark.parametrize("case", ["far_-1e20", "far_finfo_min", "one_finite_among_finfo_min", "split_vocab",
+                                  "large_offsets"])
+def test_adversarial_rows_without_token_or_topk(target, case, generator):
+    # The plain path (no token, no top-k) has its own kernels on some backends.
+    device, backend = target
+    logits = LOGIT_CASES[case](generator)["logits"].to(device)
+    stats = fusedecode.logit_stats(logits, backend=backend)
+    assert_close_to_reference(stats, logits, context=f"[{case} backend={backend}]")
+
+
+def test_triton_launch_paths_on_adversarial_rows(generator):
+    # One program per row, and vocabulary slices merged afterwards, on the same hostile rows.
+    require_backend("cpu", "triton")
+    from fusedecode.triton_kernels.logit_stats import logit_stats_triton
+
+    for case in ("far_finfo_min", "near_float_max", "mixed_1e30", "temperature_extremes"):
+        args = LOGIT_CASES[case](generator)
+        logits = args["logits"]
+        rows = logits.shape[0]
+        temperature = args.get("temperature", 1.0)
+        per_row = temperature.float() if isinstance(temperature, torch.Tensor) else None
+        for splits in (1, 3):
+            out = logit_stats_triton(logits.view(1, rows, -1), per_row, float(temperature) if per_row is None else 1.0,
+                                     args["token_ids"], args["topk"], splits=splits)
+            stats = fusedecode.LogitStats(*(t.reshape(rows) for t in out))
+            assert_close_to_reference(stats, logits, temperature=temperature, token_ids=args["token_ids"],
+                                      topk=args["topk"], context=f"[{case} splits={splits}]")
+
+
+# ------------------------------------------------------------------------------------------------
+# The oracle itself: closed-form values the float64 reference (and every backend) must reproduce
+
+
+def test_float_max_ties_closed_form(target):
+    device, backend = target
+    logits = torch.full((1, 100), 3.4e38, device=device)
+    stats = fusedecode.logit_stats(logits, topk=5, token_ids=torch.tensor([7], device=device), backend=backend)
+    assert stats.self_certainty.item() == pytest.approx(0.0, abs=1e-5)
+    assert stats.topk_confidence.item() == pytest.approx(math.log(100), rel=1e-5)
+    assert stats.entropy.item() == pytest.approx(math.log(100), rel=1e-5)
+    assert stats.varentropy.item() == pytest.approx(0.0, abs=1e-5)
+    assert stats.token_logprob.item() == pytest.approx(-math.log(100), rel=1e-5)
+    assert stats.logsumexp.item() == pytest.approx(float(torch.tensor(3.4e38)), rel=1e-6)
+
+
+def test_ties_1e30_closed_form(target):
+    device, backend = target
+    logits = torch.zeros((1, 50), device=device)
+    logits[0, :3] = 1e30  # the rest is infinitely less likely
+    stats = fusedecode.logit_stats(logits, topk=3, token_ids=torch.tensor([1], device=device), backend=backend,
+                                   temperature=1e-6)
+    assert stats.entropy.item() == pytest.approx(math.log(3), rel=1e-5)
+    assert stats.token_logprob.item() == pytest.approx(-math.log(3), rel=1e-5)
+    assert stats.topk_confidence.item() == pytest.approx(math.log(3), rel=1e-5)
+    assert stats.max_logprob.item() == pytest.approx(-math.log(3), rel=1e-5)
+    # self_certainty = log(3 / 50) + (1e30 - mean z) = 47/50 * 1e36 (z = x / 1e-6)
+    assert stats.self_certainty.item() == pytest.approx(47 / 50 * 1e36, rel=1e-5)
+
+
+def test_far_entries_weigh_exactly_nothing(target, generator):
+    # A row with far entries has the statistics of its near part (plus the far entries' share of
+    # the uniform mean in self_certainty): compare with the near part alone.
+    device, backend = target
+    near = _randn((1, 100), generator)
+    for far in (-1e20, F32.min):
+        logits = torch.cat([near, torch.full((1, 4900), far)], dim=1).to(device)
+        stats = fusedecode.logit_stats(logits, backend=backend, topk=4)
+        alone = logit_stats_reference(near.double(), topk=4, dtype=torch.float64)
+        for field in ("logsumexp", "entropy", "varentropy", "max_logprob", "topk_confidence"):
+            want = getattr(alone, field).item()
+            assert getattr(stats, field).item() == pytest.approx(want, rel=1e-4, abs=1e-5), (field, far)
+
+
+def test_offset_invariance(target, generator):
+    # logit_stats(x + c) = logit_stats(x) for every field but logsumexp (which moves by c).
+    device, backend = target
+    base = torch.randn((3, 3000), generator=generator, dtype=torch.float64)
+    for offset in (1e6, -1e6, 2.0**40):
+        shifted = (base + offset).float()
+        exact = shifted.double() - offset  # exact in float64: the same rows, small magnitudes
+        want = logit_stats_reference(exact, token_ids=torch.tensor([0, 1, 2]), topk=5, dtype=torch.float64)
+        got = fusedecode.logit_stats(shifted.to(device), token_ids=torch.tensor([0, 1, 2], device=device), topk=5,
+                                     backend=backend)
+        for field in ("entropy", "varentropy", "self_certainty", "max_logprob", "token_logprob", "topk_confidence"):
+            torch.testing.assert_close(getattr(got, field).cpu().double(), getattr(want, field), rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"{field} at offset {offset}: {m}")
+        torch.testing.assert_close(got.logsumexp.cpu().double(), want.logsumexp + offset, rtol=1e-6, atol=1e-5)
+
+
+def test_tiny_temperature_known_values(target):
+    # z = x / 1e-6 on [1, 1 + 1e-6, 1 - 1e-6, 0] (float32-rounded): a softmax over the rounded gaps.
+    device, backend = target
+    x = torch.tensor([[1.0, 1.0 + 1e-6, 1.0 - 1e-6, 0.0]])
+    gaps = [(v - x[0, 1].item()) / 1e-6 for v in x[0].tolist()]
+    log_s = math.log(math.fsum(math.exp(g) for g in gaps))
+    stats = fusedecode.logit_stats(x.to(device), temperature=1e-6, token_ids=torch.tensor([0], device=device),
+                                   topk=2, backend=backend)
+    assert stats.token_logprob.item() == pytest.approx(gaps[0] - log_s, rel=1e-5)
+    assert stats.max_logprob.item() == pytest.approx(-log_s, rel=1e-5)
+    top2 = sorted(gaps, reverse=True)[:2]
+    assert stats.topk_confidence.item() == pytest.approx(log_s - sum(top2) / 2, rel=1e-5)
+    assert stats.self_certainty.item() == pytest.approx(log_s - sum(gaps) / 4 - math.log(4), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# verify_tree on hostile rows
+
+
+def test_verify_tree_stats_on_adversarial_rows(target, generator):
+    device, backend = target
+    vocab = 9000  # three 4096-token slices in the statistics pass
+    logits = _randn((2, 3, vocab), generator)
+    logits[0, 0, 100:] = -1e20
+    logits[0, 1, :8000] = F32.min
+    logits[0, 2] += 1e6
+    logits[1, 0] = F32.max
+    logits[1, 1, ::2] = F32.min
+    logits[1, 2] *= 1e30
+    tokens = torch.tensor([[0, 5, 6], [0, 7, 8]])
+    parents = torch.tensor([-1, 0, 1])
+    for temperature, seed in ((0.0, None), (0.7, 3), (1e-30, 4)):
+        out = fusedecode.verify_tree(logits.to(device), tokens.to(device), parents.to(device), temperature=temperature,
+                                     seed=seed, backend=backend)
+        assert_close_to_reference(out.stats, logits, temperature=temperature if temperature > 0 else 1.0,
+                                  context=f"[verify_tree T={temperature} backend={backend}]")
+        check_walk_invariants(out, logits, tokens, parents)
+
+
+def test_verify_tree_sampling_never_emits_far_tokens(target):
+    # Far entries have probability exactly 0 at any temperature; at a tiny temperature sampling is
+    # greedy, even where z = x / T overflows float32.
+    device, backend = target
+    vocab = 6000
+    logits = torch.full((4, 2, vocab), F32.min)
+    logits[:, :, 4321] = 3.0
+    logits[:, :, 17] = 2.0
+    logits[2, :, :3000] = -1e20
+    logits[3] *= 0.5
+    tokens = torch.tensor([[0, 4321]] * 4)
+    parents = torch.tensor([-1, 0])
+    for temperature in (1.0, 1e-6, 1e-30):
+        out = fusedecode.verify_tree(logits.to(device), tokens.to(device), parents.to(device), temperature=temperature,
+                                     seed=torch.arange(4).to(device), backend=backend)
+        emitted = out.output_tokens.cpu()
+        assert torch.isin(emitted, torch.tensor([17, 4321, -1])).all(), (temperature, emitted)
+        if temperature < 1e-5:
+            assert out.num_accepted.tolist() == [1, 1, 1, 1]
+            assert emitted.tolist() == [[4321, 4321]] * 4
+
+
+def test_verify_tree_multi_draft_accepts_a_sure_token_at_extreme_magnitudes(target):
+    # p(7) = 1 and q(7) = 1/2: the child drafting 7 is accepted with probability min(1, p/q) = 1,
+    # also where z = x / T overflows float32 or x sits on a large offset.
+    device, backend = target
+    vocab = 300
+    logits = torch.full((3, 2, vocab), F32.min)
+    logits[0, :, 7] = 50.0
+    logits[1] = torch.linspace(-10, 10, vocab) + 1e6
+    logits[1, :, 7] = 1e6 + 50
+    logits[2] = torch.linspace(-1e30, 1e30, vocab)
+    logits[2, :, 7] = 5e31
+    probs = torch.full((3, 2, vocab), 0.5 / (vocab - 1))
+    probs[:, :, 7] = 0.5
+    tokens = torch.tensor([[0, 7]] * 3)
+    parents = torch.tensor([-1, 0])
+    out = fusedecode.verify_tree(logits.to(device), tokens.to(device), parents.to(device), temperature=1e-8,
+                                 draft_probs=probs.to(device), seed=torch.arange(3).to(device), backend=backend)
+    assert out.num_accepted.tolist() == [1, 1, 1]
+    assert out.output_tokens.tolist() == [[7, 7]] * 3
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e7])
+def test_verify_tree_multi_draft_lossless_at_large_offset(target, offset):
+    # SpecInfer's acceptance ratio p(x) / q(x) from logits at 1e7 (float32 spacing 1): computed as
+    # exp(z_x - logsumexp) it is off by up to exp(0.5) (logsumexp rounds to an integer there); the
+    # first emitted token must still follow p = softmax(logits / T) of the float32 logits exactly.
+    from test_verify_tree import chi_square_pvalue, interpreted
+
+    device, backend = target
+    batch = 300 if interpreted(target) else 4000
+    vocab, temperature = 5, 1.0
+    row = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]) + offset
+    logits = row.expand(batch, 3, vocab).contiguous()
+    q = torch.tensor([0.4, 0.3, 0.1, 0.1, 0.1])
+    probs = q.expand(batch, 3, vocab).contiguous()
+    generator = torch.Generator().manual_seed(17)
+    tokens = torch.zeros((batch, 3), dtype=torch.int64)
+    tokens[:, 1:] = torch.multinomial(q, batch * 2, replacement=True, generator=generator).view(batch, 2)
+    parents = torch.tensor([-1, 0, 0])
+    out = fusedecode.verify_tree(logits.to(device), tokens.to(device), parents.to(device), temperature=temperature,
+                                 draft_probs=probs.to(device), seed=torch.arange(batch).to(device) * 7 + 1,
+                                 backend=backend)
+    first = out.output_tokens[:, 0].cpu()
+    p = torch.softmax((row.double() - row.double().max()) / temperature, -1)
+    assert chi_square_pvalue(torch.bincount(first, minlength=vocab), p) > 1e-3
+
+
+def test_verify_tree_empty_batch(target):
+    device, backend = target
+    for temperature, probs in ((0.0, None), (0.8, None), (0.8, torch.zeros(0, 3, 10))):
+        out = fusedecode.verify_tree(torch.zeros(0, 3, 10, device=device), torch.zeros(0, 3, dtype=torch.int64,
+                                                                                       device=device),
+                                     torch.tensor([-1, 0, 1], device=device), temperature=temperature,
+                                     draft_probs=to_device(probs, device), backend=backend)
+        assert out.num_accepted.shape == (0,)
+        assert out.accepted_nodes.shape[0] == 0 and out.output_tokens.shape[0] == 0
+        assert out.stats.entropy.shape == (0, 3) and out.stats.argmax.shape == (0, 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# validate=False: invalid trees and tokens are memory-safe and never accepted
+
+
+def reachable(parents_row):
+    """The walk's rule for an invalid tree: node c is a child of r only when parents[c] == r < c, so
+    a node with an out-of-range or later parent is unreachable, and so is everything below it."""
+    nodes = len(parents_row)
+    ok = [False] * nodes
+    ok[0] = True
+    for c in range(1, nodes):
+        p = int(parents_row[c])
+        ok[c] = 0 <= p < c and ok[p]
+    return ok
+
+
+def check_walk_invariants(out, logits, tokens, parents, draft_tokens_valid_range=None):
+    """What verify_tree guarantees for any input, valid or not."""
+    batch, nodes, vocab = logits.shape
+    parents = parents.cpu().to(torch.int64).expand(batch, nodes)
+    tokens = tokens.cpu()
+    num, accepted, emitted = out.num_accepted.cpu(), out.accepted_nodes.cpu(), out.output_tokens.cpu()
+    width = accepted.shape[1]
+    assert emitted.shape == (batch, width) and num.shape == (batch,)
+    row_valid = out.stats.argmax.cpu() >= 0
+    for b in range(batch):
+        count = int(num[b])
+        assert 0 <= count < width
+        path = accepted[b, :count + 1].tolist()
+        assert path[0] == 0
+        assert (accepted[b, count + 1:] == -1).all() and (emitted[b, count + 1:] == -1).all()
+        for i in range(count):
+            parent, child = path[i], path[i + 1]
+            assert parent < child < nodes and int(parents[b, child]) == parent, (b, path)
+            token = int(tokens[b, child])
+            assert 0 <= token < vocab, f"row {b}: accepted token {token} outside [0, {vocab})"
+            assert int(emitted[b, i]) == token
+        last = int(emitted[b, count])
+        if row_valid[b, path[-1]]:
+            assert 0 <= last < vocab, f"row {b}: emitted {last}"
+        else:
+            assert last == -1
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample", "multi_draft"])
+def test_validate_false_fuzz_never_crashes(target, mode, generator):
+    device, backend = target
+    trials = 3 if backend == "triton" and device == "cpu" else 12
+    for _ in range(trials):
+        batch = int(torch.randint(1, 5, (), generator=generator))
+        nodes = int(torch.randint(1, 12, (), generator=generator))
+        vocab = int(torch.randint(1, 300, (), generator=generator))
+        logits = _randn((batch, nodes, vocab), generator)
+        logits[torch.rand(logits.shape, generator=generator) < 0.05] = -1e20
+        if torch.rand((), generator=generator) < 0.3:
+            logits[0, 0, 0] = math.nan
+        # Tokens mostly just outside [0, V) (the reads the walk must never make), a few far out.
+        tokens = torch.randint(-3, vocab + 40, (batch, nodes), generator=generator)
+        tokens[torch.rand(tokens.shape, generator=generator) < 0.15] = 10**7
+        tokens[torch.rand(tokens.shape, generator=generator) < 0.05] = -(2**62)
+        tokens[torch.rand(tokens.shape, generator=generator) < 0.05] = 2**62
+        # Make the target want some out-of-range tokens' in-range neighbours, and some valid ones.
+        parents = torch.randint(-5, nodes + 5, (batch, nodes), generator=generator)
+        parents[:, 1::2] = torch.randint(0, max(nodes, 1), (batch, nodes // 2), generator=generator)
+        if torch.rand((), generator=generator) < 0.5:
+            parents = parents[0]
+        kwargs = dict(temperature=0.0 if mode == "greedy" else 0.8, seed=int(torch.randint(0, 2**62, (),
+                                                                                          generator=generator)))
+        if mode == "multi_draft":
+            probs = torch.rand((batch, nodes, vocab), generator=generator)
+            probs[torch.rand(probs.shape, generator=generator) < 0.1] = math.nan
+            probs[torch.rand(probs.shape, generator=generator) < 0.1] = -1.0
+            kwargs["draft_probs"] = probs.to(device)
+        out = fusedecode.verify_tree(logits.to(device), tokens.to(device), parents.to(device), validate=False,
+                                     backend=backend, **kwargs)
+        check_walk_invariants(out, logits, tokens, parents)
+        for b in range(batch):
+            path = out.accepted_nodes[b, :int(out.num_accepted[b]) + 1].tolist()
+            ok = reachable(parents if parents.dim() == 1 else parents[b])
+            assert all(ok[node] for node in path)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample", "multi_draft"])
+def test_validate_false_out_of_range_tokens_are_never_accepted(target, mode):
+    # The target wants token 3 everywhere; the drafts are 3 + V (and 3 - V): in range they would be
+    # accepted (the same token modulo V), so a walk that reads past the row would show it.
+    device, backend = target
+    vocab = 40
+    logits = torch.full((2, 4, vocab), -5.0)
+    logits[:, :, 3] = 20.0
+    probs = torch.full((2, 4, vocab), 1.0 / vocab)
+    tokens = torch.tensor([[0, 3 + vocab, 3 - vocab, 10**7], [0, 3 + 10**7, 3 + vocab, 3]])
+    parents = torch.tensor([-1, 0, 0, 0])
+    kwargs = dict(temperature=0.0 if mode == "greedy" else 0.5, seed=5)
+    if mode == "multi_draft":
+        kwargs["draft_probs"] = probs.to(device)
+    out = fusedecode.verify_tree(logits.to(device), tokens.to(device), parents.to(device), validate=False,
+                                 backend=backend, **kwargs)
+    check_walk_invariants(out, logits, tokens, parents)
+    assert out.num_accepted.tolist() == [0, 1]
+    assert out.output_tokens[0, 0].item() == 3 and out.accepted_nodes[1, 1].item() == 3
+
+
+@pytest.mark.parametrize("parents", [[-1, 0, 100, 0], [-1, 2, 1, 0], [5, -7, 0, 1], [-1, 1, 2, 3], [-1, -1, 0, 2]])
+def test_validate_false_invalid_parents(target, parents):
+    device, backend = target
+    vocab = 16
+    logits = torch.full((1, 4, vocab), -5.0)
+    logits[0, :, 9] = 10.0
+    tokens = torch.tensor([[0, 9, 9, 9]])
+    parents = torch.tensor(parents)
+    for temperature in (0.0, 0.6):
+        out = fusedecode.verify_tree(logits.to(device), tokens.to(device), parents.to(device), validate=False,
+                                     temperature=temperature, seed=1, backend=backend)
+        check_walk_invariants(out, logits, tokens, parents)
+        ok = reachable(parents)
+        path = out.accepted_nodes[0, :int(out.num_accepted[0]) + 1].tolist()
+        assert all(ok[node] for node in path)
+        # Greedy follows the first reachable child drafting 9 at every step.
+        if temperature == 0.0:
+            expected, node = [0], 0
+            while True:
+                nxt = next((c for c in range(node + 1, 4) if ok[c] and int(parents[c]) == node), None)
+                if nxt is None:
+                    break
+                expected.append(nxt)
+                node = nxt
+            assert path == expected
+
+
+# ------------------------------------------------------------------------------------------------
+# Argument checks: ValueError / TypeError naming the argument
+
+
+@pytest.mark.parametrize("temperature", [1e-50, 1e-39, 2.9e-39, 1e39, 3.5e38, -0.0, math.inf, -1e-30])
+def test_logit_stats_temperature_outside_float32(temperature):
+    logits = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="temperature"):
+        fusedecode.logit_stats(logits, temperature=temperature, backend="torch")
+    for dtype in (torch.float64, torch.float32):
+        rows = torch.tensor([1.0, temperature], dtype=dtype)
+        with pytest.raises(ValueError, match="temperature"):
+            fusedecode.logit_stats(logits, temperature=rows, backend="torch")
+
+
+@pytest.mark.parametrize("temperature", [3e-39, 3.5e-39, 1e-38, 3e38, 3.4e38])
+def test_logit_stats_temperature_edges_accepted(target, temperature, generator):
+    device, backend = target
+    logits = _randn((2, 300), generator).to(device)
+    for t in (temperature, torch.full((2,), temperature, dtype=torch.float64, device=device)):
+        stats = fusedecode.logit_stats(logits, temperature=t, backend=backend, topk=3)
+        assert_close_to_reference(stats, logits, temperature=t, topk=3, context=f"[T={temperature}]")
+
+
+@pytest.mark.parametrize("temperature", [1e-50, 1e-39, 1e39, -1.0, math.nan])
+def test_verify_tree_temperature_outside_float32(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        fusedecode.verify_tree(torch.zeros(1, 2, 5), torch.zeros(1, 2, dtype=torch.int64), torch.tensor([-1, 0]),
+                               temperature=temperature, backend="torch")
+
+
+def test_numpy_scalar_temperatures():
+    # NumPy floats (np.float32 is not a Python float) are numbers like any other; bools are not.
+    logits = torch.randn(2, 30, generator=torch.Generator().manual_seed(0))
+    want = fusedecode.logit_stats(logits, temperature=0.5, backend="torch")
+    got = fusedecode.logit_stats(logits, temperature=np.float32(0.5), backend="torch")
+    torch.testing.assert_close(got.entropy, want.entropy)
+    tree = (torch.randn(1, 2, 5), torch.zeros(1, 2, dtype=torch.int64), torch.tensor([-1, 0]))
+    fusedecode.verify_tree(*tree, temperature=np.float32(0.5), seed=1, backend="torch")
+    with pytest.raises(ValueError, match="temperature"):
+        fusedecode.logit_stats(logits, temperature=np.float32(1e-45), backend="torch")
+    with pytest.raises(ValueError, match="temperature"):
+        fusedecode.verify_tree(*tree, temperature=np.float64(1e-50), backend="torch")
+    with pytest.raises(TypeError, match="temperature"):
+        fusedecode.logit_stats(logits, temperature=np.True_, backend="torch")
+
+
+@pytest.mark.parametrize("seed", [np.int64(3), np.int32(3), np.uint64(3), np.uint8(3), 3])
+def test_numpy_integer_seeds(target, seed):
+    device, backend = target
+    logits = torch.randn(2, 3, 50, generator=torch.Generator().manual_seed(0)).to(device)
+    tokens = torch.zeros(2, 3, dtype=torch.int64, device=device)
+    parents = torch.tensor([-1, 0, 0], device=device)
+    got = fusedecode.verify_tree(logits, tokens, parents, temperature=1.0, seed=seed, backend=backend)
+    want = fusedecode.verify_tree(logits, tokens, parents, temperature=1.0, seed=3, backend=backend)
+    assert torch.equal(got.output_tokens, want.output_tokens)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**70, np.uint64(2**63), np.int64(-5), True, 1.0, "3",
+                                  np.float64(3.0)])
+def test_bad_seeds(seed):
+    with pytest.raises(ValueError, match="seed"):
+        fusedecode.verify_tree(torch.zeros(1, 2, 5), torch.zeros(1, 2, dtype=torch.int64), torch.tensor([-1, 0]),
+                               temperature=1.0, seed=seed, backend="torch")
+
+
+def test_largest_seed_accepted():
+    out = fusedecode.verify_tree(torch.zeros(1, 2, 5), torch.zeros(1, 2, dtype=torch.int64), torch.tensor([-1, 0]),
+                                 temperature=1.0, seed=2**63 - 1, backend="torch")
+    assert out.num_accepted.shape == (1,)
+
+
+INVALID_TREES = {
+    "cycle": [-1, 2, 1],
+    "self_parent": [-1, 1],
+    "parent_after_child": [-1, 2, 0],
+    "root_not_minus_one": [0, 0],
+    "parent_out_of_range": [-1, 0, 100],
+    "negative_parent": [-1, -3, 0],
+    "second_root": [-1, 0, -1],
+}
+TREE_HELPERS = {
+    "tree_attention_mask": fdtree.tree_attention_mask,
+    "tree_position_ids": lambda p: fdtree.tree_position_ids(p, start=3),
+    "tree_depths": fdtree.tree_depths,
+    "tree_to_next_sibling": fdtree.tree_to_next_sibling,
+}
+
+
+@pytest.mark.parametrize("helper", list(TREE_HELPERS))
+@pytest.mark.parametrize("tree", list(INVALID_TREES))
+def test_tree_helpers_refuse_invalid_trees(helper, tree):
+    parents = INVALID_TREES[tree]
+    with pytest.raises(ValueError, match="parents"):
+        TREE_HELPERS[helper](torch.tensor(parents))
+    # One bad row in a batch of trees is enough.
+    good = [-1] + [0] * (len(parents) - 1)
+    with pytest.raises(ValueError, match="parents"):
+        TREE_HELPERS[helper](torch.tensor([good, parents]))
+
+
+@pytest.mark.parametrize("helper", list(TREE_HELPERS))
+def test_tree_helpers_accept_valid_trees(helper):
+    parents = torch.tensor([-1, 0, 0, 1, 3, 2])
+    TREE_HELPERS[helper](parents)
+    TREE_HELPERS[helper](torch.stack([parents, torch.tensor([-1, 0, 1, 2, 3, 4])]))
+    TREE_HELPERS[helper](torch.tensor([-1]))
