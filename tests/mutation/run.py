@@ -1,7 +1,7 @@
 """Mutation check: apply plausible one-line bugs one at a time, run the narrowest tests that should
 catch each, restore the file, and report the kill rate and the survivors.
 
-    python -m tests.mutation.run [--only ID ...] [--list] [--keep-going]
+    python -m tests.mutation.run [--only ID ...] [--list] [--check]
 
 (``make mutation`` runs it with the project's venv.) A mutation is *killed* when its tests fail,
 *survives* when they pass, and is *invalid* when its text is not found exactly once in its file or
@@ -87,6 +87,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", help="run only these mutation ids")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--check", action="store_true",
+                        help="only check that every mutation's text occurs exactly once in its file")
     args = parser.parse_args(argv)
 
     ids = [m.id for m in MUTATIONS]
@@ -98,6 +100,13 @@ def main(argv=None):
         for m in selected:
             print(f"{m.id:32s} {m.file}: {m.description}")
         return 0
+    if args.check:
+        stale = [(m.id, open(os.path.join(ROOT, m.file)).read().count(m.find)) for m in selected]
+        stale = [(name, count) for name, count in stale if count != 1]
+        for name, count in stale:
+            print(f"{name}: text found {count} times")
+        print(f"{len(selected) - len(stale)} of {len(selected)} mutations apply")
+        return 2 if stale else 0
     dirty = _uncommitted({m.file for m in selected})
     if dirty:
         raise SystemExit(f"commit or stash these first (the mutation check rewrites them):\n{dirty}")
