@@ -7,12 +7,13 @@ catch each, restore the file, and report the kill rate and the survivors.
 *survives* when they pass, and is *invalid* when its text is not found exactly once in its file or
 the extension does not build with it (the list is then out of date: fix the list, not the runner).
 Mutations of ``csrc/`` rebuild the extension in place before their tests, and the extension is
-rebuilt from the restored sources at the end. The files are restored even on Ctrl-C. The run refuses
+rebuilt from the restored sources at the end. The files are restored even on Ctrl-C or a kill (SIGTERM). The run refuses
 to start when a file it would mutate has uncommitted changes, so nothing of yours is overwritten.
 """
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -111,6 +112,8 @@ def main(argv=None):
     if dirty:
         raise SystemExit(f"commit or stash these first (the mutation check rewrites them):\n{dirty}")
 
+    # A kill (SIGTERM) unwinds like Ctrl-C, so the mutated file is restored and the extension rebuilt.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     outcomes = {}
     native_touched = False
     start = time.time()
