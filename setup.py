@@ -1,6 +1,6 @@
 """Build script of fusedecode.
 
-Environment (DESIGN section 6):
+Environment (docs/backends.md, "Build switches"):
   FUSEDECODE_SKIP_NATIVE=1        build no extension: pure Python + Triton + torch backends
   FUSEDECODE_BUILD_CUDA=auto|0|1  CUDA kernels when nvcc and a CUDA build of torch are present
                                   (auto); never (0); always, failing loudly without them (1)
@@ -27,8 +27,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 BASE_VERSION = "0.1.0"
 DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 
-PACKAGES = ["fusedecode", "fusedecode.triton_kernels", "fusedecode.hf", "fusedecode.hf.speculative",
-            "fusedecode.hf.correction", "fusedecode.demo"]
+PACKAGES = ["fusedecode", "fusedecode.ops", "fusedecode.triton_kernels", "fusedecode.hf", "fusedecode.hf.speculative",
+            "fusedecode.hf.correction", "fusedecode.demo", "fusedecode.vllm"]
 # The bundled arithmetic models (weights, configs, tokenizers) ship inside the package.
 PACKAGE_DATA = {"fusedecode": ["assets/*.json", "assets/*/*.json", "assets/*/*.safetensors"]}
 PACKAGE_DIR = {"": "python", "fusedecode.triton_kernels": "triton_kernels"}

@@ -14,9 +14,40 @@
 
 namespace fusedecode {
 
-// logsumexp, entropy, varentropy, self_certainty, max_logprob, argmax, token_logprob, topk_confidence
-using LogitStatsOutputs =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// The outputs of fusedecode::logit_stats by name: the fields of OUTPUTS in
+// python/fusedecode/ops/logit_stats.py, in its order (the schema's in csrc/ops.cpp). One entry per
+// row ([outer * inner]); token_logprob and topk_confidence are empty ([0]) when not asked for.
+struct LogitStatsOutputs {
+  at::Tensor logsumexp;
+  at::Tensor entropy;
+  at::Tensor varentropy;
+  at::Tensor self_certainty;
+  at::Tensor max_logprob;
+  at::Tensor argmax;
+  at::Tensor token_logprob;
+  at::Tensor topk_confidence;
+
+  // The schema's return value: the only place the fields have positions.
+  using Returns =
+      std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  Returns returns() const {
+    return {logsumexp, entropy, varentropy, self_certainty, max_logprob, argmax, token_logprob, topk_confidence};
+  }
+
+  // Raw pointers for the framework-free kernels (nullptr for a field not asked for).
+  StatsOutputPointers pointers(bool with_token, bool with_topk) {
+    StatsOutputPointers out{};
+    out.logsumexp = logsumexp.data_ptr<float>();
+    out.entropy = entropy.data_ptr<float>();
+    out.varentropy = varentropy.data_ptr<float>();
+    out.self_certainty = self_certainty.data_ptr<float>();
+    out.max_logprob = max_logprob.data_ptr<float>();
+    out.argmax = argmax.data_ptr<int64_t>();
+    out.token_logprob = with_token ? token_logprob.data_ptr<float>() : nullptr;
+    out.topk_confidence = with_topk ? topk_confidence.data_ptr<float>() : nullptr;
+    return out;
+  }
+};
 
 constexpr int64_t kMaxTopK = 64;
 
@@ -64,31 +95,22 @@ inline RowLayout check_logit_stats_inputs(const at::Tensor& logits, const c10::o
   return layout;
 }
 
-inline LogitStatsOutputs allocate_logit_stats_outputs(const at::Tensor& logits, bool with_token, bool with_topk) {
-  // One entry per row, in row order ([outer * inner]); the Python layer gives them the leading shape.
-  const auto shape = std::vector<int64_t>{logits.size(0) * logits.size(1)};
+// Fresh outputs of `shape` on the logits' device: logit_stats' are one entry per row, in row order
+// ([outer * inner]; the Python layer gives them the leading shape), verify_tree's one per node [B, N].
+inline LogitStatsOutputs allocate_logit_stats_outputs(const at::Tensor& logits, at::IntArrayRef shape, bool with_token,
+                                                      bool with_topk) {
   const auto f32 = logits.options().dtype(at::kFloat);
   auto optional_out = [&](bool wanted) { return wanted ? at::empty(shape, f32) : at::empty({0}, f32); };
-  return {at::empty(shape, f32),
-          at::empty(shape, f32),
-          at::empty(shape, f32),
-          at::empty(shape, f32),
-          at::empty(shape, f32),
-          at::empty(shape, logits.options().dtype(at::kLong)),
-          optional_out(with_token),
-          optional_out(with_topk)};
-}
-
-// Raw pointers of the outputs for the framework-free kernels (nullptr for fields not asked for).
-inline StatsOutputPointers logit_stats_output_pointers(LogitStatsOutputs& outputs, bool with_token, bool with_topk) {
-  return {std::get<0>(outputs).data_ptr<float>(),
-          std::get<1>(outputs).data_ptr<float>(),
-          std::get<2>(outputs).data_ptr<float>(),
-          std::get<3>(outputs).data_ptr<float>(),
-          std::get<4>(outputs).data_ptr<float>(),
-          std::get<5>(outputs).data_ptr<int64_t>(),
-          with_token ? std::get<6>(outputs).data_ptr<float>() : nullptr,
-          with_topk ? std::get<7>(outputs).data_ptr<float>() : nullptr};
+  LogitStatsOutputs outputs;
+  outputs.logsumexp = at::empty(shape, f32);
+  outputs.entropy = at::empty(shape, f32);
+  outputs.varentropy = at::empty(shape, f32);
+  outputs.self_certainty = at::empty(shape, f32);
+  outputs.max_logprob = at::empty(shape, f32);
+  outputs.argmax = at::empty(shape, logits.options().dtype(at::kLong));
+  outputs.token_logprob = optional_out(with_token);
+  outputs.topk_confidence = optional_out(with_topk);
+  return outputs;
 }
 
 }  // namespace fusedecode

@@ -8,13 +8,29 @@
 #include <tuple>
 
 #include "fusedecode/tree_walk.h"
+#include "logit_stats_op.h"
 
 namespace fusedecode {
 
-// num_accepted [B], accepted_nodes [B, D+1], output_tokens [B, D+1], then the stats of every node
-// [B, N]: logsumexp, entropy, varentropy, self_certainty, max_logprob, argmax.
-using VerifyTreeOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                     at::Tensor, at::Tensor, at::Tensor>;
+// The outputs of fusedecode::verify_tree by name: the fields of OUTPUTS in
+// python/fusedecode/ops/verify_tree.py, in its order (the schema's in csrc/ops.cpp): the walk's, then
+// the always-computed LogitStats fields of every node row.
+struct VerifyTreeOutputs {
+  at::Tensor num_accepted;    // [B] int64
+  at::Tensor accepted_nodes;  // [B, D+1] int64
+  at::Tensor output_tokens;   // [B, D+1] int64
+  // [B, N], written by the statistics pass; verify_tree asks for neither token_logprob nor
+  // topk_confidence (empty, not returned).
+  LogitStatsOutputs stats;
+
+  // The schema's return value: the only place the fields have positions.
+  using Returns = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                             at::Tensor, at::Tensor>;
+  Returns returns() const {
+    return {num_accepted,  accepted_nodes,       output_tokens,     stats.logsumexp, stats.entropy,
+            stats.varentropy, stats.self_certainty, stats.max_logprob, stats.argmax};
+  }
+};
 
 inline void check_verify_tree_inputs(const at::Tensor& logits, const at::Tensor& tokens, const at::Tensor& parents,
                                      double temperature, const c10::optional<at::Tensor>& draft_probs,
@@ -51,16 +67,12 @@ inline void check_verify_tree_inputs(const at::Tensor& logits, const at::Tensor&
 inline VerifyTreeOutputs allocate_verify_tree_outputs(const at::Tensor& logits, int64_t depth) {
   const int64_t batch = logits.size(0), nodes = logits.size(1);
   const auto i64 = logits.options().dtype(at::kLong);
-  const auto f32 = logits.options().dtype(at::kFloat);
-  return {at::zeros({batch}, i64),
-          at::full({batch, depth + 1}, -1, i64),
-          at::full({batch, depth + 1}, -1, i64),
-          at::empty({batch, nodes}, f32),
-          at::empty({batch, nodes}, f32),
-          at::empty({batch, nodes}, f32),
-          at::empty({batch, nodes}, f32),
-          at::empty({batch, nodes}, f32),
-          at::empty({batch, nodes}, i64)};
+  VerifyTreeOutputs outputs;
+  outputs.num_accepted = at::zeros({batch}, i64);
+  outputs.accepted_nodes = at::full({batch, depth + 1}, -1, i64);
+  outputs.output_tokens = at::full({batch, depth + 1}, -1, i64);
+  outputs.stats = allocate_logit_stats_outputs(logits, {batch, nodes}, false, false);
+  return outputs;
 }
 
 inline int verify_mode(double temperature, const c10::optional<at::Tensor>& draft_probs) {

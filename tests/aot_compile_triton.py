@@ -26,7 +26,7 @@ from fusedecode.triton_kernels import verify_tree as verify_kernels
 
 POINTER_TYPES = {"token_ptr": "*i64", "argmax_ptr": "*i64", "count_ptr": "*i32", "argmax_ws_ptr": "*i32",
                  "tokens_ptr": "*i64", "parents_ptr": "*i64", "seeds_ptr": "*i64", "num_accepted_ptr": "*i64",
-                 "accepted_ptr": "*i64", "output_ptr": "*i64", "targets_ptr": "*i64"}
+                 "accepted_nodes_ptr": "*i64", "output_tokens_ptr": "*i64", "targets_ptr": "*i64"}
 INT64_ARGS = {"outer_stride", "inner_stride", "stride_b", "stride_n", "q_stride_b", "q_stride_n"}
 FLOAT_ARGS = {"temperature", "inv_t", "inv_temperature", "logit_scale", "softcap"}
 

@@ -7,10 +7,14 @@ results do not depend on test order.
 
 import os
 import random
+import sys
 import zlib
 
 import pytest
 import torch
+
+# Test files live in per-op folders (tests/ops/<op>/); they share tests/helpers.py.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 _SEED = int(os.environ.get("FUSEDECODE_TEST_SEED", random.SystemRandom().randrange(2**31)))
 

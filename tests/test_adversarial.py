@@ -411,7 +411,7 @@ def test_verify_tree_multi_draft_lossless_at_large_offset(target, offset):
     # SpecInfer's acceptance ratio p(x) / q(x) from logits at 1e7 (float32 spacing 1): computed as
     # exp(z_x - logsumexp) it is off by up to exp(0.5) (logsumexp rounds to an integer there); the
     # first emitted token must still follow p = softmax(logits / T) of the float32 logits exactly.
-    from test_verify_tree import chi_square_pvalue, interpreted
+    from ops.verify_tree.test_verify_tree import chi_square_pvalue, interpreted
 
     device, backend = target
     batch = 300 if interpreted(target) else 4000

@@ -116,10 +116,6 @@ def _chunk_kernel(logits_ptr, offset_ptr, targets_ptr, scale_ptr, loss_ptr, entr
             tl.store(row_ptr + index, tl.where(ignored, 0.0, grad), mask=index < vocab)
 
 
-def _next_power_of_2(n):
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def chunk_step_triton(logits, offset, targets, scale, loss, entropy, entropy_grad, entropy_row, inv_temperature,
                       ignore_index, compute_grad, logit_scale, softcap):
     """Run ``_chunk_kernel`` on one chunk (the contract of ``fusedecode.linear_ce._chunk_step_torch``).
@@ -133,7 +129,7 @@ def chunk_step_triton(logits, offset, targets, scale, loss, entropy, entropy_gra
     rows, vocab = logits.shape
     if rows == 0:
         return
-    block = min(MAX_BLOCK, _next_power_of_2(vocab))
+    block = min(MAX_BLOCK, triton.next_power_of_2(vocab))
     _chunk_kernel[(rows,)](
         logits, offset if offset is not None else logits, targets, scale, loss, entropy, entropy_grad, vocab,
         int(ignore_index), int(entropy_row), float(inv_temperature), 1.0 if logit_scale is None else float(logit_scale),

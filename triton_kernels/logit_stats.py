@@ -1,15 +1,9 @@
 """Triton kernels of ``logit_stats``: one pass over each row of logits.
 
-Math, per row with ``z = x / T`` over the finite entries F (``n = |F|``), every
-quantity relative to the row maximum ``m = max x`` (never a difference of two large numbers):
-
-    logsumexp      = m / T + log S              S = sum exp(z - max z)
-    entropy        = log S - (E_p[z] - max z)
-    varentropy     = Var_p[z]
-    self_certainty = log S - mean_F (x - m) / T - log n
-    max_logprob    = -log S
-    token_logprob  = (x_t - m) / T - log S
-    topk_conf      = log S - mean of the k largest (x - m) / T   (DeepConf: -(1/k) sum of top-k log p)
+Definitions: ``python/fusedecode/ops/logit_stats.py``. Every field is computed relative to the row
+maximum, in the form of ``csrc/include/fusedecode/stats_state.h`` (never a difference of two large
+numbers); the outputs are written by name (``<field>_ptr`` arguments, the fields of the op's output
+table).
 
 A program walks its row (or a slice of it) in blocks of ``BLOCK`` lanes. Every lane keeps
 exp-weighted sums ``s0 = sum 2^d, s1 = sum d 2^d, s2 = sum d^2 2^d`` with ``d = (x - m) * log2(e) / T``
@@ -21,7 +15,8 @@ finfo.max), also scaled by ``WIDE_SCALE``.
 At the end the lanes are combined with Chan's weighted-variance formula, which avoids the
 cancellation of ``E[d^2] - E[d]^2`` over a whole row. For few rows, ``_partial_kernel`` reduces vocab
 slices to mergeable states and ``_merge_kernel`` combines them (the same state as
-``csrc/include/fusedecode/stats_state.h``: the gap mean is kept as a mean of halved gaps). With
+``csrc/include/fusedecode/stats_state.h``: the gap mean is kept as a mean of halved gaps; the
+workspace layout below is what verify_tree's sampling reads back). With
 ``WITH_TOPK`` each program keeps its ``TOPK_PAD`` (k rounded up to a power of two) largest raw logits,
 touching them only for blocks whose max beats the current smallest kept value.
 
@@ -39,6 +34,18 @@ FAR_SHIFT = tl.constexpr(128.0)  # exp(-128) is 0 in float32
 # Lane sums of up to 2^20 gaps (V < 2^31 over >= 2048 lanes) of up to 2 * FLT_MAX fit after this scale.
 WIDE_SCALE = tl.constexpr(2.0**-22)
 
+# The split path's workspace: per (row, slice) slot, the float fields of StatsState
+# (csrc/include/fusedecode/stats_state.h) in this order, then the count and argmax in their own
+# int32 buffers. Slice s of a row covers tokens [s * slice_len, min((s + 1) * slice_len, V)).
+STATE_FIELDS = ("ref", "sum_exp", "wmean", "wvar", "half_gap_mean", "max_x")
+STATE_FLOATS = tl.constexpr(len(STATE_FIELDS))
+STATE_REF = tl.constexpr(STATE_FIELDS.index("ref"))
+STATE_SUM_EXP = tl.constexpr(STATE_FIELDS.index("sum_exp"))
+STATE_WMEAN = tl.constexpr(STATE_FIELDS.index("wmean"))
+STATE_WVAR = tl.constexpr(STATE_FIELDS.index("wvar"))
+STATE_HALF_GAP_MEAN = tl.constexpr(STATE_FIELDS.index("half_gap_mean"))
+STATE_MAX_X = tl.constexpr(STATE_FIELDS.index("max_x"))
+
 
 @triton.jit
 def _load_f32(ptr, mask, other):
@@ -49,6 +56,19 @@ def _load_f32(ptr, mask, other):
         return tl.where(mask, (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True), other)
     else:
         return tl.load(ptr, mask=mask, other=other).to(tl.float32)
+
+
+@triton.jit
+def slice_bounds(split, slice_len, vocab):
+    """Tokens [start, end) of slice ``split`` of a row (the workspace layout above)."""
+    start = split * slice_len
+    return start, tl.minimum(start + slice_len, vocab)
+
+
+@triton.jit
+def load_state_field(state_ptr, slot, FIELD: tl.constexpr, mask, other):
+    """One float field (``STATE_*``) of the state in workspace slot(s) ``slot``."""
+    return tl.load(state_ptr + slot * STATE_FLOATS + FIELD, mask=mask, other=other)
 
 
 @triton.jit
@@ -178,17 +198,18 @@ def _to_state(running_max, weight, mean2, var2, inv_t):
 
 @triton.jit
 def _finalize_store(row, row_ptr, vocab, t, inv_t, max_x, sum_exp, wmean, wvar, half_gap_mean, n, argmax, top, topk,
-                    token_ptr, lse_ptr, entropy_ptr, varentropy_ptr, certainty_ptr, max_logprob_ptr, argmax_ptr,
-                    token_logprob_ptr, topk_ptr, HAS_TOKEN: tl.constexpr, WITH_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
+                    token_ptr, logsumexp_ptr, entropy_ptr, varentropy_ptr, self_certainty_ptr, max_logprob_ptr,
+                    argmax_ptr, token_logprob_ptr, topk_confidence_ptr, HAS_TOKEN: tl.constexpr,
+                    WITH_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
     valid = (t > 0) & (t < float("inf")) & (inv_t < float("inf")) & (n > 0) & (sum_exp == sum_exp)
     log_s = tl.log(sum_exp)
     lse = max_x * inv_t + log_s
     nan = float("nan")
-    tl.store(lse_ptr + row, tl.where(valid, lse, nan))
+    tl.store(logsumexp_ptr + row, tl.where(valid, lse, nan))
     tl.store(entropy_ptr + row, tl.where(valid, log_s - wmean, nan))
     tl.store(varentropy_ptr + row, tl.where(valid, wvar, nan))
     certainty = log_s - _scaled_half_gap(half_gap_mean, inv_t) - tl.log(tl.maximum(n, 1).to(tl.float32))
-    tl.store(certainty_ptr + row, tl.where(valid, certainty, nan))
+    tl.store(self_certainty_ptr + row, tl.where(valid, certainty, nan))
     tl.store(max_logprob_ptr + row, tl.where(valid, -log_s, nan))
     tl.store(argmax_ptr + row, tl.where(valid, argmax, -1).to(tl.int64))
     if HAS_TOKEN:
@@ -205,7 +226,7 @@ def _finalize_store(row, row_ptr, vocab, t, inv_t, max_x, sum_exp, wmean, wvar, 
         gaps = ranked.to(tl.float64) - max_x.to(tl.float64)
         mean_gap = tl.sum(tl.where(positions < keep, gaps, 0.0), axis=0) / tl.maximum(keep, 1).to(tl.float64)
         confidence = (log_s.to(tl.float64) - mean_gap * inv_t.to(tl.float64)).to(tl.float32)
-        tl.store(topk_ptr + row, tl.where(valid, confidence, nan))
+        tl.store(topk_confidence_ptr + row, tl.where(valid, confidence, nan))
 
 
 @triton.jit
@@ -224,8 +245,8 @@ def _row_temperature(temperature_ptr, temperature, row, HAS_TEMPERATURE: tl.cons
 
 @triton.jit
 def _row_kernel(logits_ptr, inner_size, outer_stride, inner_stride, vocab, temperature_ptr, temperature, token_ptr,
-                topk, lse_ptr, entropy_ptr, varentropy_ptr, certainty_ptr, max_logprob_ptr, argmax_ptr,
-                token_logprob_ptr, topk_ptr, HAS_TEMPERATURE: tl.constexpr, HAS_TOKEN: tl.constexpr,
+                topk, logsumexp_ptr, entropy_ptr, varentropy_ptr, self_certainty_ptr, max_logprob_ptr, argmax_ptr,
+                token_logprob_ptr, topk_confidence_ptr, HAS_TEMPERATURE: tl.constexpr, HAS_TOKEN: tl.constexpr,
                 WITH_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, BLOCK: tl.constexpr):
     """One program per row."""
     row = tl.program_id(0).to(tl.int64)
@@ -236,9 +257,8 @@ def _row_kernel(logits_ptr, inner_size, outer_stride, inner_stride, vocab, tempe
         row_ptr, 0, vocab, inv_t * LOG2E, inv_t, BLOCK, WITH_TOPK, TOPK_PAD)
     _ref, sum_exp, wmean, wvar = _to_state(running_max, weight, mean2, var2, inv_t)
     _finalize_store(row, row_ptr, vocab, t, inv_t, running_max, sum_exp, wmean, wvar, half_gap_mean, n, argmax, top,
-                    topk,
-                    token_ptr, lse_ptr, entropy_ptr, varentropy_ptr, certainty_ptr, max_logprob_ptr, argmax_ptr,
-                    token_logprob_ptr, topk_ptr, HAS_TOKEN, WITH_TOPK, TOPK_PAD)
+                    topk, token_ptr, logsumexp_ptr, entropy_ptr, varentropy_ptr, self_certainty_ptr, max_logprob_ptr,
+                    argmax_ptr, token_logprob_ptr, topk_confidence_ptr, HAS_TOKEN, WITH_TOPK, TOPK_PAD)
 
 
 @triton.jit
@@ -252,19 +272,18 @@ def _partial_kernel(logits_ptr, inner_size, outer_stride, inner_stride, vocab, t
     row_ptr = _row_pointer(logits_ptr, row, inner_size, outer_stride, inner_stride)
     t = _row_temperature(temperature_ptr, temperature, row, HAS_TEMPERATURE)
     inv_t = 1.0 / t
-    start = split * slice_len
-    end = tl.minimum(start + slice_len, vocab)
+    start, end = slice_bounds(split, slice_len, vocab)
     running_max, weight, mean2, var2, half_gap_mean, n, argmax, top = _accumulate(
         row_ptr, start, end, inv_t * LOG2E, inv_t, BLOCK, WITH_TOPK, TOPK_PAD)
     ref, sum_exp, wmean, wvar = _to_state(running_max, weight, mean2, var2, inv_t)
     slot = row * splits + split
-    # Six float fields per slot: ref, sum_exp, wmean, wvar, half_gap_mean, max_x.
-    tl.store(state_ptr + slot * 6 + 0, ref)
-    tl.store(state_ptr + slot * 6 + 1, sum_exp)
-    tl.store(state_ptr + slot * 6 + 2, wmean)
-    tl.store(state_ptr + slot * 6 + 3, wvar)
-    tl.store(state_ptr + slot * 6 + 4, half_gap_mean)
-    tl.store(state_ptr + slot * 6 + 5, running_max)
+    state = state_ptr + slot * STATE_FLOATS
+    tl.store(state + STATE_REF, ref)
+    tl.store(state + STATE_SUM_EXP, sum_exp)
+    tl.store(state + STATE_WMEAN, wmean)
+    tl.store(state + STATE_WVAR, wvar)
+    tl.store(state + STATE_HALF_GAP_MEAN, half_gap_mean)
+    tl.store(state + STATE_MAX_X, running_max)
     tl.store(count_ptr + slot, n)
     tl.store(argmax_ws_ptr + slot, argmax)
     if WITH_TOPK:
@@ -273,10 +292,10 @@ def _partial_kernel(logits_ptr, inner_size, outer_stride, inner_stride, vocab, t
 
 @triton.jit
 def _merge_kernel(logits_ptr, inner_size, outer_stride, inner_stride, vocab, temperature_ptr, temperature, token_ptr,
-                  topk, splits, state_ptr, count_ptr, argmax_ws_ptr, top_ws_ptr, lse_ptr, entropy_ptr,
-                  varentropy_ptr, certainty_ptr, max_logprob_ptr, argmax_ptr, token_logprob_ptr, topk_ptr,
-                  HAS_TEMPERATURE: tl.constexpr, HAS_TOKEN: tl.constexpr, WITH_TOPK: tl.constexpr,
-                  TOPK_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                  topk, splits, state_ptr, count_ptr, argmax_ws_ptr, top_ws_ptr, logsumexp_ptr, entropy_ptr,
+                  varentropy_ptr, self_certainty_ptr, max_logprob_ptr, argmax_ptr, token_logprob_ptr,
+                  topk_confidence_ptr, HAS_TEMPERATURE: tl.constexpr, HAS_TOKEN: tl.constexpr,
+                  WITH_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
     """One program per row merges its slices' states (Chan's formula over the slices)."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = _row_pointer(logits_ptr, row, inner_size, outer_stride, inner_stride)
@@ -287,11 +306,11 @@ def _merge_kernel(logits_ptr, inner_size, outer_stride, inner_stride, vocab, tem
     slot = row * splits + s
     n_s = tl.load(count_ptr + slot, mask=in_row, other=0)
     used = n_s > 0
-    sum_exp_s = tl.load(state_ptr + slot * 6 + 1, mask=used, other=0.0)
-    wmean_s = tl.load(state_ptr + slot * 6 + 2, mask=used, other=0.0)
-    wvar_s = tl.load(state_ptr + slot * 6 + 3, mask=used, other=0.0)
-    half_gap_mean_s = tl.load(state_ptr + slot * 6 + 4, mask=used, other=0.0)
-    max_x_s = tl.load(state_ptr + slot * 6 + 5, mask=used, other=-float("inf"))
+    sum_exp_s = load_state_field(state_ptr, slot, STATE_SUM_EXP, used, 0.0)
+    wmean_s = load_state_field(state_ptr, slot, STATE_WMEAN, used, 0.0)
+    wvar_s = load_state_field(state_ptr, slot, STATE_WVAR, used, 0.0)
+    half_gap_mean_s = load_state_field(state_ptr, slot, STATE_HALF_GAP_MEAN, used, 0.0)
+    max_x_s = load_state_field(state_ptr, slot, STATE_MAX_X, used, -float("inf"))
     argmax_s = tl.load(argmax_ws_ptr + slot, mask=used, other=2147483647)
 
     # Shifts between the slices' maxima as in merge_states (stats_state.h): far slices weigh 0.
@@ -315,21 +334,17 @@ def _merge_kernel(logits_ptr, inner_size, outer_stride, inner_stride, vocab, tem
     else:
         top = tl.full([TOPK_PAD], -float("inf"), dtype=tl.float32)
     _finalize_store(row, row_ptr, vocab, t, inv_t, max_x, sum_exp, wmean, wvar, half_gap_mean, n, argmax, top, topk,
-                    token_ptr, lse_ptr, entropy_ptr, varentropy_ptr, certainty_ptr, max_logprob_ptr, argmax_ptr,
-                    token_logprob_ptr, topk_ptr, HAS_TOKEN, WITH_TOPK, TOPK_PAD)
+                    token_ptr, logsumexp_ptr, entropy_ptr, varentropy_ptr, self_certainty_ptr, max_logprob_ptr,
+                    argmax_ptr, token_logprob_ptr, topk_confidence_ptr, HAS_TOKEN, WITH_TOPK, TOPK_PAD)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launcher
 
 
-def _next_power_of_2(n):
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def _block_size(vocab, element_size):
     cap = 4096 if element_size <= 2 else 2048
-    return max(128, min(cap, _next_power_of_2(vocab)))
+    return max(128, min(cap, triton.next_power_of_2(vocab)))
 
 
 def choose_splits(rows, vocab, block, sm_count):
@@ -341,44 +356,34 @@ def choose_splits(rows, vocab, block, sm_count):
     return max(1, min(by_target, by_work))
 
 
-def _outputs(logits, token_ids, topk):
+def _output_pointers(outputs):
+    """The output tensors (field name -> ``[rows]`` tensor, every field of LogitStats; an empty one
+    for a field not asked for) as the kernels' ``<field>_ptr`` arguments."""
+    return {f"{field}_ptr": tensor for field, tensor in outputs.items()}
+
+
+def _launch_slices(logits, temperature, temperature_scalar, token_ids, topk, splits, slice_len, outputs):
+    """Split path: ``splits`` programs per row over ``slice_len``-token slices, then the merge, into
+    ``outputs``. Returns the (state, count, argmax, top) workspaces: verify_tree samples from the
+    per-slice states."""
     import torch
 
-    outer, inner, _ = logits.shape
-    f32 = dict(dtype=torch.float32, device=logits.device)
-    shape = (outer * inner,)  # one entry per row, as the native op
-    outputs = [torch.empty(shape, **f32) for _ in range(5)]
-    outputs.append(torch.empty(shape, dtype=torch.int64, device=logits.device))
-    outputs.append(torch.empty(shape if token_ids is not None else (0,), **f32))
-    outputs.append(torch.empty(shape if topk > 0 else (0,), **f32))
-    return outputs
-
-
-def _launch_slices(logits, temperature, temperature_scalar, token_ids, topk, splits, slice_len):
-    """Split path: ``splits`` programs per row over ``slice_len``-token slices, then the merge.
-
-    Returns (the eight outputs, (state, count, argmax, top) workspaces): verify_tree samples from
-    the per-slice states.
-    """
-    import torch
-
-    outputs = _outputs(logits, token_ids, topk)
     outer, inner, vocab = logits.shape
     rows = outer * inner
     block = _block_size(vocab, logits.element_size())
     with_topk = topk > 0
-    topk_pad = _next_power_of_2(topk) if with_topk else 1
+    topk_pad = triton.next_power_of_2(topk) if with_topk else 1
     slots = rows * splits
     f32 = dict(dtype=torch.float32, device=logits.device)
-    state_ws = torch.empty((max(slots, 1) * 6,), **f32)
+    state_ws = torch.empty((max(slots, 1) * STATE_FLOATS,), **f32)
     count_ws = torch.empty((max(slots, 1),), dtype=torch.int32, device=logits.device)
     argmax_ws = torch.empty((max(slots, 1),), dtype=torch.int32, device=logits.device)
     top_ws = torch.empty((slots * topk_pad if with_topk else 1,), **f32)
     workspace = (state_ws, count_ws, argmax_ws, top_ws)
     if rows == 0:
-        return tuple(outputs), workspace
-    temperature_arg = temperature if temperature is not None else outputs[0]
-    token_arg = token_ids if token_ids is not None else outputs[5]
+        return workspace
+    temperature_arg = temperature if temperature is not None else outputs["logsumexp"]
+    token_arg = token_ids if token_ids is not None else outputs["argmax"]
     strides = (inner, logits.stride(0), logits.stride(1), vocab)
     flags = dict(HAS_TEMPERATURE=temperature is not None, WITH_TOPK=with_topk, TOPK_PAD=topk_pad)
     _partial_kernel[(rows, splits)](
@@ -386,19 +391,29 @@ def _launch_slices(logits, temperature, temperature_scalar, token_ids, topk, spl
         argmax_ws, top_ws, BLOCK=block, num_warps=8 if block >= 2048 else 4, **flags)
     _merge_kernel[(rows,)](
         logits, *strides, temperature_arg, float(temperature_scalar), token_arg, int(topk), splits, state_ws,
-        count_ws, argmax_ws, top_ws, *outputs, HAS_TOKEN=token_ids is not None,
-        SPLITS_PAD=max(2, _next_power_of_2(splits)), num_warps=4, **flags)
-    return tuple(outputs), workspace
+        count_ws, argmax_ws, top_ws, **_output_pointers(outputs), HAS_TOKEN=token_ids is not None,
+        SPLITS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4, **flags)
+    return workspace
 
 
-def logit_stats_triton(logits, temperature, temperature_scalar, token_ids, topk, splits=None, sm_count=None):
-    """Run logit_stats on ``logits`` viewed as ``[outer, inner, V]`` (last dim contiguous).
+def logit_stats_triton(logits, temperature, temperature_scalar, token_ids, topk, outputs=None, splits=None,
+                       sm_count=None):
+    """Run logit_stats on ``logits`` viewed as ``[outer, inner, V]`` (last dim contiguous) into
+    ``outputs``, the op's fields by name as ``fusedecode.ops.logit_stats.allocate_outputs`` makes
+    them. Without ``outputs`` it allocates them and returns them in the order of the op's output table
+    (the custom op's result).
 
     ``temperature`` (float32 ``[rows]`` or None), ``token_ids`` (int64 ``[rows]`` or None) and ``topk``
-    as in ``torch.ops.fusedecode.logit_stats``; returns the same eight tensors (the optional ones
-    empty when not requested). ``splits`` forces the number of programs per row (tests use it to
-    cover both paths on any size); ``sm_count`` overrides the device's multiprocessor count.
+    as in ``torch.ops.fusedecode.logit_stats``. ``splits`` forces the number of programs per row
+    (tests use it to cover both paths on any size); ``sm_count`` overrides the device's
+    multiprocessor count.
     """
+    if outputs is None:
+        from ..ops.logit_stats import allocate_outputs
+
+        outputs = allocate_outputs(logits, token_ids, topk)
+        logit_stats_triton(logits, temperature, temperature_scalar, token_ids, topk, outputs, splits, sm_count)
+        return tuple(outputs.values())
     import torch
 
     outer, inner, vocab = logits.shape
@@ -412,16 +427,15 @@ def logit_stats_triton(logits, temperature, temperature_scalar, token_ids, topk,
     slice_len = block * -(-vocab // (splits * block))
     splits = -(-vocab // slice_len)
     if splits > 1:
-        return _launch_slices(logits, temperature, temperature_scalar, token_ids, topk, splits, slice_len)[0]
-    outputs = _outputs(logits, token_ids, topk)
+        _launch_slices(logits, temperature, temperature_scalar, token_ids, topk, splits, slice_len, outputs)
+        return
     if rows == 0:
-        return tuple(outputs)
+        return
     with_topk = topk > 0
-    temperature_arg = temperature if temperature is not None else outputs[0]
-    token_arg = token_ids if token_ids is not None else outputs[5]
+    temperature_arg = temperature if temperature is not None else outputs["logsumexp"]
+    token_arg = token_ids if token_ids is not None else outputs["argmax"]
     _row_kernel[(rows,)](
         logits, inner, logits.stride(0), logits.stride(1), vocab, temperature_arg, float(temperature_scalar),
-        token_arg, int(topk), *outputs, HAS_TEMPERATURE=temperature is not None, HAS_TOKEN=token_ids is not None,
-        WITH_TOPK=with_topk, TOPK_PAD=_next_power_of_2(topk) if with_topk else 1, BLOCK=block,
-        num_warps=8 if block >= 2048 else 4)
-    return tuple(outputs)
+        token_arg, int(topk), **_output_pointers(outputs), HAS_TEMPERATURE=temperature is not None,
+        HAS_TOKEN=token_ids is not None, WITH_TOPK=with_topk, TOPK_PAD=triton.next_power_of_2(topk) if with_topk else 1,
+        BLOCK=block, num_warps=8 if block >= 2048 else 4)

@@ -1,18 +1,16 @@
 """Triton kernels of ``verify_tree``: one pass over every node's logits, then a walk per tree.
 
-Pass 1 is logit_stats' split path with fixed 4096-token slices (``SLICE_TOKENS``): every (node row, slice)
-program leaves a mergeable state (max, sum exp, ...) and the merge kernel writes each node's stats.
-The walk kernel (one program per batch row) then follows the tree:
+Definitions: ``python/fusedecode/ops/verify_tree.py``. Pass 1 is logit_stats' split path with fixed
+``SLICE_TOKENS``-token slices: every (node row, slice) program leaves a mergeable state (max, sum
+exp, ...; the workspace layout of ``triton_kernels/logit_stats.py``) and the merge kernel writes each
+node's stats. The walk kernel (one program per batch row) then follows the tree:
 
 - greedy: the argmax of the node's row (already computed);
 - sampling: inverse CDF with one uniform ``u`` per (seed, row, node): the slice whose cumulative
-  mass crosses ``u * S`` is found from the slice states, and only that slice (4096 logits) is read
-  again;
-- multi-draft (SpecInfer): children are tried in index order; after j rejections the residual is
-  ``p'_j = (p - c_j q)+ / W_j`` with ``c_0 = 0, W_0 = 1, c_{j+1} = c_j + W_j`` and
-  ``W_j = sum (p - c_j q)+`` (the closed form of repeated ``normalize(max(p' - q, 0))``), so each
-  rejection costs one pass over that node's logits and draft probabilities, and the final sample one
-  more.
+  mass crosses ``u * S`` is found from the slice states, and only that slice is read again;
+- multi-draft (SpecInfer): children are tried in index order, with the residual in the closed form
+  of ``csrc/include/fusedecode/tree_walk.h``, so each rejection costs one pass over that node's
+  logits and draft probabilities, and the final sample one more.
 
 Random numbers are Philox (``tl.rand``) keyed by the row's seed and counter (row, node, purpose), so
 they do not depend on the launch shape.
@@ -21,8 +19,11 @@ they do not depend on the launch shape.
 import triton
 import triton.language as tl
 
-from .logit_stats import _launch_slices, _load_f32, _merge_shift
+from .logit_stats import (STATE_MAX_X, STATE_SUM_EXP, _launch_slices, _load_f32, _merge_shift, load_state_field,
+                          slice_bounds)
 
+# Tokens per slice of the statistics pass (kVerifySliceTokens in csrc/include/fusedecode/vocab_slices.h
+# for the native backends): sampling reads one slice again.
 SLICE_TOKENS = 4096
 SLICE = tl.constexpr(SLICE_TOKENS)
 SAMPLE = tl.constexpr(0)
@@ -40,8 +41,8 @@ def _sample_from_slices(row_ptr, vocab, inv_t, state_ptr, count_ptr, slot0, spli
     """Inverse-CDF sample of softmax(x * inv_t) over one row using its slice states."""
     s = tl.arange(0, SPLITS_PAD)
     used = (s < splits) & (tl.load(count_ptr + slot0 + s, mask=s < splits, other=0) > 0)
-    sum_s = tl.load(state_ptr + (slot0 + s) * 6 + 1, mask=used, other=0.0)
-    max_x_s = tl.load(state_ptr + (slot0 + s) * 6 + 5, mask=used, other=-float("inf"))
+    sum_s = load_state_field(state_ptr, slot0 + s, STATE_SUM_EXP, used, 0.0)
+    max_x_s = load_state_field(state_ptr, slot0 + s, STATE_MAX_X, used, -float("inf"))
     max_x = tl.max(max_x_s, axis=0)
     mass = tl.where(used, sum_s * tl.exp(_merge_shift(max_x_s, max_x, inv_t)), 0.0)
     cumulative = tl.cumsum(mass, axis=0)
@@ -51,8 +52,7 @@ def _sample_from_slices(row_ptr, vocab, inv_t, state_ptr, count_ptr, slot0, spli
     chosen = tl.where(crossing < SPLITS_PAD, crossing, last_used)
     remaining = target - tl.sum(tl.where(s < chosen, mass, 0.0), axis=0)
     # Rescan the chosen slice in token order, with the weights relative to the row max.
-    start = chosen * SLICE
-    end = tl.minimum(start + SLICE, vocab)
+    start, end = slice_bounds(chosen, SLICE, vocab)
     lanes = tl.arange(0, SCAN)
     token = -1
     last_positive = -1
@@ -96,7 +96,7 @@ def _residual_pass(row_ptr, q_ptr, vocab, inv_t, max_x, log_s, c, target, SCAN: 
 @triton.jit
 def _walk_kernel(logits_ptr, stride_b, stride_n, vocab, nodes, tokens_ptr, parents_ptr, seeds_ptr, inv_t,
                  max_logprob_ptr, argmax_ptr, state_ptr, count_ptr, splits, q_ptr, q_stride_b, q_stride_n,
-                 num_accepted_ptr, accepted_ptr, output_ptr, depth,
+                 num_accepted_ptr, accepted_nodes_ptr, output_tokens_ptr, depth,
                  MODE: tl.constexpr, N_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, SCAN: tl.constexpr):
     """MODE 0 greedy, 1 target-only sampling, 2 multi-draft (SpecInfer). One program per tree.
 
@@ -110,7 +110,7 @@ def _walk_kernel(logits_ptr, stride_b, stride_n, vocab, nodes, tokens_ptr, paren
     tokens = tl.load(tokens_ptr + b * nodes + idx, mask=in_tree, other=-1)
     seed = tl.load(seeds_ptr + b)
     out_row = b * (depth + 1)
-    tl.store(accepted_ptr + out_row, 0)
+    tl.store(accepted_nodes_ptr + out_row, 0)
     node = 0
     count = 0
     walking = True
@@ -176,43 +176,34 @@ def _walk_kernel(logits_ptr, stride_b, stride_n, vocab, nodes, tokens_ptr, paren
             walking = False  # depth + 1 entries written (a wrong depth ends the walk, never overflows)
         elif child < N_PAD:
             count += 1
-            tl.store(output_ptr + out_row + count - 1, tl.sum(tl.where(idx == child, tokens, 0), axis=0))
-            tl.store(accepted_ptr + out_row + count, child)
+            tl.store(output_tokens_ptr + out_row + count - 1, tl.sum(tl.where(idx == child, tokens, 0), axis=0))
+            tl.store(accepted_nodes_ptr + out_row + count, child)
             node = child
         else:
-            tl.store(output_ptr + out_row + count, choice)
+            tl.store(output_tokens_ptr + out_row + count, choice)
             walking = False
     tl.store(num_accepted_ptr + b, count)
 
 
-def _next_power_of_2(n):
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def verify_tree_triton(target_logits, draft_tokens, parents, temperature, draft_probs, seeds, depth):
-    """verify_tree on ``target_logits`` ``[B, N, V]``; the other arguments as normalised by
-    ``fusedecode._validation.check_verify_tree_args``. Returns (num_accepted, accepted_nodes,
-    output_tokens, logsumexp, entropy, varentropy, self_certainty, max_logprob, argmax)."""
-    import torch
-
+def verify_tree_triton(target_logits, draft_tokens, parents, temperature, draft_probs, seeds, depth, outputs, stats):
+    """verify_tree on ``target_logits`` ``[B, N, V]`` (the arguments as the custom op
+    ``fusedecode::verify_tree`` takes them) into ``outputs``, the op's fields by name as
+    ``fusedecode.ops.verify_tree.allocate_outputs`` makes them. ``stats`` maps every LogitStats
+    field to where the statistics pass writes it: the ``[B, N]`` tensors of ``outputs``, and empty
+    ones for the fields verify_tree does not return."""
     batch, nodes, vocab = target_logits.shape
-    device = target_logits.device
     stats_temperature = temperature if temperature > 0 else 1.0
     splits = -(-vocab // SLICE_TOKENS)
-    stats, workspace = _launch_slices(target_logits, None, stats_temperature, None, 0, splits, SLICE_TOKENS)
-    stats = tuple(t.view(batch, nodes) for t in stats[:6])
-    num_accepted = torch.zeros((batch,), dtype=torch.int64, device=device)
-    accepted = torch.full((batch, depth + 1), -1, dtype=torch.int64, device=device)
-    output = torch.full((batch, depth + 1), -1, dtype=torch.int64, device=device)
+    state_ws, count_ws, _, _ = _launch_slices(target_logits, None, stats_temperature, None, 0, splits, SLICE_TOKENS,
+                                              stats)
     if batch == 0:
-        return (num_accepted, accepted, output, *stats[:6])
+        return
     mode = 0 if temperature == 0 else (1 if draft_probs is None else 2)
-    state_ws, count_ws = workspace[0], workspace[1]
     q = draft_probs if draft_probs is not None else target_logits
     _walk_kernel[(batch,)](
         target_logits, target_logits.stride(0), target_logits.stride(1), vocab, nodes, draft_tokens, parents, seeds,
-        1.0 / stats_temperature, stats[4], stats[5], state_ws, count_ws, splits, q, q.stride(0), q.stride(1),
-        num_accepted, accepted, output, depth,
-        MODE=mode, N_PAD=max(2, _next_power_of_2(nodes)), SPLITS_PAD=max(2, _next_power_of_2(splits)), SCAN=1024,
+        1.0 / stats_temperature, stats["max_logprob"], stats["argmax"], state_ws, count_ws, splits, q, q.stride(0),
+        q.stride(1), num_accepted_ptr=outputs["num_accepted"], accepted_nodes_ptr=outputs["accepted_nodes"],
+        output_tokens_ptr=outputs["output_tokens"], depth=depth, MODE=mode,
+        N_PAD=max(2, triton.next_power_of_2(nodes)), SPLITS_PAD=max(2, triton.next_power_of_2(splits)), SCAN=1024,
         num_warps=4)
-    return (num_accepted, accepted, output, *stats[:6])

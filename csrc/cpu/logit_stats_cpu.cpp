@@ -216,14 +216,15 @@ FD_CPU_MULTIVERSION void reduce_slice(const c10::BFloat16* row, int64_t b, int64
 
 namespace {
 
-LogitStatsOutputs logit_stats_cpu(const at::Tensor& logits, const c10::optional<at::Tensor>& temperature,
-                                  double temperature_scalar, const c10::optional<at::Tensor>& token_ids,
-                                  int64_t topk) {
+LogitStatsOutputs::Returns logit_stats_cpu(const at::Tensor& logits, const c10::optional<at::Tensor>& temperature,
+                                           double temperature_scalar, const c10::optional<at::Tensor>& token_ids,
+                                           int64_t topk) {
   const RowLayout layout = check_logit_stats_inputs(logits, temperature, token_ids, topk);
-  LogitStatsOutputs outputs = allocate_logit_stats_outputs(logits, token_ids.has_value(), topk > 0);
+  LogitStatsOutputs outputs =
+      allocate_logit_stats_outputs(logits, {logits.size(0) * logits.size(1)}, token_ids.has_value(), topk > 0);
   const int64_t rows = layout.num_rows();
-  if (rows == 0) return outputs;
-  const StatsOutputs out = logit_stats_output_pointers(outputs, token_ids.has_value(), topk > 0);
+  if (rows == 0) return outputs.returns();
+  const StatsOutputPointers out = outputs.pointers(token_ids.has_value(), topk > 0);
   const float* temperatures = temperature.has_value() ? temperature->const_data_ptr<float>() : nullptr;
   const int64_t* ids = token_ids.has_value() ? token_ids->const_data_ptr<int64_t>() : nullptr;
   const float t_scalar = static_cast<float>(temperature_scalar);
@@ -236,11 +237,11 @@ LogitStatsOutputs logit_stats_cpu(const at::Tensor& logits, const c10::optional<
                                          : std::max<int64_t>(1, std::min<int64_t>((threads + rows - 1) / rows,
                                                                                   layout.vocab / kMinSlice));
   const int64_t slice_len = (layout.vocab + slices - 1) / slices;
-  dispatch_logits_dtype(logits.scalar_type(), [&](auto tag) {
+  dispatch_cpu_float(logits.scalar_type(), "logits", [&](auto tag) {
     using scalar_t = decltype(tag);
     reduce_rows(logits.const_data_ptr<scalar_t>(), layout, row_temperature, ids, topk, slice_len, out, nullptr);
   });
-  return outputs;
+  return outputs.returns();
 }
 
 }  // namespace

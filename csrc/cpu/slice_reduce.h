@@ -3,7 +3,9 @@
 // (csrc/cpu/verify_tree_cpu.cpp).
 #pragma once
 
+#include "dispatch.h"
 #include "fusedecode/stats_state.h"
+#include "fusedecode/vocab_slices.h"
 #include "logit_stats_op.h"
 
 #include <ATen/Parallel.h>
@@ -13,6 +15,7 @@
 #include <algorithm>
 #include <functional>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace fusedecode {
@@ -60,31 +63,23 @@ void reduce_slice(const float* row, int64_t begin, int64_t end, float inv_t, Sli
 void reduce_slice(const c10::Half* row, int64_t begin, int64_t end, float inv_t, SliceResult& out);
 void reduce_slice(const c10::BFloat16* row, int64_t begin, int64_t end, float inv_t, SliceResult& out);
 
-// Calls f(scalar_t{}) for the logits dtypes fusedecode accepts.
+// Calls f(scalar_t{}) for the float dtypes the kernels read (dispatch.h), with c10's 16-bit types.
 template <class F>
-void dispatch_logits_dtype(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat:
-      return f(float{});
-    case at::kHalf:
-      return f(c10::Half{});
-    case at::kBFloat16:
-      return f(c10::BFloat16{});
-    default:
-      TORCH_CHECK(false, "logits must be float32, float16 or bfloat16");
-  }
+void dispatch_cpu_float(at::ScalarType dtype, const char* what, F&& f) {
+  dispatch_float_dtype<c10::Half, c10::BFloat16>(dtype, what, std::forward<F>(f));
 }
 
-using StatsOutputs = StatsOutputPointers;
-
-// Reduce every row of `layout` in slices of `slice_len` tokens, in parallel over (row, slice), and
-// write the stats. With `keep_slices`, the per-slice results stay there ([rows * slices]).
+// Reduce every row of `layout` in slices of `slice_len` tokens (vocab_slices.h), in parallel over
+// (row, slice), and write the stats. With `keep_slices`, the per-slice results stay there
+// ([rows * slices], row-major).
 template <typename scalar_t, typename Temperature>
 void reduce_rows(const scalar_t* base, const RowLayout& layout, Temperature row_temperature, const int64_t* token_ids,
-                 int64_t topk, int64_t slice_len, const StatsOutputs& out, std::vector<SliceResult>* keep_slices) {
+                 int64_t topk, int64_t slice_len, const StatsOutputPointers& out,
+                 std::vector<SliceResult>* keep_slices) {
   const int64_t rows = layout.num_rows();
   const int64_t vocab = layout.vocab;
-  const int64_t slices = (vocab + slice_len - 1) / slice_len;
+  const VocabSlices cut{vocab, slice_len};
+  const int64_t slices = cut.count();
 
   auto finish_row = [&](int64_t r, const SliceResult& result) {
     const int64_t token = token_ids ? token_ids[r] : -1;
@@ -111,11 +106,10 @@ void reduce_rows(const scalar_t* base, const RowLayout& layout, Temperature row_
   at::parallel_for(0, rows * slices, 1, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t r = unit / slices;
-      const int64_t lo = (unit % slices) * slice_len;
-      const int64_t hi = std::min(vocab, lo + slice_len);
+      const int64_t slice = unit % slices;
       SliceResult& part = parts[unit];
       part.top.k = static_cast<int>(topk);
-      reduce_slice(base + layout.row_offset(r), lo, hi, 1.f / row_temperature(r), part);
+      reduce_slice(base + layout.row_offset(r), cut.begin(slice), cut.end(slice), 1.f / row_temperature(r), part);
     }
   });
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {

@@ -1,5 +1,6 @@
-// cpp backend of verify_tree: the statistics pass over every node's row (4096-token slices, kept
-// for sampling), then one tree walk per batch row (tree_walk.h), parallel over the batch.
+// cpp backend of verify_tree: the statistics pass over every node's row (kVerifySliceTokens-token
+// slices, vocab_slices.h, kept for sampling), then one tree walk per batch row (tree_walk.h),
+// parallel over the batch.
 #include "fusedecode/tree_walk.h"
 #include "slice_reduce.h"
 #include "verify_tree_op.h"
@@ -18,7 +19,8 @@ struct CpuTreeRow {
   float inv_t;
   const float* max_logprob;  // [N]: -log sum exp(z - max z)
   const int64_t* argmaxes;   // [N]
-  const SliceResult* slices; // [N * splits]
+  const SliceResult* slices; // [N * splits]: the statistics pass's slices of each node row
+  VocabSlices cut;            // how those slices cut a row
   int64_t splits;
   const prob_t* q;           // node 0 of this batch row, or nullptr
   int64_t q_node_stride;
@@ -106,8 +108,8 @@ struct CpuTreeRow {
       if (remaining <= mass) break;
       remaining -= mass;
     }
-    const int64_t begin = chosen * kVerifySliceTokens;
-    const int64_t end = std::min(vocab, begin + kVerifySliceTokens);
+    const int64_t begin = cut.begin(chosen);
+    const int64_t end = cut.end(chosen);
     double running = 0.0;
     int64_t last = -1;
     for (int64_t i = begin; i < end; ++i) {
@@ -127,22 +129,23 @@ struct CpuTreeRow {
 template <typename scalar_t, typename prob_t>
 void walk_all(const at::Tensor& logits, const at::Tensor& tokens, const at::Tensor& parents, const prob_t* q,
               int64_t q_batch_stride, int64_t q_node_stride, const at::Tensor& seeds, float inv_t, int mode,
-              const std::vector<SliceResult>& slices, int64_t splits, const VerifyTreeOutputs& outputs) {
-  const int64_t batch = logits.size(0), nodes = logits.size(1), width = std::get<1>(outputs).size(1);
+              const std::vector<SliceResult>& slices, const VocabSlices& cut, VerifyTreeOutputs& outputs) {
+  const int64_t batch = logits.size(0), nodes = logits.size(1), width = outputs.accepted_nodes.size(1);
+  const int64_t splits = cut.count();
   const scalar_t* base = logits.const_data_ptr<scalar_t>();
-  const float* max_logprob = std::get<7>(outputs).const_data_ptr<float>();
-  const int64_t* argmaxes = std::get<8>(outputs).const_data_ptr<int64_t>();
+  const float* max_logprob = outputs.stats.max_logprob.const_data_ptr<float>();
+  const int64_t* argmaxes = outputs.stats.argmax.const_data_ptr<int64_t>();
   const int64_t* token_rows = tokens.const_data_ptr<int64_t>();
   const int64_t* parent_rows = parents.const_data_ptr<int64_t>();
   const int64_t* seed_rows = seeds.const_data_ptr<int64_t>();
-  int64_t* num_accepted = std::get<0>(outputs).data_ptr<int64_t>();
-  int64_t* accepted = std::get<1>(outputs).data_ptr<int64_t>();
-  int64_t* emitted = std::get<2>(outputs).data_ptr<int64_t>();
+  int64_t* num_accepted = outputs.num_accepted.data_ptr<int64_t>();
+  int64_t* accepted = outputs.accepted_nodes.data_ptr<int64_t>();
+  int64_t* emitted = outputs.output_tokens.data_ptr<int64_t>();
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       CpuTreeRow<scalar_t, prob_t> row{base + b * logits.stride(0), logits.stride(1), logits.size(2), inv_t,
                                        max_logprob + b * nodes, argmaxes + b * nodes, slices.data() + b * nodes * splits,
-                                       splits, q ? q + b * q_batch_stride : nullptr, q_node_stride,
+                                       cut, splits, q ? q + b * q_batch_stride : nullptr, q_node_stride,
                                        parent_rows + b * nodes, token_rows + b * nodes, nodes};
       walk_tree(row, mode, static_cast<uint64_t>(seed_rows[b]), static_cast<uint64_t>(b), true, width, accepted + b * width,
                 emitted + b * width, num_accepted + b);
@@ -150,39 +153,37 @@ void walk_all(const at::Tensor& logits, const at::Tensor& tokens, const at::Tens
   });
 }
 
-VerifyTreeOutputs verify_tree_cpu(const at::Tensor& logits, const at::Tensor& tokens, const at::Tensor& parents,
-                                  double temperature, const c10::optional<at::Tensor>& draft_probs,
-                                  const at::Tensor& seeds, int64_t depth) {
+VerifyTreeOutputs::Returns verify_tree_cpu(const at::Tensor& logits, const at::Tensor& tokens,
+                                           const at::Tensor& parents, double temperature,
+                                           const c10::optional<at::Tensor>& draft_probs, const at::Tensor& seeds,
+                                           int64_t depth) {
   check_verify_tree_inputs(logits, tokens, parents, temperature, draft_probs, seeds, depth);
   VerifyTreeOutputs outputs = allocate_verify_tree_outputs(logits, depth);
   const int64_t batch = logits.size(0), nodes = logits.size(1), vocab = logits.size(2);
-  if (batch == 0 || nodes == 0) return outputs;
+  if (batch == 0 || nodes == 0) return outputs.returns();
   const float stats_temperature = temperature > 0 ? static_cast<float>(temperature) : 1.f;
   RowLayout layout{batch, nodes, logits.stride(0), logits.stride(1), vocab};
-  const StatsOutputs stats{std::get<3>(outputs).data_ptr<float>(), std::get<4>(outputs).data_ptr<float>(),
-                           std::get<5>(outputs).data_ptr<float>(), std::get<6>(outputs).data_ptr<float>(),
-                           std::get<7>(outputs).data_ptr<float>(), std::get<8>(outputs).data_ptr<int64_t>(),
-                           nullptr, nullptr};
+  const StatsOutputPointers stats = outputs.stats.pointers(false, false);
   const int mode = verify_mode(temperature, draft_probs);
   std::vector<SliceResult> slices;
-  const int64_t splits = (vocab + kVerifySliceTokens - 1) / kVerifySliceTokens;
-  dispatch_logits_dtype(logits.scalar_type(), [&](auto logits_tag) {
+  const VocabSlices cut{vocab, kVerifySliceTokens};
+  dispatch_cpu_float(logits.scalar_type(), "target_logits", [&](auto logits_tag) {
     using scalar_t = decltype(logits_tag);
     reduce_rows(logits.const_data_ptr<scalar_t>(), layout, [&](int64_t) { return stats_temperature; }, nullptr, 0,
-                kVerifySliceTokens, stats, &slices);
+                cut.slice_len, stats, &slices);
     if (mode != kVerifyMultiDraft) {
       walk_all<scalar_t, float>(logits, tokens, parents, nullptr, 0, 0, seeds, 1.f / stats_temperature, mode, slices,
-                                splits, outputs);
+                                cut, outputs);
       return;
     }
     const at::Tensor& q = *draft_probs;
-    dispatch_logits_dtype(q.scalar_type(), [&](auto prob_tag) {
+    dispatch_cpu_float(q.scalar_type(), "draft_probs", [&](auto prob_tag) {
       using prob_t = decltype(prob_tag);
       walk_all<scalar_t, prob_t>(logits, tokens, parents, q.const_data_ptr<prob_t>(), q.stride(0), q.stride(1), seeds,
-                                 1.f / stats_temperature, mode, slices, splits, outputs);
+                                 1.f / stats_temperature, mode, slices, cut, outputs);
     });
   });
-  return outputs;
+  return outputs.returns();
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // Torch binding of the CUDA logit_stats kernel: checks, dtype dispatch, workspace, current stream.
 #include "fusedecode/logit_stats.cuh"
+#include "../dispatch.h"
 #include "../logit_stats_op.h"
 
 #include <ATen/cuda/CUDAContext.h>
@@ -28,15 +29,16 @@ unsigned int* row_counters(const at::Tensor& like, int64_t rows, int64_t capacit
   return reinterpret_cast<unsigned int*>(it->second.data_ptr<int>());
 }
 
-LogitStatsOutputs logit_stats_cuda(const at::Tensor& logits, const c10::optional<at::Tensor>& temperature,
-                                   double temperature_scalar, const c10::optional<at::Tensor>& token_ids,
-                                   int64_t topk) {
+LogitStatsOutputs::Returns logit_stats_cuda(const at::Tensor& logits, const c10::optional<at::Tensor>& temperature,
+                                            double temperature_scalar, const c10::optional<at::Tensor>& token_ids,
+                                            int64_t topk) {
   TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor");
   const RowLayout layout = check_logit_stats_inputs(logits, temperature, token_ids, topk);
   const c10::cuda::CUDAGuard guard(logits.device());
-  LogitStatsOutputs outputs = allocate_logit_stats_outputs(logits, token_ids.has_value(), topk > 0);
+  LogitStatsOutputs outputs =
+      allocate_logit_stats_outputs(logits, {logits.size(0) * logits.size(1)}, token_ids.has_value(), topk > 0);
   const int64_t rows = layout.num_rows();
-  if (rows == 0) return outputs;
+  if (rows == 0) return outputs.returns();
 
   cuda::LogitStatsParams p{};
   p.logits = logits.const_data_ptr();
@@ -49,7 +51,7 @@ LogitStatsOutputs logit_stats_cuda(const at::Tensor& logits, const c10::optional
   p.temperature = static_cast<float>(temperature_scalar);
   p.token_ids = token_ids.has_value() ? token_ids->const_data_ptr<int64_t>() : nullptr;
   p.topk = static_cast<int>(topk);
-  p.out = logit_stats_output_pointers(outputs, token_ids.has_value(), topk > 0);
+  p.out = outputs.pointers(token_ids.has_value(), topk > 0);
 
   const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   p.splits = cuda::choose_splits(rows, layout.vocab, static_cast<int>(logits.element_size()), sm_count);
@@ -70,22 +72,11 @@ LogitStatsOutputs logit_stats_cuda(const at::Tensor& logits, const c10::optional
     p.row_counters = row_counters(logits, rows, cuda::kSplitRowCapacityPerSM * sm_count, stream);
   }
 
-  cudaError_t err = cudaSuccess;
-  switch (logits.scalar_type()) {
-    case at::kFloat:
-      err = cuda::launch_logit_stats<float>(p, stream);
-      break;
-    case at::kHalf:
-      err = cuda::launch_logit_stats<__half>(p, stream);
-      break;
-    case at::kBFloat16:
-      err = cuda::launch_logit_stats<__nv_bfloat16>(p, stream);
-      break;
-    default:
-      TORCH_CHECK(false, "unreachable dtype");
-  }
-  C10_CUDA_CHECK(err);
-  return outputs;
+  dispatch_float_dtype<__half, __nv_bfloat16>(logits.scalar_type(), "logits", [&](auto logits_tag) {
+    using T = decltype(logits_tag);
+    C10_CUDA_CHECK(cuda::launch_logit_stats<T>(p, stream));
+  });
+  return outputs.returns();
 }
 
 }  // namespace

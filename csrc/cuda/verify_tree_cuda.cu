@@ -1,6 +1,7 @@
 // Torch binding of verify_tree on CUDA: checks, outputs, the statistics pass (logit_stats kernel
-// with 4096-token slices) and the tree walk, on the current stream.
+// with kVerifySliceTokens-token slices, vocab_slices.h) and the tree walk, on the current stream.
 #include "fusedecode/verify_tree.cuh"
+#include "../dispatch.h"
 #include "../verify_tree_op.h"
 
 #include <ATen/cuda/CUDAContext.h>
@@ -10,30 +11,17 @@
 namespace fusedecode {
 namespace {
 
-template <class F>
-void dispatch_cuda_float(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat:
-      return f(float{});
-    case at::kHalf:
-      return f(__half{});
-    case at::kBFloat16:
-      return f(__nv_bfloat16{});
-    default:
-      TORCH_CHECK(false, "expected float32, float16 or bfloat16");
-  }
-}
-
-VerifyTreeOutputs verify_tree_cuda(const at::Tensor& logits, const at::Tensor& tokens, const at::Tensor& parents,
-                                   double temperature, const c10::optional<at::Tensor>& draft_probs,
-                                   const at::Tensor& seeds, int64_t depth) {
+VerifyTreeOutputs::Returns verify_tree_cuda(const at::Tensor& logits, const at::Tensor& tokens,
+                                            const at::Tensor& parents, double temperature,
+                                            const c10::optional<at::Tensor>& draft_probs, const at::Tensor& seeds,
+                                            int64_t depth) {
   TORCH_CHECK(logits.is_cuda(), "target_logits must be a CUDA tensor");
   check_verify_tree_inputs(logits, tokens, parents, temperature, draft_probs, seeds, depth);
   const c10::cuda::CUDAGuard guard(logits.device());
   VerifyTreeOutputs outputs = allocate_verify_tree_outputs(logits, depth);
   const int64_t batch = logits.size(0), nodes = logits.size(1), vocab = logits.size(2);
-  if (batch == 0 || nodes == 0) return outputs;
-  const int64_t splits = (vocab + kVerifySliceTokens - 1) / kVerifySliceTokens;
+  if (batch == 0 || nodes == 0) return outputs.returns();
+  const int64_t splits = VocabSlices{vocab, kVerifySliceTokens}.count();
   TORCH_CHECK(splits <= cuda::kMaxVerifySlices, "verify_tree on CUDA supports V up to ",
               cuda::kMaxVerifySlices * kVerifySliceTokens, ", got ", vocab);
   const int64_t rows = batch * nodes;
@@ -41,7 +29,7 @@ VerifyTreeOutputs verify_tree_cuda(const at::Tensor& logits, const at::Tensor& t
   const float stats_temperature = temperature > 0 ? static_cast<float>(temperature) : 1.f;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  // Pass 1: statistics of every node row, keeping one StatsState per 4096-token slice.
+  // Pass 1: statistics of every node row, keeping one StatsState per kVerifySliceTokens-token slice.
   at::Tensor slices = at::empty({rows * splits * static_cast<int64_t>(sizeof(StatsState) / sizeof(float))},
                                 logits.options().dtype(at::kFloat));
   at::Tensor counters = at::zeros({rows}, logits.options().dtype(at::kInt));
@@ -53,14 +41,7 @@ VerifyTreeOutputs verify_tree_cuda(const at::Tensor& logits, const at::Tensor& t
   s.inner_stride = logits.stride(1);
   s.vocab = vocab;
   s.temperature = stats_temperature;
-  s.out = {std::get<3>(outputs).data_ptr<float>(),
-           std::get<4>(outputs).data_ptr<float>(),
-           std::get<5>(outputs).data_ptr<float>(),
-           std::get<6>(outputs).data_ptr<float>(),
-           std::get<7>(outputs).data_ptr<float>(),
-           std::get<8>(outputs).data_ptr<int64_t>(),
-           nullptr,
-           nullptr};
+  s.out = outputs.stats.pointers(false, false);
   s.splits = static_cast<int>(splits);
   s.partial_states = reinterpret_cast<StatsState*>(slices.data_ptr<float>());
   s.row_counters = reinterpret_cast<unsigned int*>(counters.data_ptr<int>());
@@ -76,8 +57,8 @@ VerifyTreeOutputs verify_tree_cuda(const at::Tensor& logits, const at::Tensor& t
   w.seeds = seeds.const_data_ptr<int64_t>();
   w.inv_t = 1.f / stats_temperature;
   w.mode = verify_mode(temperature, draft_probs);
-  w.max_logprob = std::get<7>(outputs).const_data_ptr<float>();
-  w.argmax = std::get<8>(outputs).const_data_ptr<int64_t>();
+  w.max_logprob = outputs.stats.max_logprob.const_data_ptr<float>();
+  w.argmax = outputs.stats.argmax.const_data_ptr<int64_t>();
   w.slices = s.partial_states;
   w.splits = static_cast<int>(splits);
   if (w.mode == kVerifyMultiDraft) {
@@ -85,12 +66,12 @@ VerifyTreeOutputs verify_tree_cuda(const at::Tensor& logits, const at::Tensor& t
     w.q_stride_b = draft_probs->stride(0);
     w.q_stride_n = draft_probs->stride(1);
   }
-  w.num_accepted = std::get<0>(outputs).data_ptr<int64_t>();
-  w.accepted_nodes = std::get<1>(outputs).data_ptr<int64_t>();
-  w.output_tokens = std::get<2>(outputs).data_ptr<int64_t>();
+  w.num_accepted = outputs.num_accepted.data_ptr<int64_t>();
+  w.accepted_nodes = outputs.accepted_nodes.data_ptr<int64_t>();
+  w.output_tokens = outputs.output_tokens.data_ptr<int64_t>();
   w.width = depth + 1;
 
-  dispatch_cuda_float(logits.scalar_type(), [&](auto logits_tag) {
+  dispatch_float_dtype<__half, __nv_bfloat16>(logits.scalar_type(), "target_logits", [&](auto logits_tag) {
     using T = decltype(logits_tag);
     s.vectors_per_split = kVerifySliceTokens / cuda::VecLoad<T>::kVec;
     C10_CUDA_CHECK(cuda::launch_logit_stats<T>(s, stream));
@@ -98,12 +79,12 @@ VerifyTreeOutputs verify_tree_cuda(const at::Tensor& logits, const at::Tensor& t
       C10_CUDA_CHECK((cuda::launch_tree_walk<T, float>(w, batch, stream)));
       return;
     }
-    dispatch_cuda_float(draft_probs->scalar_type(), [&](auto prob_tag) {
+    dispatch_float_dtype<__half, __nv_bfloat16>(draft_probs->scalar_type(), "draft_probs", [&](auto prob_tag) {
       using P = decltype(prob_tag);
       C10_CUDA_CHECK((cuda::launch_tree_walk<T, P>(w, batch, stream)));
     });
   });
-  return outputs;
+  return outputs.returns();
 }
 
 }  // namespace

@@ -11,11 +11,10 @@ fusedecode to run the Triton kernels on CPU tensors.
 
 from . import tree
 from ._info import build_info, __version__
-from ._types import LogitStats, TreeVerification
 from .backends import available_backends
-from .linear_ce import linear_cross_entropy_entropy
-from .logit_stats import logit_stats
-from .verify_tree import verify_tree
+from .ops.linear_ce import linear_cross_entropy_entropy
+from .ops.logit_stats import LogitStats, logit_stats
+from .ops.verify_tree import TreeVerification, verify_tree
 
 __all__ = ["logit_stats", "LogitStats", "verify_tree", "TreeVerification", "linear_cross_entropy_entropy", "tree",
            "available_backends", "build_info", "__version__"]

@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._validation import ArgumentTypeError, check_float
+from ._validation import check_float, check_tensor
 
 __all__ = ["HeadTransform", "check_head_transform", "apply_head_transform", "head_transform_slope"]
 
@@ -37,18 +37,12 @@ def check_head_transform(bias, logit_scale, softcap, weight):
     weight's dtype or float32 on its device, ``logit_scale`` None or a finite float, ``softcap`` None
     or a finite float > 0. Returns a ``HeadTransform`` with plain floats."""
     if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise ArgumentTypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
-        if bias.dtype not in (weight.dtype, torch.float32):
-            raise ArgumentTypeError(f"bias must have the weight's dtype {weight.dtype} or float32, got {bias.dtype}")
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must have shape ({weight.shape[0]},) (the weight's V), got {tuple(bias.shape)}")
-        if bias.device != weight.device:
-            raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
+        check_tensor("bias", bias, tuple(dict.fromkeys((weight.dtype, torch.float32))), shape=(weight.shape[0],),
+                     device=weight.device, device_of="weight")
     if logit_scale is not None:
-        logit_scale = float(check_float("logit_scale", logit_scale))
+        logit_scale = check_float("logit_scale", logit_scale)
     if softcap is not None:
-        softcap = float(check_float("softcap", softcap, low=0.0))
+        softcap = check_float("softcap", softcap, low=0.0)
         if softcap == 0:
             raise ValueError("softcap must be > 0, got 0")
     return HeadTransform(bias, logit_scale, softcap)

@@ -2,13 +2,14 @@
 
 Every other backend and every test is checked against these functions. They favour clarity over
 speed (several passes over the logits), and double as the "plain torch composite" in benchmarks.
+They implement the definitions of the op files (``python/fusedecode/ops/<op>.py``), which import
+this module; the result types are imported from there when called.
 """
 
 import math
 
 import torch
 
-from ._types import LogitStats
 from ._validation import float32_temperature_ok, temperature_in_float32_range
 
 
@@ -23,7 +24,10 @@ def logit_stats_reference(logits, temperature=1.0, token_ids=None, topk=0, dtype
 
     ``temperature`` is a positive float or a tensor of shape ``logits.shape[:-1]``; ``token_ids`` an
     integer tensor of that shape or None; ``topk`` in 0..64 (0: no ``topk_confidence``).
+    Definitions: ``python/fusedecode/ops/logit_stats.py``.
     """
+    from .ops.logit_stats import LogitStats
+
     x = logits.to(torch.float64)
     if isinstance(temperature, torch.Tensor):
         temperature_col = temperature.to(torch.float64).unsqueeze(-1)
@@ -108,17 +112,17 @@ def _generator(seed, row, node, purpose):
 
 def verify_tree_reference(target_logits, draft_tokens, parents, temperature, draft_probs, seeds, depth,
                           dtype=torch.float32):
-    """``verify_tree`` (DESIGN section 4) as a plain walk over each tree, one batch row at a time.
+    """``verify_tree`` (definitions: ``python/fusedecode/ops/verify_tree.py``) as a plain walk over
+    each tree, one batch row at a time.
 
-    ``draft_tokens`` and ``parents`` are int64 ``[B, N]``, ``seeds`` int64 ``[B]`` (as
-    ``_validation.check_verify_tree_args`` returns them), ``depth`` the tree depth D. Returns the
-    fields of ``TreeVerification`` (``num_accepted``, ``accepted_nodes``, ``output_tokens``, ``stats``).
+    ``draft_tokens`` and ``parents`` are int64 ``[B, N]``, ``seeds`` int64 ``[B]`` (as the op prepares
+    them for its custom ops), ``depth`` the tree depth D. Returns a ``TreeVerification``.
 
     Unvalidated input follows the fused backends: node c is a child of r only when
     ``parents[c] == r < c`` (so a node with an out-of-range or later parent is unreachable), and a
     draft token outside [0, V) is never accepted.
     """
-    from ._types import TreeVerification
+    from .ops.verify_tree import TreeVerification
 
     batch, nodes, vocab = target_logits.shape
     device = target_logits.device
@@ -195,7 +199,8 @@ def _specinfer_node(p, q, children, tokens, seed, b, node):
 
 def linear_cross_entropy_entropy_reference(hidden, weight, targets, delta=None, temperature=1.0, ignore_index=-100,
                                            dtype=torch.float64, bias=None, logit_scale=None, softcap=None):
-    """``linear_cross_entropy_entropy`` the naive way: the whole ``[T, V]`` logits in ``dtype``,
+    """``linear_cross_entropy_entropy`` (definitions: ``python/fusedecode/ops/linear_ce.py``) the
+    naive way: the whole ``[T, V]`` logits in ``dtype``,
     ``torch.nn.functional`` losses, gradients by autograd. The test oracle (float64) and the
     benchmark's baseline (float32); never use it on long contexts.
 

@@ -16,7 +16,7 @@ Example::
 
 import torch
 
-from ._validation import check_tree_parents, values_checkable
+from ._validation import INDEX_DTYPES, check_tensor, check_tree_parents, values_checkable
 
 __all__ = [
     "tree_attention_mask",
@@ -33,8 +33,7 @@ def _as_parents(parents, validate=True):
     (``parents[0] == -1``, ``0 <= parents[i] < i``: no cycle, self-parent or out-of-range parent)."""
     if not isinstance(parents, torch.Tensor):
         parents = torch.as_tensor(parents, dtype=torch.int64)
-    if parents.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"parents must be an integer tensor, got {parents.dtype}")
+    check_tensor("parents", parents, INDEX_DTYPES)
     if parents.dim() not in (1, 2) or parents.shape[-1] < 1:
         raise ValueError(f"parents must have shape [N] or [B, N] with N >= 1, got {tuple(parents.shape)}")
     parents = parents.to(torch.int64)

@@ -98,6 +98,39 @@ struct VecLoad<__half> {
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// How the kernel cuts a row into `splits` slices, one CTA each: a scalar head up to the first
+// 16-byte boundary, aligned 16-byte vectors, a scalar tail. Slice s reads vectors
+// [s * per_split, (s + 1) * per_split) (clamped); slice 0 also reads the head and the last slice
+// the tail. verify_tree's sampling pass (verify_tree.cuh) re-reads one slice through token_begin /
+// token_end: this is the one statement of that layout on CUDA.
+template <typename T>
+struct RowSlices {
+  static constexpr int kVec = VecLoad<T>::kVec;
+  int64_t vocab;
+  int splits;
+  int64_t head;         // scalar tokens before the first aligned vector
+  int64_t num_vectors;  // whole aligned vectors after the head
+  int64_t per_split;    // vectors per slice
+
+  // vectors_per_split: fixed vectors per slice (verify_tree: kVerifySliceTokens / kVec), or 0 to
+  // split the row evenly.
+  __device__ RowSlices(const T* row, int64_t vocab_, int splits_, int64_t vectors_per_split)
+      : vocab(vocab_), splits(splits_) {
+    const int misaligned = static_cast<int>((reinterpret_cast<uintptr_t>(row) % 16) / sizeof(T));
+    head = misaligned ? min64(kVec - misaligned, vocab) : 0;
+    num_vectors = (vocab - head) / kVec;
+    per_split = vectors_per_split > 0 ? vectors_per_split : (num_vectors + splits - 1) / splits;
+  }
+  __device__ int64_t tail_begin() const { return head + num_vectors * kVec; }
+  __device__ int64_t vec_begin(int64_t slice) const { return min64(num_vectors, slice * per_split); }
+  __device__ int64_t vec_end(int64_t slice) const { return min64(num_vectors, vec_begin(slice) + per_split); }
+  // Tokens [token_begin, token_end) of slice `slice`, head and tail included.
+  __device__ int64_t token_begin(int64_t slice) const { return slice == 0 ? 0 : head + vec_begin(slice) * kVec; }
+  __device__ int64_t token_end(int64_t slice) const {
+    return slice == splits - 1 ? vocab : head + vec_end(slice) * kVec;
+  }
+};
+
 // The k largest values a warp has been offered, sorted descending: lane l holds entries l and 32 + l.
 struct WarpTopK {
   float lo, hi;
@@ -260,14 +293,11 @@ __global__ void __launch_bounds__(kThreads, 3) logit_stats_kernel(const LogitSta
   const float scale2 = inv_t * kLog2e;
   const GapLimits limits = gap_limits(scale2, kThreadWindow);
 
-  // Scalar head up to the first 16-byte boundary, aligned vectors, scalar tail.
-  const int misaligned = static_cast<int>((reinterpret_cast<uintptr_t>(row_ptr) % 16) / sizeof(T));
-  const int64_t head = misaligned ? min64(kVec - misaligned, p.vocab) : 0;
-  const int64_t num_vectors = (p.vocab - head) / kVec;
-  const int64_t tail_begin = head + num_vectors * kVec;
-  const int64_t per_split = p.vectors_per_split > 0 ? p.vectors_per_split : (num_vectors + p.splits - 1) / p.splits;
-  const int64_t vec_begin = min64(num_vectors, split * per_split);
-  const int64_t vec_end = min64(num_vectors, vec_begin + per_split);
+  const RowSlices<T> cut(row_ptr, p.vocab, p.splits, p.vectors_per_split);
+  const int64_t head = cut.head;
+  const int64_t tail_begin = cut.tail_begin();
+  const int64_t vec_begin = cut.vec_begin(split);
+  const int64_t vec_end = cut.vec_end(split);
   const uint4* vectors = reinterpret_cast<const uint4*>(row_ptr + head);
 
   ThreadSums sums;

@@ -31,14 +31,11 @@
 
 #include "fusedecode/philox.h"
 #include "fusedecode/stats_state.h"
+#include "fusedecode/vocab_slices.h"
 
 namespace fusedecode {
 
 enum VerifyMode : int { kVerifyGreedy = 0, kVerifySample = 1, kVerifyMultiDraft = 2 };
-
-// Tokens per slice of a row in verify_tree's statistics pass; sampling finds the slice holding the
-// drawn probability mass from the per-slice states and reads only that slice again.
-constexpr int64_t kVerifySliceTokens = 4096;
 
 // Writes accepted_nodes[0..count], output_tokens[0..count] and *num_accepted (when `writer`); `width`
 // (D + 1) bounds the depth, so a wrong depth can end a walk early but never write out of bounds.

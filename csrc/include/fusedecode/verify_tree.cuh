@@ -1,8 +1,8 @@
 // fusedecode: tree verification on CUDA. Framework-free; the torch binding is
 // csrc/cuda/verify_tree_cuda.cu.
 //
-// Pass 1 is logit_stats_kernel over the B*N node rows in split mode with fixed 4096-token slices
-// (vectors_per_split), which writes every node's statistics and leaves one StatsState per slice.
+// Pass 1 is logit_stats_kernel over the B*N node rows in split mode with fixed kVerifySliceTokens-token
+// slices (vocab_slices.h; cut as RowSlices in logit_stats.cuh), which writes every node's statistics and leaves one StatsState per slice.
 // Pass 2, tree_walk_kernel, runs one CTA per tree: the shared walk logic (tree_walk.h) with
 // CTA-collective row operations. Greedy needs only the argmaxes; a sample reads again the one slice
 // that holds the drawn probability mass; SpecInfer's residual passes read the node's row and draft
@@ -264,15 +264,11 @@ struct CudaTreeRow {
     __syncthreads();
     const float remaining = scratch.broadcast_f;
     __syncthreads();
-    // Token range of slice `chosen` as pass 1 cut it (aligned head, 16-byte vectors, tail).
+    // Token range of slice `chosen` as pass 1 cut it.
     const T* row = logits + node * p.stride_n;
-    constexpr int kVec = VecLoad<T>::kVec;
-    const int misaligned = static_cast<int>((reinterpret_cast<uintptr_t>(row) % 16) / sizeof(T));
-    const int64_t head = misaligned ? min64(kVec - misaligned, p.vocab) : 0;
-    const int64_t num_vectors = (p.vocab - head) / kVec;
-    const int64_t per_split = kVerifySliceTokens / kVec;
-    const int64_t lo = chosen == 0 ? 0 : head + min64(chosen * per_split, num_vectors) * kVec;
-    const int64_t hi = chosen == p.splits - 1 ? p.vocab : head + min64((chosen + 1) * per_split, num_vectors) * kVec;
+    const RowSlices<T> cut(row, p.vocab, p.splits, kVerifySliceTokens / RowSlices<T>::kVec);
+    const int64_t lo = cut.token_begin(chosen);
+    const int64_t hi = cut.token_end(chosen);
     const float inv_t = p.inv_t;
     const int64_t hit = scan_tokens(
         lo, hi, remaining,

@@ -14,6 +14,7 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
 from .. import logit_stats
+from .._validation import MAX_TOPK, check_float, check_int, check_temperature, is_real_number
 
 FIELDS = ("entropy", "varentropy", "self_certainty", "logsumexp", "max_logprob")
 
@@ -57,12 +58,9 @@ class UncertaintyProcessor(LogitsProcessor):
     """
 
     def __init__(self, temperature=1.0, topk=0):
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be a float > 0, got {temperature!r}")
-        if isinstance(topk, bool) or not isinstance(topk, int) or not 0 <= topk <= 64:
-            raise ValueError(f"topk must be an int in [0, 64], got {topk!r}")
+        check_temperature(temperature)
         self.temperature = float(temperature)
-        self.topk = topk
+        self.topk = check_int("topk", topk, 0, MAX_TOPK)
         self.reset()
 
     def reset(self):
@@ -144,10 +142,8 @@ class UncertaintyProcessor(LogitsProcessor):
 
 def _check_threshold(threshold):
     """A finite float, or a 1-D float64 tensor of finite values (one per row)."""
-    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
-        if not math.isfinite(threshold):
-            raise ValueError(f"threshold must be finite, got {threshold!r}")
-        return float(threshold)
+    if is_real_number(threshold):
+        return check_float("threshold", threshold)
     try:
         values = torch.as_tensor(threshold, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError):
@@ -258,15 +254,14 @@ class ConfidenceStopping(StoppingCriteria):
     """
 
     def __init__(self, window, threshold, topk=20, *, eos_token_id):
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be an int >= 1, got {window!r}")
+        window = check_int("window", window, 1)
         threshold = _check_threshold(threshold)
-        if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= 64:
-            raise ValueError(f"topk must be an int in [1, 64], got {topk!r}")
+        topk = check_int("topk", topk, 1, MAX_TOPK)
         eos_token_ids = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
-        if not eos_token_ids or any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in eos_token_ids):
-            raise ValueError(f"eos_token_id must be an int >= 0 or a non-empty list of them (the token emitted at the "
-                             f"stop first), got {eos_token_id!r}")
+        if not eos_token_ids:
+            raise ValueError("eos_token_id must be an int >= 0 or a non-empty list of them (the token emitted at the "
+                             "stop first), got an empty list")
+        eos_token_ids = [check_int("eos_token_id", e, 0) for e in eos_token_ids]
         self.window, self.threshold = window, threshold
         self.processor = ConfidenceStopProcessor(window, threshold, topk, eos_token_ids)
 

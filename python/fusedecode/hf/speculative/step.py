@@ -9,7 +9,7 @@ from typing import List, NamedTuple
 import torch
 
 from ...tree import tree_attention_mask, tree_position_ids
-from ...verify_tree import verify_tree
+from ...ops.verify_tree import verify_tree
 from .config import next_alpha
 from .draft_tree import branch_depth
 from .node_processors import process_tree_logits

@@ -1,5 +1,12 @@
 """``fusedecode.linear_cross_entropy_entropy``: lm_head + cross-entropy + last-row entropy, chunk by chunk.
 
+The definitions are written once, in ``linear_cross_entropy_entropy``'s docstring below; the naive
+oracle is ``reference.linear_cross_entropy_entropy_reference``. Backends: ``torch`` and ``triton``
+(``cpp`` and ``cuda`` are not implemented: named, they raise ``RuntimeError``), as custom ops with
+autograd, ``fusedecode::linear_ce_forward`` and ``fusedecode::linear_ce_weight_grad`` (the chunk step
+in plain torch) and their ``_triton`` twins (the chunk step in ``triton_kernels/linear_ce.py``). The
+template of ``ops/logit_stats.py`` (``ops/README.md``).
+
 The fused op never holds the ``[T, V]`` logits. Rows go through in chunks: each chunk's logits are one
 matmul, then one pass (a Triton kernel, or plain torch) computes the chunk's losses and overwrites
 the logits with the cross-entropy gradient, which is immediately contracted with the weight (for
@@ -15,21 +22,52 @@ soft-capping (``fusedecode.head_transform``) act on each chunk's logits after th
 derivative multiplies the logit gradients before they are contracted.
 """
 
-import os
-from typing import Optional, Tuple
+import operator
 
 import torch
 
-from ._validation import check_linear_ce_args
-from .backends import resolve_backend, unavailable_reason
-from .head_transform import apply_head_transform, check_head_transform, head_transform_slope
+from .._validation import check_linear_ce_args
+from ..backends import OpBackends, resolve_backend, triton_import_error
+from ..head_transform import apply_head_transform, check_head_transform, head_transform_slope
+from ._outputs import Output, allocate, by_name, schema_returns
 
 __all__ = ["linear_cross_entropy_entropy"]
 
-_NOT_IMPLEMENTED = ("cpp", "cuda")
 # chunk * V float32 logits per chunk: 48 MiB sits in the middle of the 32-64 MiB that keep the
 # matmuls large enough to run at full speed without the chunk dominating memory.
 _CHUNK_BYTES = 48 << 20
+
+# ------------------------------------------------------------------------------------------------
+# Outputs of the forward op: the losses, then what the backward scales by the upstream gradients
+# (for upstream 1, in the accumulation dtype: float64 for float64 inputs, else float32)
+
+BATCH, ACCUMULATE = ("batch",), "accumulate"
+FORWARD_OUTPUTS = (
+    Output("ce", ACCUMULATE, BATCH),
+    Output("entropy", ACCUMULATE, BATCH),
+    Output("ce_scale", ACCUMULATE, BATCH),  # 1 / counted rows
+    Output("grad_hidden_ce", ACCUMULATE, ("batch", "tokens", "width"), requested_by="need_hidden"),
+    Output("grad_delta_ce", ACCUMULATE, ("batch", "width"), requested_by="need_delta"),
+    Output("grad_weight_ce", ACCUMULATE, ("vocab", "width"), requested_by="weight_now"),  # B == 1 only
+    Output("grad_bias_ce", ACCUMULATE, ("batch", "vocab"), requested_by="need_bias"),
+    Output("entropy_grad_logits", ACCUMULATE, ("batch", "vocab")),
+    Output("entropy_grad_hidden", ACCUMULATE, ("batch", "width"), requested_by="need_input"),
+)
+
+BACKENDS = OpBackends("linear_cross_entropy_entropy", ("triton", "torch"))
+FORWARD_ARGUMENTS = ("(Tensor hidden, Tensor weight, Tensor targets, Tensor? delta, Tensor? bias, float? logit_scale, "
+                     "float? softcap, float temperature, int ignore_index, int chunk, bool need_hidden, "
+                     "bool need_delta, bool need_weight, bool need_bias)")
+FORWARD_SCHEMA = f"{FORWARD_ARGUMENTS} -> {schema_returns(FORWARD_OUTPUTS)}"
+WEIGHT_GRAD_SCHEMA = ("(Tensor hidden, Tensor weight, Tensor targets, Tensor? delta, Tensor? bias, float? logit_scale, "
+                      "float? softcap, Tensor ce_scale, int ignore_index, int chunk) -> Tensor")
+# Every custom op of this op and its schema (tests/ops/test_registry.py compares them with torch's).
+SCHEMAS = {"linear_ce_forward": FORWARD_SCHEMA, "linear_ce_weight_grad": WEIGHT_GRAD_SCHEMA,
+           "linear_ce_forward_triton": FORWARD_SCHEMA, "linear_ce_weight_grad_triton": WEIGHT_GRAD_SCHEMA}
+
+
+# ------------------------------------------------------------------------------------------------
+# The public function
 
 
 def linear_cross_entropy_entropy(hidden, weight, targets, *, delta=None, bias=None, logit_scale=None, softcap=None,
@@ -75,13 +113,14 @@ def linear_cross_entropy_entropy(hidden, weight, targets, *, delta=None, bias=No
         logit_scale: optional finite float multiplying the logits (Cohere's ``logit_scale``; Granite
             divides by ``logits_scaling``: pass its inverse).
         softcap: optional float > 0: final soft-capping (Gemma 2/3's ``final_logit_softcapping``).
-        temperature: float > 0, for the entropy only.
+        temperature: float > 0 with 1/T finite in float32 (about 3e-39 < T < 3.4e38), for the
+            entropy only.
         ignore_index: target value of rows to leave out.
         chunk: rows per chunk; default keeps ``chunk * V`` float32 logits around 48 MiB.
         backend: None (``$FUSEDECODE_BACKEND`` or ``"auto"``), ``"auto"``, ``"triton"`` or
-            ``"torch"``. ``auto`` is triton then torch for CUDA tensors and torch on CPU.
-            ``"cpp"``/``"cuda"`` are not implemented for this op: named here they raise
-            ``RuntimeError``; named by ``$FUSEDECODE_BACKEND`` they mean ``auto``.
+            ``"torch"``. ``auto`` is triton then torch for CUDA tensors and torch on CPU (and for
+            float64). ``"cpp"``/``"cuda"`` are not implemented for this op: named, as the argument
+            or by ``$FUSEDECODE_BACKEND``, they raise ``RuntimeError``, as for every op.
 
     Returns:
         ``(ce, entropy)``: float32 (float64 for float64 inputs) of shape ``[]``, or ``[B]`` when batched.
@@ -94,24 +133,24 @@ def linear_cross_entropy_entropy(hidden, weight, targets, *, delta=None, bias=No
         >>> round(ce.item(), 4), round(entropy.item(), 4)  # ce of row 0 only; entropy of row 1
         (0.2395, 0.6656)
     """
-    temperature, ignore_index, chunk = check_linear_ce_args(
-        hidden, weight, targets, delta, temperature, ignore_index, chunk)
+    check_linear_ce_args(hidden, weight, targets, delta, temperature, ignore_index, chunk)
     transform = check_head_transform(bias, logit_scale, softcap, weight)
-    name = _resolve_backend(backend, hidden.device, hidden.dtype)
+    name = resolve_backend(backend, hidden.device, BACKENDS, hidden.dtype)
+
     batched = hidden.dim() == 3
     if not batched:
         hidden, targets = hidden.unsqueeze(0), targets.unsqueeze(0)
     if delta is not None:
         delta = delta.expand(hidden.shape[0], hidden.shape[2])
-    if chunk is None:
-        chunk = default_chunk(weight.shape[0])
+    chunk = operator.index(chunk) if chunk is not None else default_chunk(weight.shape[0])
     grad_on = torch.is_grad_enabled()
-    outputs = torch.ops.fusedecode.linear_ce_forward(
-        hidden, weight, targets, delta, transform.bias, transform.logit_scale, transform.softcap, temperature,
-        ignore_index, chunk, name, grad_on and hidden.requires_grad,
-        grad_on and delta is not None and delta.requires_grad, grad_on and weight.requires_grad,
-        grad_on and bias is not None and bias.requires_grad)
-    ce, entropy = outputs[0], outputs[1]
+    needs = (grad_on and hidden.requires_grad, grad_on and delta is not None and delta.requires_grad,
+             grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad)
+    op = torch.ops.fusedecode.linear_ce_forward_triton if name == "triton" else torch.ops.fusedecode.linear_ce_forward
+    results = op(hidden, weight, targets, delta, transform.bias, transform.logit_scale, transform.softcap,
+                 float(temperature), operator.index(ignore_index), chunk, *needs)
+    fields = by_name(FORWARD_OUTPUTS, results, _requested(hidden, *needs))
+    ce, entropy = fields["ce"], fields["entropy"]
     if not batched:
         ce, entropy = ce.squeeze(0), entropy.squeeze(0)
     return ce, entropy
@@ -122,26 +161,12 @@ def default_chunk(vocab):
     return max(1, _CHUNK_BYTES // (4 * vocab))
 
 
-@torch.compiler.assume_constant_result
-def _resolve_backend(backend, device, dtype):
-    """``resolve_backend`` for an op that has only the torch and triton backends, and whose triton
-    path computes in float32 (float64 inputs need torch)."""
-    if backend in _NOT_IMPLEMENTED:
-        raise RuntimeError(f"backend {backend!r} is not implemented for linear_cross_entropy_entropy "
-                           f"(it has 'triton' and 'torch')")
-    name = backend if backend is not None else os.environ.get("FUSEDECODE_BACKEND", "auto")
-    if name in _NOT_IMPLEMENTED:
-        name = "auto"  # a process-wide preference for other ops, not a demand on this one
-    if name == "auto":
-        device = torch.device(device)
-        if device.type == "cuda" and dtype != torch.float64 and unavailable_reason("triton", device) is None:
-            return "triton"
-        return "torch"
-    name = resolve_backend(name, device)
-    if name == "triton" and dtype == torch.float64:
-        raise RuntimeError("backend 'triton' cannot run these inputs: its kernel computes in float32; "
-                           "use backend='torch' for float64")
-    return name
+def _requested(hidden, need_hidden, need_delta, need_weight, need_bias):
+    """Which gradient outputs the forward computes (the ``requested_by`` conditions of
+    ``FORWARD_OUTPUTS``). With B > 1 the weight gradient is recomputed in the backward (see the
+    public docstring)."""
+    return {"need_hidden": need_hidden, "need_delta": need_delta, "weight_now": need_weight and hidden.shape[0] == 1,
+            "need_bias": need_bias, "need_input": need_hidden or need_delta}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,14 +238,6 @@ def _chunk_step_torch(logits, offset, targets, scale, loss, entropy, entropy_gra
         torch.where(counted.unsqueeze(1), logits, fill.unsqueeze(1), out=logits)
 
 
-def _chunk_step(backend):
-    if backend == "triton":
-        from .triton_kernels.linear_ce import chunk_step_triton
-
-        return chunk_step_triton
-    return _chunk_step_torch
-
-
 def _accumulate_dtype(hidden):
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
@@ -235,8 +252,9 @@ def _offsets(weight, delta, bias, accumulate):
 
 
 def _chunked_pass(hidden, weight, targets, delta, bias, logit_scale, softcap, ce_scale, inv_temperature,
-                  ignore_index, chunk, backend, with_entropy, need_hidden, need_colsum, need_weight):
-    """Walk every batch entry's rows ``chunk`` at a time.
+                  ignore_index, chunk, step, with_entropy, need_hidden, need_colsum, need_weight):
+    """Walk every batch entry's rows ``chunk`` at a time, ``step`` (``_chunk_step_torch`` or
+    ``triton_kernels.linear_ce.chunk_step_triton``) doing each chunk's losses and logit gradients.
 
     ``ce_scale`` ``[B]`` multiplies each entry's cross-entropy gradient (1/n in the forward; times the
     upstream gradient when the backward recomputes). Returns per-row losses ``[B, T]``, entropies
@@ -250,7 +268,6 @@ def _chunked_pass(hidden, weight, targets, delta, bias, logit_scale, softcap, ce
     vocab = weight.shape[0]
     accumulate = _accumulate_dtype(hidden)
     options = dict(dtype=accumulate, device=hidden.device)
-    step = _chunk_step(backend)
     compute_grad = need_hidden or need_colsum or need_weight
     offset = _offsets(weight, delta, bias, accumulate)
     targets = targets.contiguous()
@@ -289,122 +306,129 @@ def _ce_scale(targets, ignore_index, accumulate):
     return 1.0 / counted.clamp_min(1).to(accumulate)
 
 
-def _forward(hidden, weight, targets, delta, bias, logit_scale, softcap, temperature, ignore_index, chunk, backend,
+def _forward(hidden, weight, targets, delta, bias, logit_scale, softcap, temperature, ignore_index, chunk, step,
              need_hidden, need_delta, need_weight, need_bias):
-    batch = hidden.shape[0]
+    """The forward op's outputs by name (None where not requested)."""
     accumulate = _accumulate_dtype(hidden)
     ce_scale = _ce_scale(targets, ignore_index, accumulate)
-    # With B > 1 the weight gradient is recomputed in the backward (see the public docstring).
-    weight_now = need_weight and batch == 1
+    requested = _requested(hidden, need_hidden, need_delta, need_weight, need_bias)
+    weight_now = requested["weight_now"]
     need_colsum = need_delta or need_bias or (weight_now and delta is not None)
     row_loss, entropy, entropy_grad, grad_hidden, colsum, grad_weight = _chunked_pass(
         hidden, weight, targets, delta, bias, logit_scale, softcap, ce_scale, 1.0 / temperature, ignore_index, chunk,
-        backend, True, need_hidden, need_colsum, weight_now)
-    ce = row_loss.sum(-1) * ce_scale
+        step, True, need_hidden, need_colsum, weight_now)
     if weight_now and delta is not None:
         grad_weight += _matmul(colsum.T, delta, accumulate)
+    return dict(
+        ce=row_loss.sum(-1) * ce_scale, entropy=entropy, ce_scale=ce_scale, grad_hidden_ce=grad_hidden,
+        grad_delta_ce=_matmul(colsum, weight, accumulate) if need_delta else None,
+        grad_weight_ce=grad_weight,
+        grad_bias_ce=colsum if need_bias else None,  # dz/dbias is the identity: the row sums themselves
+        entropy_grad_logits=entropy_grad,
+        entropy_grad_hidden=_matmul(entropy_grad, weight, accumulate) if requested["need_input"] else None)
 
-    def or_empty(tensor):  # a custom op's outputs may not alias each other: one fresh empty each
-        return tensor if tensor is not None else hidden.new_empty((0,), dtype=accumulate)
 
-    grad_delta = _matmul(colsum, weight, accumulate) if need_delta else None
-    grad_bias = colsum if need_bias else None  # dz/dbias is the identity: the row sums themselves
-    entropy_grad_hidden = _matmul(entropy_grad, weight, accumulate) if need_hidden or need_delta else None
-    return (ce, entropy, ce_scale, or_empty(grad_hidden), or_empty(grad_delta), or_empty(grad_weight),
-            or_empty(grad_bias), entropy_grad, or_empty(entropy_grad_hidden))
+def _weight_grad(hidden, weight, targets, delta, bias, logit_scale, softcap, ce_scale, ignore_index, chunk, step):
+    """The cross-entropy part of the weight gradient, ``ce_scale[b]`` weighing entry b: a second
+    chunked pass (the backward of batched inputs)."""
+    _, _, _, _, colsum, grad_weight = _chunked_pass(
+        hidden, weight, targets, delta, bias, logit_scale, softcap, ce_scale, 1.0, ignore_index, chunk, step,
+        False, False, delta is not None, True)
+    if delta is not None:
+        grad_weight += _matmul(colsum.T, delta, grad_weight.dtype)
+    return grad_weight
+
+
+def _backward(ctx, grad_ce, grad_entropy, weight_grad_op):
+    (logit_scale, softcap, ignore_index, chunk, need_hidden, need_delta, need_weight, need_bias, has_delta) = ctx.flags
+    (hidden, weight, targets, delta, bias, ce_scale, grad_hidden_ce, grad_delta_ce, grad_weight_ce, grad_bias_ce,
+     entropy_grad, entropy_grad_hidden) = ctx.saved_tensors
+    accumulate = ce_scale.dtype
+    upstream_ce, upstream_entropy = grad_ce.to(accumulate), grad_entropy.to(accumulate)
+    grad_hidden = grad_delta = grad_weight = grad_bias = None
+    if need_hidden:
+        grad_hidden = grad_hidden_ce * upstream_ce.view(-1, 1, 1)
+        grad_hidden[:, -1] += upstream_entropy.unsqueeze(1) * entropy_grad_hidden
+        grad_hidden = grad_hidden.to(hidden.dtype)
+    if need_delta:
+        grad_delta = upstream_ce.unsqueeze(1) * grad_delta_ce + upstream_entropy.unsqueeze(1) * entropy_grad_hidden
+        grad_delta = grad_delta.to(delta.dtype)
+    if need_bias:
+        grad_bias = (upstream_ce.unsqueeze(1) * grad_bias_ce + upstream_entropy.unsqueeze(1) * entropy_grad).sum(0)
+        grad_bias = grad_bias.to(bias.dtype)
+    if need_weight:
+        if hidden.shape[0] == 1:
+            grad_weight = grad_weight_ce * upstream_ce
+        else:
+            grad_weight = weight_grad_op(hidden, weight, targets, delta, bias, logit_scale, softcap,
+                                         ce_scale * upstream_ce, ignore_index, chunk)
+        last_rows = hidden[:, -1].to(accumulate)
+        if has_delta:
+            last_rows = last_rows + delta.to(accumulate)
+        grad_weight = grad_weight + (upstream_entropy.unsqueeze(1) * entropy_grad).T @ last_rows
+        grad_weight = grad_weight.to(weight.dtype)
+    return (grad_hidden, grad_weight, None, grad_delta, grad_bias) + (None,) * 9
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, targets, delta, bias, logit_scale, softcap, _, ignore_index, chunk, need_hidden, need_delta,
+     need_weight, need_bias) = inputs
+    ctx.flags = (logit_scale, softcap, ignore_index, chunk, need_hidden, need_delta, need_weight, need_bias,
+                 delta is not None)
+    saved = by_name(FORWARD_OUTPUTS, output)
+    ctx.save_for_backward(hidden, weight, targets, delta, bias, *(saved[name] for name in (
+        "ce_scale", "grad_hidden_ce", "grad_delta_ce", "grad_weight_ce", "grad_bias_ce", "entropy_grad_logits",
+        "entropy_grad_hidden")))
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom ops: forward (with autograd) and weight gradient, once per backend's chunk step
+
+
+def _forward_fake(hidden, weight, targets, delta, bias, logit_scale, softcap, temperature, ignore_index, chunk,
+                  need_hidden, need_delta, need_weight, need_bias):
+    batch, tokens, width = hidden.shape
+    sizes = {"batch": batch, "tokens": tokens, "width": width, "vocab": weight.shape[0]}
+    requested = _requested(hidden, need_hidden, need_delta, need_weight, need_bias)
+    return tuple(allocate(FORWARD_OUTPUTS, hidden, sizes, requested, {ACCUMULATE: _accumulate_dtype(hidden)}).values())
+
+
+def _weight_grad_fake(hidden, weight, targets, delta, bias, logit_scale, softcap, ce_scale, ignore_index, chunk):
+    return weight.new_empty(weight.shape, dtype=_accumulate_dtype(hidden))
+
+
+def _register_backend(forward_name, weight_grad_name, step):
+    def run_forward(hidden, weight, targets, delta, bias, logit_scale, softcap, temperature, ignore_index, chunk,
+                    need_hidden, need_delta, need_weight, need_bias):
+        fields = _forward(hidden, weight, targets, delta, bias, logit_scale, softcap, temperature, ignore_index,
+                          chunk, step, need_hidden, need_delta, need_weight, need_bias)
+        # A custom op's outputs may not alias each other: one fresh empty tensor per output not computed.
+        accumulate = _accumulate_dtype(hidden)
+        return tuple(fields[output.name] if fields[output.name] is not None
+                     else hidden.new_empty((0,), dtype=accumulate) for output in FORWARD_OUTPUTS)
+
+    def run_weight_grad(hidden, weight, targets, delta, bias, logit_scale, softcap, ce_scale, ignore_index, chunk):
+        return _weight_grad(hidden, weight, targets, delta, bias, logit_scale, softcap, ce_scale, ignore_index, chunk,
+                            step)
+
+    forward = torch.library.custom_op(f"fusedecode::{forward_name}", run_forward, mutates_args=(),
+                                      schema=SCHEMAS[forward_name])
+    forward.register_fake(_forward_fake)
+    weight_grad = torch.library.custom_op(f"fusedecode::{weight_grad_name}", run_weight_grad, mutates_args=(),
+                                          schema=SCHEMAS[weight_grad_name])
+    weight_grad.register_fake(_weight_grad_fake)
+    weight_grad_op = getattr(torch.ops.fusedecode, weight_grad_name)
+    forward.register_autograd(lambda ctx, grad_ce, grad_entropy, *_: _backward(ctx, grad_ce, grad_entropy,
+                                                                               weight_grad_op),
+                              setup_context=_setup_context)
 
 
 def _register_ops():
-    @torch.library.custom_op("fusedecode::linear_ce_forward", mutates_args=())
-    def linear_ce_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          delta: Optional[torch.Tensor], bias: Optional[torch.Tensor], logit_scale: Optional[float],
-                          softcap: Optional[float], temperature: float, ignore_index: int, chunk: int, backend: str,
-                          need_hidden: bool, need_delta: bool, need_weight: bool, need_bias: bool) -> Tuple[
-                              torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                              torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Batched ``[B, T, H]`` forward. Returns ``(ce [B], entropy [B], ce_scale [B],
-        grad_hidden_ce [B, T, H], grad_delta_ce [B, H], grad_weight_ce [V, H], grad_bias_ce [B, V],
-        entropy_grad_logits [B, V], entropy_grad_hidden [B, H])``, the gradients for upstream 1 and
-        empty when not needed."""
-        return _forward(hidden, weight, targets, delta, bias, logit_scale, softcap, temperature, ignore_index, chunk,
-                        backend, need_hidden, need_delta, need_weight, need_bias)
+    _register_backend("linear_ce_forward", "linear_ce_weight_grad", _chunk_step_torch)
+    if triton_import_error() is None:
+        from ..triton_kernels.linear_ce import chunk_step_triton
 
-    @linear_ce_forward.register_fake
-    def _(hidden, weight, targets, delta, bias, logit_scale, softcap, temperature, ignore_index, chunk, backend,
-          need_hidden, need_delta, need_weight, need_bias):
-        batch, tokens, width = hidden.shape
-        vocab = weight.shape[0]
-        accumulate = _accumulate_dtype(hidden)
-
-        def new(*shape):
-            return hidden.new_empty(shape, dtype=accumulate)
-
-        return (new(batch), new(batch), new(batch), new(batch, tokens, width) if need_hidden else new(0),
-                new(batch, width) if need_delta else new(0),
-                new(vocab, width) if need_weight and batch == 1 else new(0),
-                new(batch, vocab) if need_bias else new(0), new(batch, vocab),
-                new(batch, width) if need_hidden or need_delta else new(0))
-
-    @torch.library.custom_op("fusedecode::linear_ce_weight_grad", mutates_args=())
-    def linear_ce_weight_grad(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                              delta: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                              logit_scale: Optional[float], softcap: Optional[float], ce_scale: torch.Tensor,
-                              ignore_index: int, chunk: int, backend: str) -> torch.Tensor:
-        """The cross-entropy part of the weight gradient, ``ce_scale[b]`` weighing entry b: a second
-        chunked pass (the backward of batched inputs)."""
-        _, _, _, _, colsum, grad_weight = _chunked_pass(
-            hidden, weight, targets, delta, bias, logit_scale, softcap, ce_scale, 1.0, ignore_index, chunk, backend,
-            False, False, delta is not None, True)
-        if delta is not None:
-            grad_weight += _matmul(colsum.T, delta, grad_weight.dtype)
-        return grad_weight
-
-    @linear_ce_weight_grad.register_fake
-    def _(hidden, weight, targets, delta, bias, logit_scale, softcap, ce_scale, ignore_index, chunk, backend):
-        return weight.new_empty(weight.shape, dtype=_accumulate_dtype(hidden))
-
-    def setup_context(ctx, inputs, output):
-        (hidden, weight, targets, delta, bias, logit_scale, softcap, _, ignore_index, chunk, backend, need_hidden,
-         need_delta, need_weight, need_bias) = inputs
-        ctx.flags = (logit_scale, softcap, ignore_index, chunk, backend, need_hidden, need_delta, need_weight,
-                     need_bias, delta is not None)
-        ce_scale, grad_hidden, grad_delta, grad_weight, grad_bias, entropy_grad, entropy_grad_hidden = output[2:]
-        ctx.save_for_backward(hidden, weight, targets, delta, bias, ce_scale, grad_hidden, grad_delta, grad_weight,
-                              grad_bias, entropy_grad, entropy_grad_hidden)
-
-    def backward(ctx, grad_ce, grad_entropy, *_unused):
-        (logit_scale, softcap, ignore_index, chunk, backend, need_hidden, need_delta, need_weight, need_bias,
-         has_delta) = ctx.flags
-        (hidden, weight, targets, delta, bias, ce_scale, grad_hidden_ce, grad_delta_ce, grad_weight_ce, grad_bias_ce,
-         entropy_grad, entropy_grad_hidden) = ctx.saved_tensors
-        accumulate = ce_scale.dtype
-        upstream_ce, upstream_entropy = grad_ce.to(accumulate), grad_entropy.to(accumulate)
-        grad_hidden = grad_delta = grad_weight = grad_bias = None
-        if need_hidden:
-            grad_hidden = grad_hidden_ce * upstream_ce.view(-1, 1, 1)
-            grad_hidden[:, -1] += upstream_entropy.unsqueeze(1) * entropy_grad_hidden
-            grad_hidden = grad_hidden.to(hidden.dtype)
-        if need_delta:
-            grad_delta = upstream_ce.unsqueeze(1) * grad_delta_ce + upstream_entropy.unsqueeze(1) * entropy_grad_hidden
-            grad_delta = grad_delta.to(delta.dtype)
-        if need_bias:
-            grad_bias = (upstream_ce.unsqueeze(1) * grad_bias_ce + upstream_entropy.unsqueeze(1) * entropy_grad).sum(0)
-            grad_bias = grad_bias.to(bias.dtype)
-        if need_weight:
-            if hidden.shape[0] == 1:
-                grad_weight = grad_weight_ce * upstream_ce
-            else:
-                grad_weight = torch.ops.fusedecode.linear_ce_weight_grad(
-                    hidden, weight, targets, delta, bias, logit_scale, softcap, ce_scale * upstream_ce, ignore_index,
-                    chunk, backend)
-            last_rows = hidden[:, -1].to(accumulate)
-            if has_delta:
-                last_rows = last_rows + delta.to(accumulate)
-            grad_weight = grad_weight + (upstream_entropy.unsqueeze(1) * entropy_grad).T @ last_rows
-            grad_weight = grad_weight.to(weight.dtype)
-        return (grad_hidden, grad_weight, None, grad_delta, grad_bias) + (None,) * 10
-
-    linear_ce_forward.register_autograd(backward, setup_context=setup_context)
+        _register_backend("linear_ce_forward_triton", "linear_ce_weight_grad_triton", chunk_step_triton)
 
 
 _register_ops()

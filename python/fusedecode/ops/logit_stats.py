@@ -1,0 +1,191 @@
+"""``fusedecode.logit_stats``: per-row uncertainty statistics of logits in one pass.
+
+The definitions are written once, in ``logit_stats``'s docstring below; every backend and comment
+refers here. Backends: ``torch`` (``reference.logit_stats_reference``, the oracle), ``cpp`` and
+``cuda`` (the native op ``fusedecode::logit_stats``: schema in ``csrc/ops.cpp``, outputs in
+``csrc/logit_stats_op.h``, kernels in ``csrc/cpu/logit_stats_cpu.cpp`` and
+``csrc/include/fusedecode/logit_stats.cuh``), ``triton`` (``fusedecode::logit_stats_triton``,
+kernels in ``triton_kernels/logit_stats.py``). This file is the template every op follows
+(``ops/README.md``).
+"""
+
+import operator
+
+import torch
+
+from .. import _native
+from .._validation import check_logit_stats_args
+from ..backends import OpBackends, resolve_backend, triton_import_error
+from ..reference import logit_stats_reference
+from ._outputs import Output, allocate, by_name, named_tuple, public_fields, schema_returns
+
+__all__ = ["logit_stats", "LogitStats"]
+
+# ------------------------------------------------------------------------------------------------
+# Outputs: one value per row of the logits (the custom ops return them flat, ``[rows]``)
+
+ROWS = ("rows",)
+OUTPUTS = (
+    Output("logsumexp", torch.float32, ROWS),
+    Output("entropy", torch.float32, ROWS),
+    Output("varentropy", torch.float32, ROWS),
+    Output("self_certainty", torch.float32, ROWS),
+    Output("max_logprob", torch.float32, ROWS),
+    Output("argmax", torch.int64, ROWS),
+    Output("token_logprob", torch.float32, ROWS, requested_by="token_ids"),
+    Output("topk_confidence", torch.float32, ROWS, requested_by="topk"),
+)
+
+LogitStats = named_tuple("LogitStats", public_fields(OUTPUTS), """Per-row statistics of a logits tensor ``[..., V]``; every field has shape ``[...]``.
+
+    See ``fusedecode.logit_stats`` for the exact definitions.
+    """)
+
+BACKENDS = OpBackends("logit_stats")
+# The custom ops take the logits viewed as [outer, inner, V], the temperature as a float32 tensor
+# [rows] or None plus a scalar, the token ids as int64 [rows] or None.
+ARGUMENTS = "(Tensor logits, Tensor? temperature, float temperature_scalar, Tensor? token_ids, int topk)"
+SCHEMA = f"{ARGUMENTS} -> {schema_returns(OUTPUTS)}"
+# Every custom op of this op and its schema (tests/ops/test_registry.py compares them with torch's).
+SCHEMAS = {"logit_stats": SCHEMA, "logit_stats_triton": SCHEMA}
+
+
+# ------------------------------------------------------------------------------------------------
+# The public function
+
+
+def logit_stats(logits, *, temperature=1.0, token_ids=None, topk=0, backend=None):
+    """Entropy, varentropy, self-certainty, log-sum-exp, top-1 log-prob, argmax and DeepConf
+    confidence of every row of ``logits``, reading the logits once.
+
+    Per row, ``z = logits.float() / temperature``; entries equal to -inf are masked (probability 0)
+    and ``p = softmax(z)`` over the finite ones (``n`` of them):
+
+    - ``logsumexp = log sum exp z``; ``entropy = -sum p log p``;
+      ``varentropy = sum p (log p + entropy)^2``
+    - ``self_certainty = KL(uniform || p) = logsumexp - mean(z) - log n``
+    - ``max_logprob = max z - logsumexp``; ``argmax`` (ties to the lowest index)
+    - ``token_logprob = z[token_ids] - logsumexp`` (when ``token_ids`` is given; -inf if masked)
+    - ``topk_confidence = -(1/k) sum of the k largest log p`` (when ``topk`` in 1..64; k > n uses n)
+
+    A row with NaN or +inf, or with no finite entry, gives NaN in every float field and -1 as argmax.
+
+    Args:
+        logits: float32/float16/bfloat16 tensor ``[..., V]``; last dim contiguous, other strides free.
+        temperature: float, or a float tensor of shape ``[...]`` (one per row), finite and > 0 with
+            1/T finite in float32 (about 3e-39 < T < 3.4e38; checked in float32, as the kernels
+            compute). Every finite logit is a token however negative (-1e20, finfo.min masking):
+            all fields are computed relative to the row maximum, exact at any magnitude.
+        token_ids: optional int32/int64 tensor ``[...]``.
+        topk: 0 (off) or 1..64.
+        backend: None (``$FUSEDECODE_BACKEND`` or ``"auto"``), ``"cuda"``, ``"triton"``, ``"cpp"``,
+            ``"torch"``.
+
+    Returns:
+        ``LogitStats`` of tensors shaped ``[...]`` on the logits' device (float32, argmax int64).
+
+    Example::
+
+        >>> import torch, fusedecode
+        >>> stats = fusedecode.logit_stats(torch.tensor([[2.0, 1.0, 0.0]]), topk=2)
+        >>> stats.argmax
+        tensor([0])
+        >>> round(stats.entropy.item(), 4)
+        0.8324
+    """
+    check_logit_stats_args(logits, temperature, token_ids, topk)
+    topk = operator.index(topk)
+    name = resolve_backend(backend, logits.device, BACKENDS)
+    if name == "torch":
+        return logit_stats_reference(logits, temperature, token_ids, topk)
+
+    temperature_rows, temperature_scalar = _temperature_arguments(temperature)
+    token_rows = token_ids.reshape(-1).to(torch.int64).contiguous() if token_ids is not None else None
+    op = torch.ops.fusedecode.logit_stats_triton if name == "triton" else torch.ops.fusedecode.logit_stats
+    results = op(_as_rows_3d(logits), temperature_rows, temperature_scalar, token_rows, topk)
+    fields = by_name(OUTPUTS, results, _requested(token_ids, topk))
+    rows_shape = logits.shape[:-1]
+    if len(rows_shape) != 1:  # the ops return one entry per row: [rows]
+        fields = {field: value.view(rows_shape) if value is not None else None for field, value in fields.items()}
+    return LogitStats(**fields)
+
+
+# ------------------------------------------------------------------------------------------------
+# From the public arguments to the custom ops' arguments
+
+
+def _temperature_arguments(temperature):
+    """(per-row float32 temperatures ``[rows]`` or None, the scalar temperature)."""
+    if isinstance(temperature, torch.Tensor):
+        return temperature.reshape(-1).to(torch.float32).contiguous(), 1.0
+    return None, float(temperature)
+
+
+def _requested(token_ids, topk):
+    """Which optional outputs the call asks for (the ``requested_by`` conditions of ``OUTPUTS``)."""
+    return {"token_ids": token_ids is not None, "topk": topk > 0}
+
+
+def _as_rows_3d(logits):
+    """View ``[..., V]`` as ``[outer, inner, V]`` without copying when the leading dims allow it.
+
+    Leading dims collapse into at most two (size, stride) groups; a layout needing three or more
+    (rare: e.g. a permuted 4-D tensor) is copied to contiguous memory.
+    """
+    vocab = logits.shape[-1]
+    if logits.dim() == 2:  # the common [B, V] case, any row stride
+        rows, row_stride = logits.shape[0], logits.stride(0)
+        return logits.as_strided((1, rows, vocab), (rows * max(row_stride, 1), row_stride, 1))
+    groups = []  # (size, stride), innermost first
+    for size, stride in zip(reversed(logits.shape[:-1]), reversed(logits.stride()[:-1])):
+        if size == 1:
+            continue
+        if groups and groups[-1][1] * groups[-1][0] == stride:
+            groups[-1] = (groups[-1][0] * size, groups[-1][1])
+        else:
+            groups.append((size, stride))
+    if len(groups) > 2:
+        logits = logits.contiguous()
+        rows = logits.numel() // vocab
+        return logits.view(1, rows, vocab)
+    (inner, inner_stride), (outer, outer_stride) = (groups + [(1, vocab), (1, vocab)])[:2]
+    if len(groups) < 2:
+        outer_stride = inner * max(inner_stride, 1)
+    return logits.as_strided((outer, inner, vocab), (outer_stride, inner_stride, 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom ops: the native op's fake kernel, and the Triton op
+
+
+def allocate_outputs(logits, token_ids, topk):
+    """The ops' outputs by name for ``logits`` viewed as ``[outer, inner, V]`` (the fake kernel's
+    result, and what the Triton kernels write into)."""
+    rows = logits.shape[0] * logits.shape[1]
+    return allocate(OUTPUTS, logits, {"rows": rows}, _requested(token_ids, topk))
+
+
+def _fake(logits, temperature, temperature_scalar, token_ids, topk):
+    return tuple(allocate_outputs(logits, token_ids, topk).values())
+
+
+def _register_ops():
+    if _native.native_module() is not None:
+        torch.library.register_fake("fusedecode::logit_stats")(_fake)
+    if triton_import_error() is not None:
+        return
+    from ..triton_kernels.logit_stats import logit_stats_triton
+
+    def run_triton(logits, temperature, temperature_scalar, token_ids, topk):
+        outputs = allocate_outputs(logits, token_ids, topk)
+        logit_stats_triton(logits, temperature, temperature_scalar, token_ids, topk, outputs)
+        return tuple(outputs.values())
+
+    # A custom op with an explicit fake kernel (rather than torch.library.triton_op) so that shape
+    # propagation never runs the kernels, which also keeps it working under TRITON_INTERPRET=1.
+    op = torch.library.custom_op("fusedecode::logit_stats_triton", run_triton, mutates_args=(),
+                                 schema=SCHEMAS["logit_stats_triton"])
+    op.register_fake(_fake)
+
+
+_register_ops()
