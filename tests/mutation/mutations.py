@@ -45,11 +45,14 @@ ATTENTION = "python/fusedecode/hf/speculative/attention.py"
 TRIGGER = "python/fusedecode/hf/correction/trigger.py"
 PROCESSORS = "python/fusedecode/hf/processors.py"
 CONFIDENCE = "python/fusedecode/confidence.py"
+VALIDATION = "python/fusedecode/_validation.py"
 
-T_STATS = "tests/test_logit_stats.py"
+T_STATS = "tests/ops/logit_stats/test_logit_stats.py"
 T_ADV = "tests/test_adversarial.py"
-T_VERIFY = "tests/test_verify_tree.py"
+T_VERIFY = "tests/ops/verify_tree/test_verify_tree.py"
+T_POWER = "tests/ops/verify_tree/test_power.py"
 T_SPEC = "tests/hf/test_tree_speculative.py"
+T_API = "tests/test_api.py"
 
 MUTATIONS = [
     # ---- the torch reference (the oracle every backend is compared with) -------------------------
@@ -66,10 +69,10 @@ MUTATIONS = [
     M("ref-temperature-not-checked", REFERENCE, "invalid = poisoned | (count == 0) | ~temperature_ok",
       "invalid = poisoned | (count == 0)", T_ADV, "a temperature outside float32 gives numbers, not NaN"),
     M("ref-specinfer-residual-from-p", REFERENCE, "leftover = (residual - q).clamp_min(0)",
-      "leftover = (p - q).clamp_min(0)", f"{T_VERIFY} tests/test_verify_tree_power.py",
+      "leftover = (p - q).clamp_min(0)", f"{T_VERIFY} {T_POWER}",
       "SpecInfer residual recomputed from p instead of the previous residual"),
     M("ref-specinfer-residual-unnormalised", REFERENCE, "            residual = leftover / total\n",
-      "            residual = leftover\n", f"{T_VERIFY} tests/test_verify_tree_power.py",
+      "            residual = leftover\n", f"{T_VERIFY} {T_POWER}",
       "SpecInfer residual not renormalised"),
     # ---- the merge math shared by the cpp and CUDA kernels ------------------------------------------
     M("state-merge-no-cross-term", STATS_STATE, "out.wvar = fa * a.wvar + fb * b.wvar + fa * fb * delta * delta;",
@@ -100,14 +103,14 @@ MUTATIONS = [
       "choice = row.argmax(node);\n      child = row.next_child(node, node);", T_VERIFY,
       "greedy accepts the first child whatever its token"),
     M("walk-specinfer-c-plus-one", TREE_WALK, "const float next_c = c + mass;", "const float next_c = c + 1.f;",
-      f"{T_VERIFY} tests/test_verify_tree_power.py",
+      f"{T_VERIFY} {T_POWER}",
       "SpecInfer residual after the second rejection built with c + 1 (wrong from the 2nd sibling on)"),
     M("walk-specinfer-ratio-unnormalised", TREE_WALK, "/ mass / q;", "/ q;",
-      f"{T_VERIFY} tests/test_verify_tree_power.py",
+      f"{T_VERIFY} {T_POWER}",
       "SpecInfer acceptance ratio not divided by the residual's mass"),
     # ---- the cpp verify_tree rows -------------------------------------------------------------------
     M("cpu-residual-no-clamp", VERIFY_TREE_CPU, "    return e > 0.f ? e : 0.f;\n", "    return e;\n",
-      f"{T_VERIFY} tests/test_verify_tree_power.py", "SpecInfer residual without max(., 0)"),
+      f"{T_VERIFY} {T_POWER}", "SpecInfer residual without max(., 0)"),
     # ---- Triton kernels (run under TRITON_INTERPRET=1) ----------------------------------------------
     M("triton-rescale-s2", TRITON_STATS,
       "s2 = tl.where(started, rescale * (s2 + delta * (2.0 * s1 + delta * s0)), 0.0)",
@@ -118,7 +121,7 @@ MUTATIONS = [
       "certainty = log_s - _scaled_half_gap(half_gap_mean, inv_t)", f"{T_STATS} -k triton",
       "Triton self-certainty without the - log n term"),
     M("triton-specinfer-ratio", TRITON_VERIFY, "ratio = tl.maximum(p_x - c * q_x, 0.0) / mass / q_x",
-      "ratio = tl.maximum(p_x - q_x, 0.0) / mass / q_x", f"{T_VERIFY} tests/test_verify_tree_power.py -k triton",
+      "ratio = tl.maximum(p_x - q_x, 0.0) / mass / q_x", f"{T_VERIFY} {T_POWER} -k triton",
       "Triton SpecInfer acceptance uses (p - q)+ from the first sibling on"),
     M("triton-walk-depth-unbounded", TRITON_VERIFY, "elif (child < N_PAD) & (count >= depth):",
       "elif (child < N_PAD) & (count > depth):", f"{T_VERIFY} {T_ADV} -k triton",
@@ -202,4 +205,23 @@ MUTATIONS = [
     M("filter-top-strict", CONFIDENCE, "return [bool(value >= threshold) for value in values]",
       "return [bool(value > threshold) for value in values]", "tests/hf/test_confidence.py",
       "ties at the top-fraction cut are dropped"),
+    # ---- argument validation ------------------------------------------------------------------------
+    M("val-self-parent-allowed", VALIDATION, "bad = (rows < 0) | (rows >= index)", "bad = (rows < 0) | (rows > index)",
+      f"{T_VERIFY} {T_ADV}", "a node may be its own parent (a cycle)"),
+    M("val-draft-token-upper-bound", VALIDATION, 'draft_tokens[:, 1:], -1, vocab, " (entry 0 is ignored)"',
+      'draft_tokens[:, 1:], -1, vocab + 1, " (entry 0 is ignored)"', f"{T_VERIFY} {T_ADV}",
+      "a draft token equal to V passes validation"),
+    M("val-token-ids-unchecked", VALIDATION, '        check_values_in_range("token_ids", token_ids, 0, logits.shape[-1])\n',
+      "", f"{T_STATS} {T_API}", "token_ids outside [0, V) reach the kernels"),
+    M("val-topk-unbounded", VALIDATION, 'check_int("topk", topk, 0, MAX_TOPK)', 'check_int("topk", topk, 0)',
+      f"{T_STATS} {T_API}", "topk above 64 accepted"),
+    M("val-temperature-reciprocal", VALIDATION,
+      "return t32 > 0 and math.isfinite(t32) and math.isfinite(_to_float32(1.0 / t32))",
+      "return t32 > 0 and math.isfinite(t32)", T_ADV, "a temperature whose reciprocal overflows float32 accepted"),
+    M("val-draft-probs-strided", VALIDATION, '        check_last_dim_contiguous("draft_probs", draft_probs)\n', "",
+      T_VERIFY, "draft_probs with a strided last dimension reach the kernels"),
+    M("val-draft-probs-wider", VALIDATION, "if draft_probs.shape[2] != vocab:", "if draft_probs.shape[2] < vocab:",
+      T_VERIFY, "draft_probs wider than the target's vocabulary accepted"),
+    M("val-seed-unbounded", VALIDATION, 'check_int("seed", seed, 0, 2**63 - 1)', 'check_int("seed", seed, 0)', T_ADV,
+      "seeds of 2^63 and more wrap silently"),
 ]
