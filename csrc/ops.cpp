@@ -5,6 +5,8 @@
 
 #include <string>
 
+#include "fusedecode/vocab_slices.h"
+
 #ifndef FUSEDECODE_TORCH_VERSION
 #define FUSEDECODE_TORCH_VERSION "unknown"
 #endif
@@ -49,6 +51,8 @@ pybind11::dict build_info() {
   info["cpu_simd"] = std::string("generic vector extensions");
 #endif
   info["compiler"] = std::string(__VERSION__);
+  // The Triton backend cuts rows the same way (tests/ops/verify_tree compares the two).
+  info["verify_slice_tokens"] = fusedecode::kVerifySliceTokens;
   return info;
 }
 

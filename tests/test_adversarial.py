@@ -589,6 +589,35 @@ def test_logit_stats_temperature_outside_float32(temperature):
             fusedecode.logit_stats(logits, temperature=rows, backend="torch")
 
 
+def test_unchecked_per_row_temperatures_give_nan_rows(target, generator):
+    # Per-row temperatures are only read by the validation where that costs no synchronisation
+    # (not on a GPU, not while tracing or capturing). There, a row whose temperature breaks the
+    # float32 rule must come out NaN (argmax -1) from the kernels and from the reference alike,
+    # and the other rows must be untouched. The custom ops are called directly, as the public
+    # function does after a validation that could not read the values.
+    from fusedecode.ops.logit_stats import OUTPUTS
+    from fusedecode.ops._outputs import by_name
+
+    device, backend = target
+    logits = _randn((7, 300), generator).to(device)
+    temperature = torch.tensor([0.7, 0.0, -1.0, math.nan, math.inf, 2e-39, 1.5], dtype=torch.float32, device=device)
+    invalid = torch.tensor([False, True, True, True, True, True, False])
+    if backend == "torch":
+        stats = logit_stats_reference(logits, temperature, topk=3)
+    else:
+        op = torch.ops.fusedecode.logit_stats_triton if backend == "triton" else torch.ops.fusedecode.logit_stats
+        fields = by_name(OUTPUTS, op(logits[None], temperature, 1.0, None, 3), {"token_ids": False, "topk": True})
+        stats = fusedecode.LogitStats(**fields)
+    expected = logit_stats_reference(logits.cpu().double(), temperature.cpu(), topk=3, dtype=torch.float64)
+    for name in ("logsumexp", "entropy", "varentropy", "self_certainty", "max_logprob", "topk_confidence"):
+        got, want = getattr(stats, name).cpu(), getattr(expected, name)
+        assert torch.isnan(want).equal(invalid), name
+        assert torch.isnan(got).equal(invalid), f"{backend} {name}: {got}"
+        torch.testing.assert_close(got[~invalid].double(), want[~invalid], rtol=1e-5, atol=1e-5)
+    assert stats.argmax.cpu()[invalid].eq(-1).all() and expected.argmax[invalid].eq(-1).all()
+    assert stats.argmax.cpu()[~invalid].equal(logits.cpu().argmax(-1)[~invalid])
+
+
 @pytest.mark.parametrize("temperature", [3e-39, 3.5e-39, 1e-38, 3e38, 3.4e38])
 def test_logit_stats_temperature_edges_accepted(target, temperature, generator):
     device, backend = target

@@ -142,6 +142,11 @@ def tree_from_next_sibling(first_child, next_sibling):
     fc = first_child if batched else first_child.unsqueeze(0)
     ns = next_sibling if batched else next_sibling.unsqueeze(0)
     n = fc.shape[1]
+    # The root has no siblings: a value there would be silently ignored by the walk below.
+    bad_root = torch.nonzero(ns[:, 0] != -1)
+    if bad_root.numel():
+        b = int(bad_root[0, 0])
+        raise ValueError(f"row {b}: the root (node 0) has no siblings, but next_sibling[0] is {int(ns[b, 0])}")
     parents = torch.full_like(fc, -2)
     parents[:, 0] = -1
     for b in range(fc.shape[0]):

@@ -52,11 +52,22 @@ def test_num_return_sequences_and_fresh_history():
     out = model.generate(**inputs, max_new_tokens=7, do_sample=True, num_return_sequences=3, pad_token_id=0,
                          logits_processor=[processor])
     assert processor.entropy.shape == (6, out.shape[1] - 5)
-    first = processor.entropy.clone()
-    model.generate(**prompts(1, 4, seed=3), max_new_tokens=4, do_sample=False, pad_token_id=0,
+    # A new call with the same batch size (6 rows) is recognised by its prompt length alone: the
+    # history restarts, and equals what a fresh processor records.
+    for length in (4, 5, 30):
+        second = prompts(6, length, seed=length)
+        model.generate(**second, max_new_tokens=4, do_sample=False, pad_token_id=0, logits_processor=[processor])
+        fresh = UncertaintyProcessor()
+        model.generate(**second, max_new_tokens=4, do_sample=False, pad_token_id=0, logits_processor=[fresh])
+        assert processor.entropy.shape == (6, 4), length
+        assert torch.equal(processor.entropy, fresh.entropy) and processor.prompt_length == length
+    # Feeding an output plus exactly one token back in continues the history (the documented
+    # limit): reset() is what starts a new one then.
+    continued = model.generate(**prompts(6, 4, seed=4), max_new_tokens=4, do_sample=False, pad_token_id=0,
+                               logits_processor=[processor])
+    model.generate(input_ids=continued, max_new_tokens=2, do_sample=False, pad_token_id=0,
                    logits_processor=[processor])
-    assert processor.entropy.shape == (1, 4)  # a new call starts a new history
-    assert not torch.equal(processor.entropy, first[:1, :4])
+    assert processor.entropy.shape == (6, 6)
     processor.reset()
     assert processor.num_steps == 0
 
@@ -108,6 +119,34 @@ def test_confidence_stopping():
                          logits_processor=[mixed.processor], stopping_criteria=[mixed])
     assert mixed.stopped.tolist() == [False, True] and out[1, 5:].tolist() == plain[1, 5:7].tolist() + [2] + [0] * 7
     assert torch.equal(out[0], plain[0])
+    # Thresholds from the recorded confidences, so that which steps form the window decides where
+    # each row stops: between the lowest window mean before the chosen step and the mean at it.
+    qwen, qwen_inputs = tiny_model("qwen2", seed=2), prompts(2, 5, seed=2)
+    window, recorder, steps = 3, UncertaintyProcessor(topk=5), 12
+    qwen_plain = qwen.generate(**qwen_inputs, max_new_tokens=steps, do_sample=False, pad_token_id=0,
+                               logits_processor=[recorder])
+    confidences = recorder.topk_confidence.double()
+    means = confidences.unfold(1, window, 1).mean(-1)  # means[:, j]: steps j .. j + window - 1
+    thresholds, stops = [], []
+    for row in range(2):
+        lows = [j for j in range(1, means.shape[1]) if means[row, j] < means[row, :j].min() - 1e-4]
+        assert lows, "the confidences never fall to a new low: pick another model or prompt"
+        thresholds.append(float(means[row, lows[-1]] + means[row, :lows[-1]].min()) / 2)
+        stops.append(lows[-1] + window - 1)
+    assert stops == [official_stop_step(confidences[row].tolist(), thresholds[row], window) for row in range(2)]
+    assert min(stops) > window  # not the first full window: the window slid
+    # A window of the wrong steps stops elsewhere: one that leaves out the current step one step
+    # late, one step longer (or shorter) elsewhere on these rows.
+    for other in (window - 1, window + 1):
+        assert [official_stop_step(confidences[row].tolist(), thresholds[row], other) for row in range(2)] != stops
+    tuned = ConfidenceStopping(window=window, threshold=thresholds, topk=5, eos_token_id=2)
+    out = qwen.generate(**qwen_inputs, max_new_tokens=steps, do_sample=False, pad_token_id=0,
+                        logits_processor=[tuned.processor], stopping_criteria=[tuned])
+    assert tuned.stopped.tolist() == [True, True]
+    for row, stop in enumerate(stops):
+        new_tokens = out[row, 5:].tolist()
+        assert new_tokens[:stop] == qwen_plain[row, 5:5 + stop].tolist() and new_tokens[stop] == 2
+        assert all(token == 0 for token in new_tokens[stop + 1:])
     wrong = ConfidenceStopping(window=1, threshold=[1.0, 2.0, 3.0], topk=5, eos_token_id=2)
     with pytest.raises(ValueError, match="one per row"):
         model.generate(**inputs, max_new_tokens=2, pad_token_id=0, logits_processor=[wrong.processor],

@@ -254,14 +254,22 @@ def test_draft_with_a_smaller_vocabulary():
 
 
 def test_logits_only_where_needed():
-    """No [B, prompt, V] logits: the draft scores each row's root, the target only the tree rows."""
+    """Per step: the draft's logits at each row's root (1 position), then at each fed frontier
+    (top_k per level), and the target's at the tree's nodes; nothing else (no prompt logits)."""
     model = tiny_model("llama", seed=1)
     shapes = []
     handle = model.get_output_embeddings().register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
-    config = TreeConfig(max_depth=2, top_k=2, max_nodes=4)
-    speculate(model, prompts(2, 30, seed=2), model, config, max_new_tokens=3, do_sample=False)
+    config = TreeConfig(max_depth=3, top_k=2, max_nodes=5, alpha=0.0, adaptive=False)
+    out = speculate(model, prompts(2, 30, seed=2), model, config, max_new_tokens=9, do_sample=False,
+                    return_dict_in_generate=True)
     handle.remove()
-    assert shapes and all(shape[1] <= config.max_nodes + 1 for shape in shapes), shapes
+    vocab = model.config.vocab_size
+    steps = out.num_accepted.shape[0]
+    # Depth 1: the root's 2 children, both fed (one draft forward of 2); depth 2: 4 nodes, the best 2
+    # fed; depth 3 = max_depth: 4 more, not fed. The 10 drafted nodes are pruned to 5: the target
+    # scores 6 rows (the prompt and the pending tokens give no logits).
+    per_step = [(2, 1, vocab), (2, 2, vocab), (2, 2, vocab), (2, 6, vocab)]
+    assert shapes == per_step * steps, shapes
 
 
 def test_alpha_follows_the_branch_the_walk_stopped_in():

@@ -158,3 +158,17 @@ def test_torch_compile_fullgraph(module, backend, case, generator):
             # Under compile the depth cannot be read from the tree: N wide, the same prefix.
             a = a[:, :b.shape[1]]
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_verify_tree_slices_are_cut_alike():
+    # verify_tree's sampling pass re-reads the slices its statistics pass cut; the native layout
+    # (csrc/include/fusedecode/vocab_slices.h) and the Triton one must be the same size.
+    from fusedecode import _native
+
+    info = _native.native_build_info()
+    if info is None:
+        pytest.skip("the native extension is not built")
+    pytest.importorskip("triton")
+    from fusedecode.triton_kernels.verify_tree import SLICE_TOKENS
+
+    assert info["verify_slice_tokens"] == SLICE_TOKENS

@@ -1,0 +1,100 @@
+"""What identity tests cannot see in tree speculation: the pruning order and size, LLMCad's alpha
+floor, and (with the target as its own draft) that every verification accepts the whole branch the
+walk went down, which fails when the draft's cache loses a fed slot or the tree loses the draft's
+best child."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+
+import fusedecode.hf.speculative.step as step_module  # noqa: E402
+from fusedecode.hf import TreeConfig, tree_speculative  # noqa: E402
+from fusedecode.hf.speculative.config import next_alpha  # noqa: E402
+from fusedecode.hf.speculative.draft_tree import DraftRow, DraftTree  # noqa: E402
+from hf_models import prompts, tiny_model  # noqa: E402
+
+
+def grown_tree():
+    """Root 0; children 1, 2, 3; under 1: 4, 5; under 2: 6; under 4: 7. Log-probabilities are exact
+    binary fractions so that the ties are exact: cumulative 1: -0.5; 2 and 4: -1 (2 is shallower);
+    6: -1.25; 3, 5 and 7: -2 (by depth). Best first: 1, 2, 4, 6, 3, 5, 7."""
+    tree = DraftTree(root_token=10, root_draft_row=DraftRow(0, 0))
+    for token, parent, logprob in ((11, 0, -0.5), (12, 0, -1.0), (13, 0, -2.0), (14, 1, -0.5), (15, 1, -1.5),
+                                   (16, 2, -0.25), (17, 4, -1.0)):
+        tree.add(token, parent, logprob)
+    return tree
+
+
+@pytest.mark.parametrize("max_nodes,kept", [
+    (1, [1]),
+    (2, [1, 2]),  # 2 and 4 tie: 2 is shallower
+    (3, [1, 2, 4]),
+    (4, [1, 2, 4, 6]),
+    (5, [1, 2, 3, 4, 6]),  # 3, 5 and 7 tie: 3 is shallowest
+    (6, [1, 2, 3, 4, 5, 6]),
+    (7, [1, 2, 3, 4, 5, 6, 7]),
+    (50, [1, 2, 3, 4, 5, 6, 7]),
+])
+def test_pruning_keeps_exactly_the_best_nodes(max_nodes, kept):
+    tree = grown_tree()
+    pruned = tree.prune(max_nodes, whole_groups=False)
+    assert len(pruned.tokens) == 1 + min(max_nodes, 7)
+    assert sorted(pruned.source[1:]) == kept
+    # Topological order, siblings in drafting order: by depth, then by drafting index.
+    assert pruned.source == [0] + sorted(kept, key=lambda i: (tree.depths[i], i))
+    assert pruned.tokens == [tree.tokens[i] for i in pruned.source]
+    assert pruned.depths == [tree.depths[i] for i in pruned.source]
+    for node in range(1, len(pruned.source)):
+        assert pruned.source[pruned.parents[node]] == tree.parents[pruned.source[node]]
+    assert pruned.parents[0] == -1
+
+
+def test_whole_groups_are_kept_whole():
+    tree = grown_tree()
+    pruned = tree.prune(3, whole_groups=True)  # multi-draft trees were grown within budget
+    assert pruned.source == [0, 1, 2, 3, 4, 5, 6, 7]
+
+
+def test_alpha_floor():
+    config = TreeConfig(alpha=0.02, min_alpha=1e-3)
+    alpha, seen = 0.02, []
+    for _ in range(12):  # every step accepts its whole branch: halve, down to the floor
+        alpha = next_alpha(alpha, 3, 3, config)
+        seen.append(alpha)
+    assert seen[:4] == [0.01, 0.005, 0.0025, 0.00125]
+    assert seen[4:] == [1e-3] * 8
+    assert next_alpha(4e-4, 2, 2, config) == 4e-4  # already below the floor (e.g. 0): left as it is
+    assert next_alpha(0.0, 2, 2, config) == 0.0
+    assert next_alpha(0.3, 1, 4, config) == pytest.approx(0.75)  # the rejected fraction
+    assert next_alpha(0.3, 0, 0, config) == 0.3  # nothing drafted: nothing learned
+    assert next_alpha(0.3, 1, 4, TreeConfig(adaptive=False)) == 0.3
+
+
+@pytest.mark.parametrize("config", [
+    TreeConfig(max_depth=4, top_k=1, max_nodes=4, alpha=0.0),  # a chain
+    TreeConfig(max_depth=4, top_k=2, max_nodes=7, alpha=0.0),  # pruned to 7 of up to 14
+    TreeConfig(max_depth=5, top_k=3, max_nodes=10),  # adaptive alpha
+])
+def test_own_draft_accepts_the_whole_branch(config, monkeypatch):
+    """With the target as its own draft (greedy), the draft's best child of every node is the
+    target's choice, so every walk ends at a leaf: accepted == the depth the branch was drafted to."""
+    model = tiny_model("llama", seed=3)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(6.0)  # peaked: no near-ties between the two forwards
+    seen = []
+    original = step_module.next_alpha
+
+    def recording(alpha, accepted, drafted_depth, cfg):
+        seen.append((accepted, drafted_depth))
+        return original(alpha, accepted, drafted_depth, cfg)
+
+    monkeypatch.setattr(step_module, "next_alpha", recording)
+    inputs = prompts(3, 6, seed=4)
+    out = model.generate(**inputs, custom_generate=tree_speculative, draft_model=model, tree_config=config,
+                         max_new_tokens=20, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, model.generate(**inputs, max_new_tokens=20, do_sample=False, pad_token_id=0))
+    assert len(seen) == 3 * out.num_accepted.shape[0]
+    assert all(accepted == depth for accepted, depth in seen), seen
+    assert max(depth for _, depth in seen) >= 2
+
