@@ -62,11 +62,14 @@ def _run_tests(mutation):
         result = _run(command, timeout=TEST_TIMEOUT_S, env=env)
     except subprocess.TimeoutExpired:
         return "killed", "timed out"
-    # pytest exit codes: 0 all passed, 1 some failed, 5 nothing collected (a broken test selection).
+    # pytest exit codes: 0 all passed, 1 some failed, 5 nothing collected (a broken test selection);
+    # negative: killed by a signal.
     if result.returncode == 0:
         return "survived", ""
     if result.returncode == 1:
         return "killed", ""
+    if result.returncode < 0:  # the tests crashed (a segfault, an abort): the bug is seen
+        return "killed", f"crashed with signal {-result.returncode}"
     return "invalid", f"pytest exit code {result.returncode}: {result.stdout[-1500:]}{result.stderr[-1500:]}"
 
 
