@@ -49,6 +49,10 @@ TRIGGER = "python/fusedecode/hf/correction/trigger.py"
 PROCESSORS = "python/fusedecode/hf/processors.py"
 CONFIDENCE = "python/fusedecode/confidence.py"
 VALIDATION = "python/fusedecode/_validation.py"
+TILED_HEAD = "python/fusedecode/ops/_tiled_head.py"
+HEAD_TRANSFORM = "python/fusedecode/head_transform.py"
+LINEAR_CE = "python/fusedecode/ops/linear_ce.py"
+SCORING = "python/fusedecode/hf/scoring.py"
 
 NOT_TRITON = (REFERENCE, STATS_STATE, TREE_WALK, LOGIT_STATS_CPU, VERIFY_TREE_CPU)
 
@@ -59,6 +63,9 @@ T_POWER = "tests/ops/verify_tree/test_power.py"
 T_SPEC = "tests/hf/test_tree_speculative.py"
 T_SPEC_EFF = "tests/hf/test_tree_speculative_efficiency.py"
 T_API = "tests/test_api.py"
+T_LLS = "tests/ops/linear_logit_stats/test_linear_logit_stats.py"
+T_LCE = "tests/ops/linear_ce/test_linear_ce.py"
+T_SCORE = "tests/hf/test_score.py"
 
 MUTATIONS = [
     # ---- the torch reference (the oracle every backend is compared with) -------------------------
@@ -99,8 +106,8 @@ MUTATIONS = [
     M("cpu-padding-is-zero", LOGIT_STATS_CPU, "for (int64_t i = n; i < padded; ++i) buffer[i] = -kInf;",
       "for (int64_t i = n; i < padded; ++i) buffer[i] = 0.f;", T_STATS,
       "the SIMD tail of a chunk padded with 0 (a real token) instead of -inf"),
-    M("cpu-plus-inf-not-poison", LOGIT_STATS_CPU, "poison |= (v != v) | (v == simd::splat(kInf));",
-      "poison |= (v != v);", T_STATS, "+inf logits not treated as poison"),
+    M("cpu-chunk-min-ignored", LOGIT_STATS_CPU, "const bool masked = chunk_min == -kInf;",
+      "const bool masked = false;", T_STATS, "chunks holding -inf (masked) entries summed as if every entry were finite"),
     # ---- the tree walk shared by the cpp and CUDA verify_tree ---------------------------------------
     M("walk-token-range-unchecked", TREE_WALK, "if (token < 0 || token >= row.vocab_size()) continue;",
       "if (token < 0) continue;", T_ADV, "validate=False: a draft token >= V is read and may be accepted"),
@@ -219,7 +226,8 @@ MUTATIONS = [
       "a draft token equal to V passes validation"),
     M("val-token-ids-unchecked", VALIDATION, '        check_values_in_range("token_ids", token_ids, 0, logits.shape[-1])\n',
       "", f"{T_STATS} {T_API}", "token_ids outside [0, V) reach the kernels"),
-    M("val-topk-unbounded", VALIDATION, 'check_int("topk", topk, 0, MAX_TOPK)', 'check_int("topk", topk, 0)',
+    M("val-topk-unbounded", VALIDATION, 'logits.shape[-1])\n    check_int("topk", topk, 0, MAX_TOPK)',
+      'logits.shape[-1])\n    check_int("topk", topk, 0)',
       f"{T_STATS} {T_API}", "topk above 64 accepted"),
     M("val-temperature-reciprocal", VALIDATION,
       "return t32 > 0 and math.isfinite(t32) and math.isfinite(_to_float32(1.0 / t32))",
@@ -230,4 +238,35 @@ MUTATIONS = [
       T_VERIFY, "draft_probs wider than the target's vocabulary accepted"),
     M("val-seed-unbounded", VALIDATION, 'check_int("seed", seed, 0, 2**63 - 1)', 'check_int("seed", seed, 0)', T_ADV,
       "seeds of 2^63 and more wrap silently"),
+    # ---- the tiled head (linear_logit_stats, linear_cross_entropy_entropy) and hf.score ------------
+    M("head-partial-slice-dropped", TILED_HEAD, "for start in range(0, vocab, step):",
+      "for start in range(0, vocab // step * step, step):", T_LLS,
+      "widening a half-precision weight drops the last partial slice of the vocabulary"),
+    M("head-bias-lost-with-delta", TILED_HEAD,
+      "offset = bias.to(accumulate).contiguous() if offset is None else offset + bias.to(accumulate)",
+      "offset = bias.to(accumulate).contiguous() if offset is None else offset", T_LCE,
+      "the lm_head bias is dropped when SRGen's delta is given"),
+    M("head-transform-order", HEAD_TRANSFORM,
+      "    if logit_scale is not None:\n        logits.mul_(logit_scale)\n    if softcap is not None:\n"
+      "        logits.div_(softcap).tanh_().mul_(softcap)",
+      "    if softcap is not None:\n        logits.div_(softcap).tanh_().mul_(softcap)\n"
+      "    if logit_scale is not None:\n        logits.mul_(logit_scale)", f"{T_LLS} {T_LCE}",
+      "soft-capping applied before the logit scale"),
+    M("head-slope-without-scale", HEAD_TRANSFORM, "(transformed / softcap).square_().neg_().add_(1.0).mul_(scale)",
+      "(transformed / softcap).square_().neg_().add_(1.0)", T_LCE,
+      "the soft-cap derivative forgets the logit scale (gradients wrong with both)"),
+    M("lce-entropy-grad-sign", LINEAR_CE, "torch.mul(p * (log_p + row_entropy), -inv_temperature, out=entropy_grad)",
+      "torch.mul(p * (log_p + row_entropy), inv_temperature, out=entropy_grad)", T_LCE,
+      "the entropy gradient with the wrong sign"),
+    M("lce-ignored-rows-counted", LINEAR_CE, "    counted = ~ignored & ~out_of_range\n",
+      "    counted = ~out_of_range\n", T_LCE, "rows with ignore_index get a cross-entropy gradient"),
+    M("score-hidden-shifted", SCORING, "hidden[:, :-1].to(head.weight.dtype)", "hidden[:, 1:].to(head.weight.dtype)",
+      T_SCORE, "score reads the hidden state of token t + 1 for the distribution of token t + 1"),
+    M("score-positions-off-by-one", SCORING, "(attention_mask.long().cumsum(-1) - 1).clamp_min(0)",
+      "attention_mask.long().cumsum(-1)", T_SCORE, "positions counted from 1 (absolute-position models drift)"),
+    M("score-only-next-token-masked", SCORING, "valid = real[:, 1:] & real[:, :-1]", "valid = real[:, 1:]", T_SCORE,
+      "a position whose own token is (left) padding is scored"),
+    M("tree-root-sibling-ignored", TREE, "    bad_root = torch.nonzero(ns[:, 0] != -1)\n",
+      "    bad_root = torch.nonzero(ns[:, 0] < -1)\n", "tests/test_tree_helpers.py",
+      "tree_from_next_sibling accepts a root with a next sibling"),
 ]
