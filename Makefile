@@ -9,7 +9,7 @@ TRITON_SPEC ?= triton==3.7.1
 # The Hugging Face integration (fusedecode.hf, the demo) is tested against this transformers.
 TRANSFORMERS_SPEC ?= transformers==5.17.0
 
-.PHONY: install test hf-compat demo bench sweep cuda-check device-check train-bundled wheel wheel-cpu wheel-py sdist clean
+.PHONY: install test hf-compat demo bench sweep cuda-check device-check train-bundled mutation wheel wheel-cpu wheel-py sdist clean
 
 $(DEPS_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ sdist:
 # Retrain the bundled arithmetic models (about 10 minutes on 2 CPU cores).
 train-bundled: install
 	$(PY) -m fusedecode.demo.train_bundled
+
+# Apply the curated plausible bugs of tests/mutation/mutations.py one at a time and report the
+# kill rate and the survivors (about 15 minutes; not part of CI).
+mutation: install
+	$(PY) -m tests.mutation.run
 
 device-check: install
 	bash benchmarks/device_check.sh
