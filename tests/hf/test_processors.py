@@ -185,6 +185,22 @@ def official_stop_step(confidences, threshold, group_size):
     return None
 
 
+def test_confidence_stopping_waits_while_eos_is_masked():
+    # min_new_tokens masks EOS (a processor that runs before the stopper): a row whose window is
+    # below the threshold is not stopped while it cannot emit EOS, and stops with EOS at the first
+    # step where it can.
+    model = tiny_model("llama")
+    inputs = prompts(2, 5)
+    stopper = ConfidenceStopping(window=3, threshold=1e9, topk=5, eos_token_id=2)
+    out = model.generate(**inputs, max_new_tokens=12, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                         eos_token_id=2, logits_processor=[stopper.processor], stopping_criteria=[stopper])
+    plain = model.generate(**inputs, max_new_tokens=12, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                           eos_token_id=2)
+    assert stopper.stopped.tolist() == [True, True]
+    assert out.shape[1] == 5 + 7 and out[:, -1].tolist() == [2, 2]
+    assert torch.equal(out[:, :-1], plain[:, :11])
+
+
 @pytest.mark.parametrize("sampling", [False, True])
 def test_confidence_stopping_matches_official_processor(sampling):
     """Rows stop exactly where the official processor would on the same confidences, the token of

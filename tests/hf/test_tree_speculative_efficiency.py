@@ -98,3 +98,36 @@ def test_own_draft_accepts_the_whole_branch(config, monkeypatch):
     assert all(accepted == depth for accepted, depth in seen), seen
     assert max(depth for _, depth in seen) >= 2
 
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_the_draft_is_never_fed_an_accepted_token_twice(do_sample, monkeypatch):
+    """The draft keeps the cache slots of the accepted tokens it was already fed (every accepted
+    node but the branch's last one was expanded, so fed): after the first step each row feeds only
+    what it has not seen, the unexpanded last accepted node and the bonus token, at most 2 tokens.
+    Feeding more is still lossless, so only this count shows the draft's cache losing those slots."""
+    from fusedecode.hf.speculative import drafter as drafter_module
+
+    model = tiny_model("llama", seed=3)
+    draft = tiny_model("llama", seed=5)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(6.0)
+    fed = []
+    original = drafter_module.Drafter.feed
+
+    def recording(self, pending, committed):
+        fed.append([len(chain) for chain in pending])
+        return original(self, pending, committed)
+
+    monkeypatch.setattr(drafter_module.Drafter, "feed", recording)
+    inputs = prompts(3, 6, seed=4)
+    for draft_model in (model, draft):
+        fed.clear()
+        torch.manual_seed(0)
+        out = model.generate(**inputs, custom_generate=tree_speculative, draft_model=draft_model,
+                             tree_config=TreeConfig(max_depth=4, top_k=2, max_nodes=8, alpha=0.0),
+                             max_new_tokens=20, do_sample=do_sample, pad_token_id=0, return_dict_in_generate=True)
+        accepted = out.num_accepted.tolist()
+        assert len(fed) >= 3 and max(max(step) for step in fed[1:]) <= 2, fed
+        if draft_model is model and not do_sample:
+            assert max(max(step) for step in accepted) >= 2  # branches long enough that re-feeding would show
