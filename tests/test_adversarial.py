@@ -547,6 +547,33 @@ def test_validate_false_out_of_range_tokens_are_never_accepted(target, mode):
     assert out.output_tokens[0, 0].item() == 3 and out.accepted_nodes[1, 1].item() == 3
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_custom_ops_bound_the_walk_by_the_depth_they_are_given(target, temperature):
+    # verify_tree sizes its outputs from the tree's depth; a direct caller of the custom op may pass
+    # a smaller one. The walk must then stop at that depth (num_accepted <= depth, nothing written
+    # past the D + 1 columns), on a chain whose every token is the target's sure choice.
+    from fusedecode.ops._outputs import by_name
+    from fusedecode.ops.verify_tree import OUTPUTS
+
+    device, backend = target
+    if backend == "torch":
+        pytest.skip("the torch backend is not a custom op")
+    chain = [5, 6, 7, 3]  # node i drafts chain[i - 1]; the target's choice at node i is chain[i]
+    logits = torch.zeros(2, 4, 8)
+    for node, token in enumerate(chain):
+        logits[:, node, token] = 50.0
+    tokens = torch.tensor([[0] + chain[:3]] * 2)
+    parents = torch.tensor([[-1, 0, 1, 2]] * 2)
+    op = torch.ops.fusedecode.verify_tree_triton if backend == "triton" else torch.ops.fusedecode.verify_tree
+    for depth in (1, 2):
+        fields = by_name(OUTPUTS, op(logits.to(device), tokens.to(device), parents.to(device), temperature, None,
+                                     torch.zeros(2, dtype=torch.int64, device=device), depth))
+        assert fields["num_accepted"].tolist() == [depth, depth]
+        assert fields["accepted_nodes"].shape == (2, depth + 1)
+        assert fields["accepted_nodes"].tolist() == [list(range(depth + 1))] * 2
+        assert fields["output_tokens"][:, :depth].tolist() == [chain[:depth]] * 2
+
+
 @pytest.mark.parametrize("parents", [[-1, 0, 100, 0], [-1, 2, 1, 0], [5, -7, 0, 1], [-1, 1, 2, 3], [-1, -1, 0, 2]])
 def test_validate_false_invalid_parents(target, parents):
     device, backend = target
