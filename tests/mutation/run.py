@@ -38,6 +38,18 @@ def _uncommitted(paths):
     return result.stdout.strip()
 
 
+def _imported_elsewhere():
+    """The fusedecode packages the tests would import from outside ROOT (an editable install of
+    another checkout, say), as 'name: path' lines; empty when everything comes from here."""
+    probe = ("import fusedecode, fusedecode.triton_kernels as t; print(fusedecode.__file__); print(t.__file__)")
+    result = _run([sys.executable, "-c", probe])
+    if result.returncode != 0:
+        return "fusedecode does not import: " + result.stderr[-500:]
+    outside = [path for path in result.stdout.split() if not os.path.realpath(path).startswith(ROOT + os.sep)
+               and not os.path.abspath(path).startswith(ROOT + os.sep)]
+    return ", ".join(outside)
+
+
 def _apply(mutation):
     path = os.path.join(ROOT, mutation.file)
     with open(path) as handle:
@@ -111,6 +123,10 @@ def main(argv=None):
             print(f"{name}: text found {count} times")
         print(f"{len(selected) - len(stale)} of {len(selected)} mutations apply")
         return 2 if stale else 0
+    misplaced = _imported_elsewhere()
+    if misplaced:
+        raise SystemExit("the tests would import fusedecode from outside this checkout, so no mutation could take "
+                         f"effect ({misplaced}); install it (make mutation does) and run again")
     dirty = _uncommitted({m.file for m in selected})
     if dirty:
         raise SystemExit(f"commit or stash these first (the mutation check rewrites them):\n{dirty}")
