@@ -233,7 +233,11 @@ def test_head_transforms_match_reference(backend, transform, layout, generator):
     if layout.endswith("no_hidden_grad"):  # SRGen's case: only delta (and the bias) need a gradient
         hidden, weight = hidden.detach(), weight.detach()
     temperature = float(torch.rand((), generator=generator) + 0.5)
-    check_against_reference(backend, hidden, weight, targets, delta_t, generator=generator, chunk=2,
+    # Deep in tanh's flat tails the slope 1 - (y / softcap)^2 is a difference of numbers near 1:
+    # its float32 value carries ~1e-7 absolute error, large next to the tiny slope, so the gradients
+    # there are only good to a few 1e-5 of their (small) scale (about 1 in 10 seeds exceeded 2e-5).
+    atol = 1e-4 if transform == "saturating_softcap" else 2e-5
+    check_against_reference(backend, hidden, weight, targets, delta_t, generator=generator, chunk=2, atol=atol,
                             temperature=temperature, **transform_kwargs(transform, generator, vocab))
 
 
