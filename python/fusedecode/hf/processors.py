@@ -14,9 +14,13 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
 from .. import logit_stats
+from ..ops.logit_stats import float_outputs
 from .._validation import MAX_TOPK, check_float, check_int, check_temperature, is_real_number
 
-FIELDS = ("entropy", "varentropy", "self_certainty", "logsumexp", "max_logprob")
+# The recorded histories: every float output of logit_stats that needs no argument, plus those that
+# ``topk`` asks for (token_logprob needs the emitted token, unknown when the scores are seen).
+FIELDS = float_outputs()
+TOPK_FIELDS = tuple(name for name in float_outputs("topk") if name not in FIELDS)
 
 
 class UncertaintyProcessor(LogitsProcessor):
@@ -78,12 +82,13 @@ class UncertaintyProcessor(LogitsProcessor):
             self.prompt_length = length
         self._next_length, self._batch = length + 1, batch
         stats = logit_stats(scores, temperature=self.temperature, topk=self.topk)
-        for field in FIELDS:
+        for field in self._fields():
             self._steps[field].append(getattr(stats, field))
-        if self.topk:
-            self._steps["topk_confidence"].append(stats.topk_confidence)
         self._stacked = {}
         return scores
+
+    def _fields(self):
+        return FIELDS + TOPK_FIELDS if self.topk else FIELDS
 
     @property
     def num_steps(self):
@@ -91,9 +96,9 @@ class UncertaintyProcessor(LogitsProcessor):
 
     def history(self, field):
         """``[B, steps]`` tensor of one recorded field (stacked once, then cached)."""
-        if field == "topk_confidence" and not self.topk:
-            raise AttributeError("topk_confidence is recorded only with topk > 0")
-        if field not in FIELDS and field != "topk_confidence":
+        if field in TOPK_FIELDS and not self.topk:
+            raise AttributeError(f"{field} is recorded only with topk > 0")
+        if field not in FIELDS + TOPK_FIELDS:
             raise AttributeError(field)
         if field not in self._stacked:
             steps = self._steps.get(field)
@@ -103,7 +108,7 @@ class UncertaintyProcessor(LogitsProcessor):
         return self._stacked[field]
 
     def __getattr__(self, name):
-        if name in FIELDS or name == "topk_confidence":
+        if name in FIELDS + TOPK_FIELDS:
             return self.history(name)
         raise AttributeError(name)
 

@@ -19,7 +19,7 @@ from ..backends import OpBackends, resolve_backend, triton_import_error
 from ..reference import logit_stats_reference
 from ._outputs import Output, allocate, by_name, named_tuple, public_fields, schema_returns
 
-__all__ = ["logit_stats", "LogitStats"]
+__all__ = ["logit_stats", "LogitStats", "float_outputs"]
 
 # ------------------------------------------------------------------------------------------------
 # Outputs: one value per row of the logits (the custom ops return them flat, ``[rows]``)
@@ -35,6 +35,17 @@ OUTPUTS = (
     Output("token_logprob", torch.float32, ROWS, requested_by="token_ids"),
     Output("topk_confidence", torch.float32, ROWS, requested_by="topk"),
 )
+
+
+
+def float_outputs(*requested):
+    """Names of the float32 outputs, in table order, that are always computed or are asked for by
+    one of ``requested`` (argument names: ``"token_ids"``, ``"topk"``). The per-token statistics the
+    integrations record (``UncertaintyProcessor``, ``fusedecode.vllm``'s records and ``TraceStats``)
+    take their field lists from here."""
+    return tuple(output.name for output in OUTPUTS if output.dtype == torch.float32
+                 and (output.requested_by is None or output.requested_by in requested))
+
 
 LogitStats = named_tuple("LogitStats", public_fields(OUTPUTS), """Per-row statistics of a logits tensor ``[..., V]``; every field has shape ``[...]``.
 

@@ -11,28 +11,23 @@ from typing import Any, List, NamedTuple, Optional
 import torch
 
 from .. import confidence
-from ._channel import StatsCollector
+from ._channel import STAT_FIELDS, StatsCollector
 from ._options import (PREFIX, check_temperature, check_threshold, check_topk, check_window, extra_args_for,
                        options_of, parse_options)
-from ._recorder import ASYNC_REFUSAL, V2_REFUSAL
+from ._recorder import ASYNC_REFUSAL
 
 PROCESSOR_NAMES = ("fusedecode.vllm:FusedecodeLogitsProcessor",
                    "fusedecode.vllm.processor:FusedecodeLogitsProcessor")
 ENTRY_POINT_GROUP = "vllm.logits_processors"
 
 
-class TraceStats(NamedTuple):
-    """Per-token statistics of one completion: 1-D float32 tensors over its generated tokens, as
-    ``fusedecode.logit_stats`` defines them, at the measuring temperature."""
-
-    entropy: torch.Tensor
-    varentropy: torch.Tensor
-    self_certainty: torch.Tensor
-    logsumexp: torch.Tensor
-    max_logprob: torch.Tensor
-    token_logprob: torch.Tensor  # of the emitted token
-    topk_confidence: Optional[torch.Tensor]  # DeepConf's token confidence; None when topk == 0
-    stopped: bool  # DeepConf's early stop ended this completion: its last token is the forced EOS
+# Per completion: every per-token statistic of logit_stats' output table (topk_confidence None when
+# not recorded), then whether DeepConf's early stop ended it.
+TraceStats = NamedTuple("TraceStats", [(name, Optional[torch.Tensor]) for name in STAT_FIELDS] + [("stopped", bool)])
+TraceStats.__doc__ = """Per-token statistics of one completion: 1-D float32 tensors over its generated tokens, as
+    ``fusedecode.logit_stats`` defines them, at the measuring temperature (``token_logprob`` of the
+    emitted token; ``topk_confidence`` None when no topk was asked for), and ``stopped``: DeepConf's
+    early stop ended this completion (its last token is the forced EOS)."""
 
 
 class Result(NamedTuple):
@@ -93,13 +88,12 @@ def _processor_loaded(config):
 def check_engine(llm):
     """``ValueError`` if this engine cannot deliver fusedecode statistics, naming the fix."""
     config = _engine_config(llm)
-    if getattr(config, "use_v2_model_runner", False):
-        raise ValueError(V2_REFUSAL)
-    if getattr(config.scheduler_config, "async_scheduling", False):
-        raise ValueError(ASYNC_REFUSAL)
-    if getattr(config, "speculative_config", None) is not None:
-        raise ValueError("vLLM loads no custom logits processor with speculative decoding: "
-                         "fusedecode.vllm needs an engine without speculative_config")
+    if not getattr(config, "use_v2_model_runner", False):  # vLLM's V1 model runner
+        if getattr(config.scheduler_config, "async_scheduling", False):
+            raise ValueError(ASYNC_REFUSAL)
+        if getattr(config, "speculative_config", None) is not None:
+            raise ValueError("vLLM's V1 model runner loads no custom logits processor with speculative decoding: "
+                             "run Model Runner V2 (vLLM's default) or drop speculative_config")
     if not _processor_loaded(config):
         raise ValueError("FusedecodeLogitsProcessor is not loaded in this engine: install fusedecode (its "
                          "vllm.logits_processors entry point loads it) or pass "
@@ -132,10 +126,10 @@ def _request(params, extra):
 
 
 def _trace_stats(records, stopped, has_topk):
-    columns = {name: torch.from_numpy(records[name].copy()) for name in
-               ("entropy", "varentropy", "self_certainty", "logsumexp", "max_logprob", "token_logprob")}
-    topk_confidence = torch.from_numpy(records["topk_confidence"].copy()) if has_topk else None
-    return TraceStats(topk_confidence=topk_confidence, stopped=bool(stopped), **columns)
+    columns = {name: torch.from_numpy(records[name].copy()) for name in STAT_FIELDS}
+    if not has_topk:
+        columns["topk_confidence"] = None
+    return TraceStats(stopped=bool(stopped), **columns)
 
 
 def generate(llm, prompts, sampling_params=None, *, temperature=None, topk=0, confidence_stop=None,
@@ -144,7 +138,8 @@ def generate(llm, prompts, sampling_params=None, *, temperature=None, topk=0, co
 
     Args:
         llm: a ``vllm.LLM`` that loads ``FusedecodeLogitsProcessor`` (the entry point does when
-            fusedecode is installed), on the V1 model runner with synchronous scheduling.
+            fusedecode is installed): Model Runner V2 (vLLM's default; speculative decoding and async
+            scheduling included), or the V1 model runner with synchronous scheduling.
         prompts, sampling_params: as ``LLM.generate`` (one ``SamplingParams`` or one per prompt;
             default ``SamplingParams()``); ``n > 1`` gives ``n`` completions per prompt.
         temperature: the temperature the statistics are measured at; default: each request's

@@ -36,16 +36,16 @@ from multiprocessing.connection import Client, Listener
 
 import numpy as np
 
+from ..ops.logit_stats import float_outputs
 from ._options import AUTHKEY, AUTHKEY_BYTES, CHANNEL
 
 DIR_PREFIX = "fusedecode-vllm-"
 SOCKET_NAME = "stats.sock"
-# One record per generated token: 44 bytes.
-RECORD = np.dtype([("uid", "<i8"), ("position", "<i4"), ("token", "<i4"), ("entropy", "<f4"),
-                   ("varentropy", "<f4"), ("self_certainty", "<f4"), ("logsumexp", "<f4"),
-                   ("max_logprob", "<f4"), ("token_logprob", "<f4"), ("topk_confidence", "<f4")])
-STAT_FIELDS = ("entropy", "varentropy", "self_certainty", "logsumexp", "max_logprob", "token_logprob",
-               "topk_confidence")
+# Every per-token statistic of logit_stats' output table (token_logprob of the emitted token;
+# topk_confidence NaN when not asked for).
+STAT_FIELDS = float_outputs("token_ids", "topk")
+# One record per generated token: 16 bytes of identity and one float32 per statistic (44 bytes today).
+RECORD = np.dtype([("uid", "<i8"), ("position", "<i4"), ("token", "<i4")] + [(name, "<f4") for name in STAT_FIELDS])
 _HEADER_LENGTH = struct.Struct("<I")
 _MAX_MESSAGE = 1 << 30
 
@@ -119,8 +119,9 @@ class StatsSender:
 
 
 # ------------------------------------------------------------------------------------ caller side
-class _Trace:
-    """What the caller received for one worker-side trace (one request, or one of its n completions)."""
+class _ReceivedTrace:
+    """What the caller received for one worker-side trace: one request (or one of its n
+    completions) from the position where that worker started recording it."""
 
     __slots__ = ("key", "chunks", "stopped_at", "_records")
 
@@ -143,12 +144,38 @@ class _Trace:
             self._records, self.chunks = data, [data]
         return self._records
 
-    def covers(self, tokens):
-        """Whether this trace holds exactly positions 0..len(tokens)-1 with these tokens."""
+    def first_position(self):
         data = self.records()
-        count = len(tokens)
-        return (len(data) >= count and np.array_equal(data["token"][:count], tokens)
-                and (count == 0 or data["position"][count - 1] == count - 1))
+        return int(data["position"][0]) if len(data) else None
+
+    def reach(self, tokens, start):
+        """How far this trace covers ``tokens`` from ``start``: the end of its run of consecutive
+        positions start, start + 1, ... whose tokens agree with ``tokens`` (capped at len(tokens));
+        ``start`` when it does not begin there."""
+        data = self.records()
+        if not len(data) or data["position"][0] != start:
+            return start
+        count = min(len(data), len(tokens) - start)
+        consecutive = data["position"][:count] == np.arange(start, start + count)
+        agrees = consecutive & (data["token"][:count] == tokens[start:start + count])
+        return start + (count if agrees.all() else int(np.argmin(agrees)))
+
+
+def _cover(tokens, free):
+    """A chain of traces from ``free`` that covers positions 0..len(tokens)-1 with these tokens, in
+    order, or None. Normally one trace; more when the request was recorded in pieces (resumed after
+    preemption on another tensor-parallel rank, or after its worker forgot it). Among traces starting
+    at the same position the one reaching furthest is taken."""
+    chain, position = [], 0
+    while position < len(tokens):
+        reaches = [(trace.reach(tokens, position), index) for index, trace in enumerate(free)
+                   if trace not in chain]
+        best, index = max(reaches, default=(position, None))
+        if best == position:
+            return None
+        chain.append(free[index])
+        position = best
+    return chain
 
 
 class StatsCollector:
@@ -164,7 +191,7 @@ class StatsCollector:
         self._lock = threading.Condition()
         self._inbox = []  # raw messages, sorted into traces by take()
         self._open_keys = set()
-        self._traces = {}  # (worker pid, uid) -> _Trace
+        self._traces = {}  # (worker pid, uid) -> _ReceivedTrace
         self._by_key = {}  # key -> [(pid, uid)]
         self._errors = {}  # key -> message from a worker that could not serve it
         self._connections = []
@@ -219,9 +246,10 @@ class StatsCollector:
             header, records = decode_message(message)
             pid = header["pid"]
             for uid, key in header.get("new", {}).items():
-                if key in self._open_keys:  # others were released (or never asked here)
-                    self._traces[(pid, int(uid))] = _Trace(key)
-                    self._by_key[key].append((pid, int(uid)))
+                ident = (pid, int(uid))
+                if key in self._open_keys and ident not in self._traces:  # others were released (or never asked here)
+                    self._traces[ident] = _ReceivedTrace(key)
+                    self._by_key[key].append(ident)
             for uid, position in header.get("stopped", {}).items():
                 trace = self._traces.get((pid, int(uid)))
                 if trace is not None:
@@ -264,32 +292,46 @@ class StatsCollector:
                     self._traces.pop(ident, None)
 
     def _match(self, key, token_lists):
-        """A distinct trace for every completion, whose records cover its tokens; None if some
-        completion has none yet. Exact lengths first, then the longest completions first: a trace
-        may run past its completion (a stop string is found by the frontend after the worker ran
-        on), and a trace covering a completion covers every prefix of it."""
+        """Per completion a chain of distinct traces whose records cover its tokens (see ``_cover``);
+        None while some completion is not covered yet. Exact-length traces are tried first, then the
+        longest completions first: a trace may run past its completion (a stop string is found by
+        the frontend after the worker ran on), and a trace covering a completion covers every prefix
+        of it."""
         free = [self._traces[ident] for ident in self._by_key.get(key, ())]
         chosen = [None] * len(token_lists)
         by_content = {}
         for trace in free:
             by_content.setdefault(trace.records()["token"].tobytes(), []).append(trace)
         for index, tokens in enumerate(token_lists):
-            exact = by_content.get(np.asarray(tokens, np.int32).tobytes())
-            for candidate in exact or ():
-                if candidate.covers(tokens):
-                    chosen[index] = candidate
-                    exact.remove(candidate)
+            for candidate in by_content.get(tokens.tobytes(), ()):
+                if candidate.reach(tokens, 0) == len(tokens) and len(tokens):
+                    chosen[index] = [candidate]
+                    by_content[tokens.tobytes()].remove(candidate)
                     break
-        taken = {id(trace) for trace in chosen if trace is not None}
+        taken = {id(trace) for chain in chosen if chain for trace in chain}
         rest = [trace for trace in free if id(trace) not in taken]
         for index in sorted((i for i, c in enumerate(chosen) if c is None), key=lambda i: -len(token_lists[i])):
-            tokens = np.asarray(token_lists[index], np.int32)
-            hit = next((trace for trace in rest if trace.covers(tokens)), None)
-            if hit is None:
+            chain = _cover(token_lists[index], rest)
+            if chain is None:
                 return None
-            rest.remove(hit)
-            chosen[index] = hit
+            for trace in chain:
+                rest.remove(trace)
+            chosen[index] = chain
         return chosen
+
+    @staticmethod
+    def _joined(chain, tokens):
+        """The records of a completion from its chain of traces, and whether the early stop ended it."""
+        parts, position = [], 0
+        for trace in chain:
+            data = trace.records()
+            end = trace.reach(tokens, position)
+            parts.append(data[:end - position])
+            position = end
+        records = np.concatenate(parts) if parts else np.zeros(0, RECORD)
+        last = chain[-1] if chain else None
+        stopped = last is not None and last.stopped_at is not None and last.stopped_at == len(tokens) - 1
+        return records, stopped
 
     def take(self, key, token_lists, *, timeout=120.0, poll=None):
         """Per completion (``token_lists``: the token ids vLLM returned, in order), its records and
@@ -308,8 +350,7 @@ class StatsCollector:
                     raise RuntimeError(f"fusedecode.vllm: the engine could not record statistics: {self._errors[key]}")
                 chosen = self._match(key, token_lists)
                 if chosen is not None:
-                    return [(trace.records()[:len(tokens)], trace.stopped_at is not None
-                             and trace.stopped_at == len(tokens) - 1) for trace, tokens in zip(chosen, token_lists)]
+                    return [self._joined(chain, tokens) for chain, tokens in zip(chosen, token_lists)]
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     lengths = sorted(len(self._traces[i].records()) for i in self._by_key.get(key, ()))
@@ -338,10 +379,16 @@ class StatsCollector:
         if self.closed:
             return
         self.closed = True
-        try:  # wake the accept thread (a listening socket's close does not), then close
-            Client(self.path, family="AF_UNIX", authkey=self._authkey).close()
+        # Wake the accept thread (a listening socket's close does not) with a bare connection: its
+        # handshake fails and the thread sees ``closed``. Not ``Client``, whose handshake would wait
+        # forever if the thread had already seen ``closed`` and returned.
+        waker = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            waker.connect(self.path)
         except OSError:
             pass
+        finally:
+            waker.close()
         self._listener.close()
         with self._lock:
             for connection in self._connections:

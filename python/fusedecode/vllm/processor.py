@@ -10,11 +10,11 @@ second instance in the same engine stays inert):
   group, which vLLM loads into every engine. A request that sets no ``fusedecode_*`` option costs a
   dictionary lookup when it joins the batch and nothing per step.
 
-It implements the V1 model runner's interface (``vllm.v1.sample.logits_processor``: vLLM's CPU build,
-and GPUs with ``VLLM_USE_V2_MODEL_RUNNER=0``). It also subclasses the Model Runner V2 interface where
-vLLM has it, so that the entry point does not stop a V2 engine from starting, but under V2 it records
-nothing and does not stop early: a request that asks is reported as refused (an error from
-``fusedecode.vllm.generate``, a warning in the engine log). See docs/vllm.md.
+One class serves both of vLLM's model runners: it subclasses Model Runner V2's interface
+(``vllm.v1.worker.gpu.sample.logits_processor``, the default engine) where vLLM has it, and the V1
+runner's (``vllm.v1.sample.logits_processor``: vLLM's CPU build, ``VLLM_USE_V2_MODEL_RUNNER=0``), so
+both loaders accept it; the constructor's signature tells which runner built it, and the work goes to
+``ModelRunnerV2Recorder`` or ``V1Recorder`` (the shared core is ``_recorder.Recorder``).
 """
 
 import logging
@@ -24,7 +24,9 @@ from vllm.v1.sample.logits_processor import LogitsProcessor as _V1LogitsProcesso
 from vllm.v1.sample.logits_processor import MoveDirectionality
 
 from ._options import options_of
-from ._recorder import ASYNC_REFUSAL, V2_REFUSAL, StepRecorder
+from ._recorder import ASYNC_REFUSAL
+from ._runner_v1 import V1Recorder
+from ._runner_v2 import ModelRunnerV2Recorder
 
 try:
     from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as _V2LogitsProcessor
@@ -46,13 +48,19 @@ def _claim(instance, vllm_config):
     return True
 
 
-def _reporting_rank():
-    """Only tensor-parallel rank 0 sends statistics (every rank samples the same rows)."""
+def _tensor_parallel():
+    """(rank, size) of this worker's tensor-parallel group; (0, 1) without distributed state."""
     try:
-        from vllm.distributed import get_tensor_model_parallel_rank
-        return get_tensor_model_parallel_rank() == 0
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+        return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
     except Exception:  # no distributed state (single process)
-        return True
+        return 0, 1
+
+
+def _speculative_rows(vllm_config):
+    """The most logits rows one request gets per step: 1 + the number of speculative tokens."""
+    config = getattr(vllm_config, "speculative_config", None)
+    return 1 + int(getattr(config, "num_speculative_tokens", 0) or 0) if config is not None else 1
 
 
 _BASES = (_V1LogitsProcessor,) if _V2LogitsProcessor is None else (_V1LogitsProcessor, _V2LogitsProcessor)
@@ -71,31 +79,37 @@ class FusedecodeLogitsProcessor(*_BASES):
     def __init__(self, vllm_config, *args):
         # V1: (vllm_config, device, is_pin_memory); Model Runner V2: (vllm_config, req_states).
         self._vllm_config = vllm_config
-        self._recorder = None
-        self._refused_v2 = None
-        if len(args) == 1:
-            self._refused_v2 = StepRecorder("cpu", reporting=_reporting_rank(), refuse_statistics=V2_REFUSAL)
-            return
-        device, is_pin_memory = args
+        self._v1 = self._v2 = None
         if not _claim(self, vllm_config):
             logger.info("fusedecode: a second FusedecodeLogitsProcessor in this engine stays inert")
             return
+        rank, size = _tensor_parallel()
+        if len(args) == 1:
+            (req_states,) = args
+            parallel = getattr(vllm_config, "parallel_config", None)
+            self._v2 = ModelRunnerV2Recorder(
+                req_states, spare_rows=_speculative_rows(vllm_config), tp_rank=rank, tp_size=size,
+                sharded=bool(getattr(parallel, "enable_batch_sharded_sampling", False)),
+                pin_memory=req_states.device.type == "cuda")
+            return
+        device, is_pin_memory = args
         scheduler = getattr(vllm_config, "scheduler_config", None)
         refusal = ASYNC_REFUSAL if getattr(scheduler, "async_scheduling", False) else None
-        self._recorder = StepRecorder(device, reporting=_reporting_rank(), pin_memory=is_pin_memory,
-                                      refuse_statistics=refusal)
+        # The V1 runner samples every row on every rank: rank 0 reports.
+        self._v1 = V1Recorder(device, reporting=rank == 0, pin_memory=is_pin_memory, refuse_statistics=refusal)
 
     @property
     def inert(self):
-        return self._recorder is None
+        return self._v1 is None and self._v2 is None
 
+    # ---------------------------------------------------------------------------- V1 model runner
     def is_argmax_invariant(self):
         # False: vLLM then calls apply on every batch, all-greedy ones included, with the logits
         # before temperature (and before penalties), and the early stop changes the argmax.
         return False
 
     def update_state(self, batch_update):
-        recorder = self._recorder
+        recorder = self._v1
         if recorder is None:
             return
         recorder.resolve()
@@ -108,24 +122,16 @@ class FusedecodeLogitsProcessor(*_BASES):
         recorder.flush()
 
     def apply(self, logits, ctx=None):
-        recorder = self._recorder
-        if recorder is not None and recorder.active:
-            recorder.record(logits)
+        if self._v2 is not None:
+            return self._v2.apply(logits, ctx)
+        if self._v1 is not None and self._v1.active:
+            self._v1.record(logits)
         return logits
 
-    # Model Runner V2 (refused, see the module docstring)
+    # ---------------------------------------------------------------------------- Model Runner V2
     def add_request(self, req_idx, sampling_params):
-        if self._refused_v2 is None:
-            return False
-        try:
-            options = options_of(sampling_params)
-        except ValueError:
-            return False
-        if options is not None:
-            logger.warning("fusedecode: %s The request runs without fusedecode.", V2_REFUSAL)
-            self._refused_v2.refuse(options, V2_REFUSAL)
-            self._refused_v2.flush()
-        return False
+        return self._v2.add_request(req_idx, sampling_params) if self._v2 is not None else False
 
     def apply_staged_writes(self):
-        pass
+        if self._v2 is not None:
+            self._v2.apply_staged_writes()
