@@ -9,10 +9,15 @@
      offline from the returned logprobs (-mean of the top-k logprobs).
 
     VLLM_CPU_KVCACHE_SPACE=1 PYTHONPATH=python python -P benchmarks/bench_vllm.py [--out FILE.md]
+    python benchmarks/bench_vllm.py --model /path/to/Qwen2.5-0.5B-Instruct --traces 64   # on a GPU
 
-Run in the venv of .ci/vllm_check.sh (vLLM's CPU build). The bundled target's vocabulary has 17
-tokens, and vLLM 0.32 kills the engine for logprobs > V (torch.topk "selected index k out of range"
-in the sampler), so (c) asks for logprobs=17: the whole vocabulary, which is what k=20 means there.
+On a GPU the engine runs vLLM's default, Model Runner V2 (async scheduling included); the table
+says which runner and scheduling ran. benchmarks/vllm_gpu_check.sh runs the engine tests and this.
+
+On CPU run in the venv of .ci/vllm_check.sh (vLLM's CPU build). The bundled target's vocabulary has
+17 tokens, and vLLM 0.32 kills the engine for logprobs > V (torch.topk "selected index k out of range"
+in the sampler), so (c) asks for logprobs=min(20, V): the whole vocabulary, which is what k=20 means
+there.
 Runs are interleaved (one of each per repeat) and the median of the repeats is reported.
 """
 
@@ -29,7 +34,6 @@ import numpy as np
 
 PROMPTS = ["6962+27=", "47+385=", "1+2=", "9999+9999=", "12+3456=", "8+8=", "505+5=", "31+69="]
 TOPK = 20
-VOCAB = 17
 
 
 def offline_confidence(outputs, topk=TOPK):
@@ -74,6 +78,8 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--model", help="model path (default: the bundled target)")
+    parser.add_argument("--dtype", default=None, help="default: float32 for the bundled target, auto otherwise")
     parser.add_argument("--out", help="also write the markdown table here")
     args = parser.parse_args()
     revision, load_before = commit(), os.getloadavg()[0]
@@ -85,12 +91,22 @@ def main():
     import fusedecode.vllm as fv
     from fusedecode.hf import bundled_model_path
 
-    engine_args = dict(model=bundled_model_path("target"), dtype="float32", max_model_len=64, enforce_eager=True,
-                       gpu_memory_utilization=0.05, max_num_seqs=args.max_num_seqs, max_logprobs=VOCAB)
-    plain = LLM(**engine_args)
-    with_processor = LLM(**engine_args, logits_processors=["fusedecode.vllm:FusedecodeLogitsProcessor"])
+    bundled = args.model is None
+    engine_args = dict(model=bundled_model_path("target") if bundled else args.model,
+                       dtype=args.dtype or ("float32" if bundled else "auto"), max_num_seqs=args.max_num_seqs)
+    if bundled:  # a tiny model: a small engine (two of them share the device)
+        engine_args.update(max_model_len=64, enforce_eager=True, gpu_memory_utilization=0.05)
+    else:
+        engine_args.update(max_model_len=args.max_tokens + 128, gpu_memory_utilization=0.4)
+    plain = LLM(**engine_args, max_logprobs=TOPK)
+    with_processor = LLM(**engine_args, max_logprobs=TOPK, logits_processors=["fusedecode.vllm:FusedecodeLogitsProcessor"])
+    vocab = plain.llm_engine.vllm_config.model_config.get_vocab_size()
+    logprobs = min(TOPK, vocab)
+    config = with_processor.llm_engine.vllm_config
+    runner = "Model Runner V2" if getattr(config, "use_v2_model_runner", False) else "V1 model runner"
+    scheduling = "async" if config.scheduler_config.async_scheduling else "synchronous"
     sampling = SamplingParams(n=args.traces, temperature=1.0, max_tokens=args.max_tokens)
-    with_logprobs = SamplingParams(n=args.traces, temperature=1.0, max_tokens=args.max_tokens, logprobs=VOCAB)
+    with_logprobs = SamplingParams(n=args.traces, temperature=1.0, max_tokens=args.max_tokens, logprobs=logprobs)
 
     def run_plain():
         return generated_tokens(plain.generate(PROMPTS, sampling, use_tqdm=False))
@@ -108,7 +124,7 @@ def main():
     runs = {"(a) plain vLLM": run_plain,
             "(a') processor loaded, no request asks (control)": run_control,
             f"(b) fusedecode statistics (topk={TOPK})": run_fusedecode,
-            f"(c) logprobs={VOCAB} (= V; 20 kills the engine) + offline confidence": run_logprobs}
+            f"(c) logprobs={logprobs} + offline confidence": run_logprobs}
     for run in runs.values():  # warm-up
         run()
     rates = {name: [] for name in runs}
@@ -120,10 +136,13 @@ def main():
     medians = {name: statistics.median(values) for name, values in rates.items()}
     base, logprobs_path = medians["(a) plain vLLM"], list(medians.values())[-1]
 
-    lines = [f"vLLM {vllm.__version__} (CPU build), torch {torch.__version__}, fusedecode commit {revision}, "
-             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-             f"Machine: {machine()}; load average before the run {load_before:.1f}, after {os.getloadavg()[0]:.1f}",
-             f"Bundled target (V = {VOCAB}), {len(PROMPTS)} prompts x N = {args.traces} sampled traces (T = 1), "
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    lines = [f"vLLM {vllm.__version__} ({runner}, {scheduling} scheduling), torch {torch.__version__}, fusedecode "
+             f"commit {revision}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+             f"Machine: {machine()}, device {device}; load average before the run {load_before:.1f}, after "
+             f"{os.getloadavg()[0]:.1f}",
+             f"{'Bundled target' if bundled else args.model} (V = {vocab}), {len(PROMPTS)} prompts x N = "
+             f"{args.traces} sampled traces (T = 1), "
              f"max_tokens {args.max_tokens}, max_num_seqs {args.max_num_seqs}; median of {args.repeats} interleaved "
              "repeats after a warm-up", "",
              "| config | tokens/s (median) | vs (a) | vs (c) | all repeats (tokens/s) |",

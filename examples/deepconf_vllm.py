@@ -4,8 +4,8 @@
     python examples/deepconf_vllm.py
 
 The confidence of every token is measured inside the engine (one fused pass per step); traces whose
-group confidence falls below the calibrated threshold emit EOS there and stop. On a GPU with
-vLLM >= 0.25, start with VLLM_USE_V2_MODEL_RUNNER=0 (fusedecode.vllm runs on the V1 model runner).
+group confidence falls below the calibrated threshold emit EOS there and stop. It runs on either of
+vLLM's model runners: Model Runner V2 (the default on GPUs) or the V1 runner (vLLM's CPU build).
 """
 
 import os
@@ -22,10 +22,10 @@ def main():
     from fusedecode.hf import bundled_model_path
 
     # The processor by name; installed fusedecode also declares it in vLLM's entry-point group, so
-    # `logits_processors` can be left out there. Statistics need synchronous scheduling.
+    # `logits_processors` can be left out there. (On the V1 runner statistics need synchronous
+    # scheduling, vLLM's CPU default; Model Runner V2 records them with async scheduling too.)
     llm = LLM(model=bundled_model_path("target"), dtype="float32", max_model_len=64, enforce_eager=True,
-              gpu_memory_utilization=0.05, async_scheduling=False,
-              logits_processors=["fusedecode.vllm:FusedecodeLogitsProcessor"])
+              gpu_memory_utilization=0.05, logits_processors=["fusedecode.vllm:FusedecodeLogitsProcessor"])
     sampling = SamplingParams(temperature=1.0, max_tokens=48, seed=0)
 
     # DeepConf-high: 16 warm-up traces set the threshold (keep the top 90%), 48 more stop early.
