@@ -51,6 +51,8 @@ done
 ln -s "$ROOT/triton_kernels" "$SITE/fusedecode/triton_kernels"
 
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+# The V1 pass leaves its greedy statistics here; the Model Runner V2 pass must equal them.
+export FUSEDECODE_VLLM_CROSS_CHECK="$SITE/greedy-v1.npz"
 for runner in $RUNNERS; do
   runner_start=$(date +%s)
   case "$runner" in

@@ -80,6 +80,27 @@ def test_greedy_stats_equal_vllm_distribution(greedy_results):
     assert max_difference(greedy_results, temperature=1.0, topk=5) <= TOLERANCE
 
 
+def test_greedy_stats_equal_across_model_runners(greedy_results):
+    """.ci/vllm_check.sh sets FUSEDECODE_VLLM_CROSS_CHECK to one file for both of its passes: the V1
+    runner's pass writes its greedy statistics there, the Model Runner V2 pass compares with them."""
+    path = os.environ.get("FUSEDECODE_VLLM_CROSS_CHECK")
+    if not path:
+        pytest.skip("FUSEDECODE_VLLM_CROSS_CHECK is not set (.ci/vllm_check.sh sets it)")
+    mine = {f"{i}.{name}": getattr(result.stats[0], name).numpy() for i, result in enumerate(greedy_results)
+            for name in fv._channel.STAT_FIELDS}
+    mine.update({f"{i}.tokens": np.array(result.request_output.outputs[0].token_ids)
+                 for i, result in enumerate(greedy_results)})
+    if not os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1":
+        np.savez(path, **mine)
+        return
+    if not os.path.exists(path):
+        pytest.skip(f"the V1 pass wrote no {path}")
+    theirs = np.load(path)
+    assert sorted(theirs.files) == sorted(mine)
+    for name in mine:
+        np.testing.assert_allclose(mine[name], theirs[name], rtol=1e-6, atol=1e-6, err_msg=name)
+
+
 def test_greedy_stats_equal_hf_uncertainty_processor(greedy_results):
     from transformers import AutoModelForCausalLM
     from fusedecode.hf import UncertaintyProcessor

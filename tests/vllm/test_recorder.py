@@ -233,3 +233,47 @@ def test_options_defaults():
         parse_options({"fusedecode_deepconf_window": 8, "fusedecode_deepconf_threshold": 3.0}, ignore_eos=True)
     assert parse_options({"fusedecode_deepconf_window": 8, "fusedecode_deepconf_threshold": 3.0}, ignore_eos=True,
                          stop_token_ids=(5,)).window == 8
+
+
+def test_a_discarded_partial_prefill_step_leaves_no_record_and_is_measured_again():
+    batch = Batch()
+    params, output = Params(fusedecode_topk=2, **channel("P")), []
+    batch.recorder.update_batch([], [(0, params, output)], [])
+    for _ in range(2):  # two prefill chunks: vLLM runs the processor, then drops the sampled token
+        batch.recorder.record(torch.stack([torch.randn(VOCAB)]))
+        batch.recorder.resolve()
+        batch.recorder.flush()
+    batch.rows[0] = ("P", params, output)
+    for _ in range(4):
+        batch.step()
+    batch.step(removed=[0])
+    by_uid, new, _ = batch.records()
+    check_trace(batch, by_uid[int(next(iter(new)))], "P", output, topk=2)
+
+
+def test_completions_sharing_one_params_and_a_shared_temperature():
+    batch = Batch()
+    shared = Params(temperature=0.7, fusedecode_topk=3, **channel("N"))  # n = 3: one params object
+    outputs = [[], [], []]
+    batch.step(added=[(i, "N", shared, outputs[i]) for i in range(3)])
+    for _ in range(4):
+        batch.step()
+    batch.step(removed=[2, 1, 0])
+    by_uid, new, _ = batch.records()
+    assert len(new) == 3 and set(new.values()) == {"N"}
+    for uid, output in zip(sorted(int(u) for u in new), outputs):
+        check_trace(batch, by_uid[uid], "N", output, temperature=0.7, topk=3)
+
+
+def test_ignore_eos_with_stop_token_ids_forces_the_stop_token():
+    batch = Batch()
+    params = Params(fusedecode_topk=2, fusedecode_deepconf_window=2, fusedecode_deepconf_threshold=1e9,
+                    **channel("I"))
+    params.eos_token_id, params.ignore_eos, params.stop_token_ids = None, True, [7]
+    output = []
+    batch.step(added=[(0, "I", params, output)])
+    batch.step()
+    batch.step(removed=[0])
+    assert output[1] == 7
+    _, _, stopped = batch.records()
+    assert list(stopped.values()) == [1]
