@@ -46,6 +46,7 @@ STEP = "python/fusedecode/hf/speculative/step.py"
 SPEC_CONFIG = "python/fusedecode/hf/speculative/config.py"
 ATTENTION = "python/fusedecode/hf/speculative/attention.py"
 TRIGGER = "python/fusedecode/hf/correction/trigger.py"
+TRIGGERS = "python/fusedecode/triggers.py"
 PROCESSORS = "python/fusedecode/hf/processors.py"
 CONFIDENCE = "python/fusedecode/confidence.py"
 VALIDATION = "python/fusedecode/_validation.py"
@@ -181,8 +182,8 @@ MUTATIONS = [
     M("greedy-verified-by-sampling", STEP, "temperature=1.0 if self.do_sample else 0.0", "temperature=1.0", T_SPEC,
       "greedy generation verified by sampling"),
     # ---- SRGen trigger ------------------------------------------------------------------------------
-    M("trigger-one-step-late", TRIGGER, "torch.where(self.count >= config.window, threshold,",
-      "torch.where(self.count > config.window, threshold,", "tests/hf/test_srgen.py",
+    M("trigger-one-step-late", TRIGGERS, "torch.where(state.count >= rule.window, threshold, warmup)",
+      "torch.where(state.count > rule.window, threshold, warmup)", "tests/hf/test_srgen.py",
       "the adaptive threshold starts one step after the window is full"),
     M("trigger-one-correction-too-many", TRIGGER, "(self.corrections < config.max_corrections)",
       "(self.corrections <= config.max_corrections)", "tests/hf/test_srgen.py",
