@@ -36,7 +36,8 @@ class ReflectionProcessor(UncertaintyProcessor):
         elif self._observed != self.num_steps - 1:
             raise ValueError("ReflectionInsertion: its stopping criteria did not see the last token; pass the "
                              "ReflectionInsertion object in stopping_criteria=[...] as well as its .processor in "
-                             "logits_processor=[...]")
+                             "logits_processor=[...] (assisted or speculative decoding, which score several tokens "
+                             "per step, are not supported)")
         values = {field: self._steps[field][-1] for field in self.config.fields}
         self.state, forced = observe_distribution(self._rules, self.state, values, ~self._ended)
         only_forced = torch.full_like(scores, -math.inf).scatter_(1, forced.clamp(min=0).unsqueeze(1), 0.0)
