@@ -191,7 +191,9 @@ def markdown(rows, meta):
     lines += ["", "'problems acted on': (problem, seed) pairs with at least one insertion or SRGen correction; "
               "'accuracy there': the variant's accuracy on those pairs, and plain sampling's on the same pairs; "
               "'fixed / broken': of those pairs, how many plain sampling got wrong and the variant right, and the "
-              "reverse."]
+              "reverse. A variant's trace is plain sampling's own (same seed, same draws) up to its first insertion "
+              "or correction, so 'sampling there' is plain sampling's accuracy on exactly the traces where the "
+              "trigger fires: how well the trigger finds traces going wrong, whatever the insertion then does."]
     return "\n".join(lines)
 
 
