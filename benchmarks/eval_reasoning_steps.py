@@ -30,8 +30,6 @@ trained to use a phrase. Writes a markdown table and JSON to ``benchmarks/result
 """
 
 import argparse
-import datetime
-import json
 import os
 import random
 import sys
@@ -40,7 +38,6 @@ import time
 import torch
 import transformers
 
-import fusedecode
 from fusedecode.demo import arithmetic
 from fusedecode.demo.demo import DEMO_SRGEN
 from fusedecode.hf import ReflectionInsertion, UncertaintyProcessor, bundled_model_path, srgen
@@ -48,7 +45,7 @@ from fusedecode.reflection import ReflectionConfig
 from fusedecode.triggers import StepTrigger
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from eval_srgen import cpu_model, git_commit, mcnemar_p, real_token_counts  # noqa: E402
+from eval_srgen import load_average, mcnemar_p, real_token_counts, run_meta, write_results  # noqa: E402
 
 VARIANTS = ("sampling", "srgen", "insert at step", "insert at token", "srgen + insert at step")
 
@@ -234,24 +231,14 @@ def main(argv=None):
                 reflection=args.reflection, reflection_ids=reflection, delimiters=args.delimiters,
                 max_insertions=args.max_insertions, step_threshold=threshold, step_quantile=args.step_quantile,
                 calibration_steps=calibration_steps, calibration_problems=args.calibration_problems,
-                srgen_trigger=dict(vars(DEMO_SRGEN.trigger)), cpu=cpu_model(), torch_threads=torch.get_num_threads(),
-                torch=torch.__version__, transformers=transformers.__version__, fusedecode=fusedecode.__version__,
-                commit=git_commit(), load_before=" ".join(f"{x:.2f}" for x in os.getloadavg()))
+                srgen_trigger=dict(vars(DEMO_SRGEN.trigger)), **run_meta())
     started = time.perf_counter()
     results = evaluate(model, tokenizer, problems, seeds, args.batch, configs, generate_kwargs)
-    meta["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    meta["wall_seconds"] = time.perf_counter() - started
+    meta.update(load_after=load_average(), wall_seconds=time.perf_counter() - started)
     rows = summarise(results, len(problems))
     table = markdown(rows, meta)
     print(table)
-
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"reasoning-steps-cpu-{datetime.date.today().isoformat()}")
-    with open(stem + ".md", "w") as handle:
-        handle.write(f"# Reflection insertion and SRGen ({datetime.date.today().isoformat()})\n\n" + table + "\n")
-    with open(stem + ".json", "w") as handle:
-        json.dump({"meta": meta, "results": rows}, handle, indent=1)
-    print(f"\nwrote {stem}.md and .json ({meta['wall_seconds']:.0f} s)")
+    write_results(args.out, "reasoning-steps-cpu", "Reflection insertion and SRGen", table, meta, rows)
     return 0
 
 

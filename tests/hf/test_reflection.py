@@ -4,7 +4,11 @@ histories, and ``ReflectionInsertion`` inserts at exactly the positions the offl
 names, in plain ``generate`` and inside ``srgen``; batches with padding, sampling and rows ending at
 EOS."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -289,3 +293,18 @@ def test_pair_arguments():
         ReflectionInsertion(config, eos_token_id=EOS, temperature=0.0, topk=4)
     assert ReflectionInsertion(config, eos_token_id=EOS, topk=4).insertions is None
     assert cut_steps([5], [[5]]).terminated.tolist() == [True]
+
+
+def test_evaluation_script_runs(tmp_path):
+    """benchmarks/eval_reasoning_steps.py end to end on a few problems (the table's numbers are its
+    own; this checks that every variant runs and is written)."""
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "eval_reasoning_steps.py")
+    subprocess.run([sys.executable, script, "--problems", "6", "--seeds", "1", "--batch", "3",
+                    "--calibration-problems", "6", "--out", str(tmp_path)], check=True, capture_output=True)
+    written = sorted(os.listdir(tmp_path))
+    assert [name.rsplit(".", 1)[1] for name in written] == ["json", "md"]
+    with open(tmp_path / written[0]) as handle:
+        rows = json.load(handle)["results"]
+    assert [row["variant"] for row in rows] == ["sampling", "srgen", "insert at step", "insert at token",
+                                                "srgen + insert at step"]
+    assert all(row["tokens_per_problem"] > 0 for row in rows)
