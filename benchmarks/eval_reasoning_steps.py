@@ -180,8 +180,9 @@ def markdown(rows, meta):
         per_seed = ", ".join(f"{100 * a:.1f}" for a in r["accuracy_per_seed"])
         there = ("-" if r["accuracy_where_acted"] is None else
                  f"{100 * r['accuracy_where_acted']:.1f}% ({100 * r['sampling_accuracy_there']:.1f}%)")
-        lines.append(f"| {r['variant']} | {100 * r['accuracy_mean']:.1f}% ({per_seed}) | {r['tokens_per_problem']:.1f} | "
-                     f"{r['insertions_per_problem']:.3f} ({r['inserted_tokens_per_problem']:.3f}) | "
+        lines.append(f"| {r['variant']} | {100 * r['accuracy_mean']:.1f}% ({per_seed}) | "
+                     f"{r['tokens_per_problem']:.1f} | {r['insertions_per_problem']:.3f} "
+                     f"({r['inserted_tokens_per_problem']:.3f}) | "
                      f"{r['corrections_per_problem']:.3f} | {r['problems_acted_on']} | {there} | "
                      f"{r['fixed_vs_sampling']} / {r['broken_vs_sampling']} ({r['mcnemar_p']:.2f}) | "
                      f"{r['ms_per_token']:.3f} |")

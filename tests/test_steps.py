@@ -255,7 +255,8 @@ def test_trigger_settings():
     with pytest.raises(TypeError, match="window"):
         SRGenTrigger(window=2.5)
     for kwargs, name in ((dict(threshold=math.nan), "threshold"), (dict(threshold=math.inf), "threshold"),
-                         (dict(threshold=1.0, field="entropi"), "field"), (dict(threshold=1.0, measure="max"), "measure"),
+                         (dict(threshold=1.0, field="entropi"), "field"),
+                         (dict(threshold=1.0, measure="max"), "measure"),
                          (dict(threshold=1.0, fires_when="over"), "fires_when"), (dict(threshold=1.0, tail=0), "tail")):
         with pytest.raises(ValueError, match=name):
             StepTrigger(**kwargs)
@@ -410,8 +411,8 @@ def test_rule_matches_transcription(triggers, delimiters, max_insertions):
         tokens, values, present = rule_inputs(seed, batch=6, length=70, fields=("entropy", "self_certainty"))
         ours, emitted, was_forced = run_rule(config, tokens, values, present, feed_back=torch.arange(6) < 4)
         for row in range(6):
-            expected, forced_steps = transcribed_rule(emitted[row].tolist(), {f: v[row].tolist() for f, v in values.items()},
-                                                      present[row].tolist(), config)
+            row_values = {f: v[row].tolist() for f, v in values.items()}
+            expected, forced_steps = transcribed_rule(emitted[row].tolist(), row_values, present[row].tolist(), config)
             assert was_forced[row].nonzero().flatten().tolist() == forced_steps, (seed, row)
             assert len(ours[row]) == len(expected) <= max_insertions, (seed, row, ours[row], expected)
             for got, want in zip(ours[row], expected):

@@ -53,6 +53,9 @@ from .steps import (DelimiterTable, accumulate, check_delimiters, cut_step, new_
                     step_measure)
 from .triggers import SRGenTrigger, StepTrigger, new_entropy_window, record_entropies, srgen_thresholds
 
+__all__ = ["ReflectionConfig", "Insertion", "ReflectionRules", "ReflectionState", "new_state",
+           "observe_distribution", "observe_token", "insertions_of", "take_rows", "put_rows", "insertion_points"]
+
 
 @dataclass
 class ReflectionConfig:
@@ -353,7 +356,3 @@ def insertion_points(tokens, histories, config):
         state, _ = observe_distribution(rules, state, step_values, rows)
         state = observe_token(rules, state, tokens[position:position + 1], rows)
     return insertions_of(state)[0]
-
-
-__all__ = ["ReflectionConfig", "Insertion", "ReflectionRules", "ReflectionState", "new_state", "observe_distribution",
-           "observe_token", "insertions_of", "take_rows", "put_rows", "insertion_points"]

@@ -49,8 +49,13 @@ import torch
 
 from ._validation import ArgumentTypeError, check_int
 
+__all__ = ["MEASURES", "DEFAULT_TAIL", "check_delimiters", "StepSpans", "StepStatistics", "cut_steps",
+           "step_statistics", "statistics_of_spans", "spans_from_step_indices", "DelimiterTable", "CutterState",
+           "new_cutter", "cut_step", "AccumulatorState", "new_accumulator", "accumulate", "restart_steps",
+           "step_measure"]
+
 MEASURES = ("count", "mean", "min", "tail")
-DEFAULT_TAIL = 8  # tokens: a step's conclusion, e.g. "= 12;" in the worked arithmetic answers
+DEFAULT_TAIL = 8  # tokens: about a step's conclusion (e.g. "+0=12;" in the bundled model's answers)
 
 
 def check_delimiters(delimiters, name="delimiters"):
@@ -346,9 +351,3 @@ def step_measure(state, measure, field, tail=DEFAULT_TAIL):
         value = state.recent[:, field, kept - 1 - age].double()
         total = total + torch.where(age < taken, value, 0.0)
     return total / taken
-
-
-__all__ = ["MEASURES", "DEFAULT_TAIL", "check_delimiters", "StepSpans", "StepStatistics", "cut_steps",
-           "step_statistics", "statistics_of_spans", "spans_from_step_indices", "DelimiterTable", "CutterState",
-           "new_cutter", "cut_step", "AccumulatorState", "new_accumulator", "accumulate", "restart_steps",
-           "step_measure"]

@@ -25,6 +25,9 @@ from ._validation import check_float, check_int
 from .ops.logit_stats import float_outputs
 from .steps import DEFAULT_TAIL, MEASURES
 
+__all__ = ["SRGenTrigger", "EntropyWindow", "new_entropy_window", "srgen_thresholds", "record_entropies",
+           "StepTrigger", "STEP_FIELDS"]
+
 # The per-token fields a step trigger may measure: every float output of logit_stats.
 STEP_FIELDS = float_outputs("token_ids", "topk")
 
@@ -139,7 +142,3 @@ class StepTrigger:
     def fires(self, value):
         """``[B]`` bool: where ``value`` ``[B]`` (the measure at a step's end) fires the trigger."""
         return value > self.threshold if self.fires_when == "above" else value < self.threshold
-
-
-__all__ = ["SRGenTrigger", "EntropyWindow", "new_entropy_window", "srgen_thresholds", "record_entropies",
-           "StepTrigger", "STEP_FIELDS"]

@@ -28,8 +28,9 @@ FIELDS = ("entropy", "varentropy", "self_certainty", "logsumexp", "max_logprob",
 
 class Bias(transformers.LogitsProcessor):
     """Makes tokens 3-8 likely (so that delimiters, multi-token ones included, occur often), the
-    phrase's impossible, and EOS likely enough that rows end at different steps when sampling; ``end_at`` {row: step} makes EOS
-    the choice of a row at that generated step (for greedy decoding). A new object per generate call."""
+    phrase's impossible, and EOS likely enough that rows end at different steps when sampling;
+    ``end_at`` {row: step} makes EOS the choice of a row at that generated step (for greedy decoding).
+    A new object per generate call."""
 
     def __init__(self, eos_bias=2.0, end_at=None):
         self.bias = torch.zeros(VOCAB)

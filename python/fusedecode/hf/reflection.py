@@ -139,7 +139,8 @@ class ReflectionInsertion(StoppingCriteria):
 
     def __init__(self, config, *, eos_token_id, temperature=1.0, topk=0):
         if not isinstance(config, ReflectionConfig):
-            raise ArgumentTypeError(f"config must be a fusedecode.reflection.ReflectionConfig, got {type(config).__name__}")
+            raise ArgumentTypeError(f"config must be a fusedecode.reflection.ReflectionConfig, "
+                                    f"got {type(config).__name__}")
         eos_token_ids = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
         if not eos_token_ids:
             raise ValueError("eos_token_id must be an int >= 0 or a non-empty list of them, got an empty list")
