@@ -186,6 +186,9 @@ def markdown(rows, meta):
                      f"{r['corrections_per_problem']:.3f} | {r['problems_acted_on']} | {there} | "
                      f"{r['fixed_vs_sampling']} / {r['broken_vs_sampling']} ({r['mcnemar_p']:.2f}) | "
                      f"{r['ms_per_token']:.3f} |")
+    if meta["model"] == "bundled target":
+        lines += ["", "The bundled model was trained on worked answers only: it has never seen a reflection phrase, "
+                  "and its vocabulary cannot spell one; the inserted text is an extra step separator."]
     lines += ["", "'problems acted on': (problem, seed) pairs with at least one insertion or SRGen correction; "
               "'accuracy there': the variant's accuracy on those pairs, and plain sampling's on the same pairs; "
               "'fixed / broken': of those pairs, how many plain sampling got wrong and the variant right, and the "
