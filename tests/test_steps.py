@@ -273,6 +273,8 @@ def test_reflection_config_arguments():
     config = ReflectionConfig(tokens=torch.tensor([4, 5]), triggers=[SRGenTrigger(), step], delimiters=[1])
     assert config.tokens == (4, 5) and config.fields == ("entropy", "self_certainty")
     assert config.srgen == SRGenTrigger() and config.step_triggers == (step,)
+    with pytest.raises(AttributeError):  # frozen: a processor's rules cannot change under it
+        config.max_insertions = 3
     for kwargs, error, name in (
             (dict(tokens=[], triggers=step, delimiters=[1]), ValueError, "tokens is empty"),
             (dict(tokens=[-1], triggers=step, delimiters=[1]), ValueError, "tokens must be >= 0"),

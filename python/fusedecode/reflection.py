@@ -57,9 +57,10 @@ __all__ = ["ReflectionConfig", "Insertion", "ReflectionRules", "ReflectionState"
            "observe_distribution", "observe_token", "insertions_of", "take_rows", "put_rows", "insertion_points"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReflectionConfig:
-    r"""What to insert, when, and how often (see the module docstring for the exact rule).
+    r"""What to insert, when, and how often (see the module docstring for the exact rule). Frozen: the
+    normalised, validated settings cannot change under a processor that uses them.
 
     Args:
         tokens: the token ids to insert (a non-empty sequence of ints >= 0).
@@ -92,7 +93,7 @@ class ReflectionConfig:
         tokens = self.tokens.tolist() if hasattr(self.tokens, "tolist") else list(self.tokens)
         if not tokens:
             raise ValueError("tokens is empty: give the token ids to insert")
-        self.tokens = tuple(check_int("tokens", token, 0) for token in tokens)
+        object.__setattr__(self, "tokens", tuple(check_int("tokens", token, 0) for token in tokens))
         triggers = (self.triggers,) if isinstance(self.triggers, (SRGenTrigger, StepTrigger)) else self.triggers
         if not hasattr(triggers, "__iter__") or not triggers:
             raise ValueError(f"triggers must be an SRGenTrigger, a StepTrigger or a non-empty sequence of them, "
@@ -104,10 +105,10 @@ class ReflectionConfig:
                                         f"got {type(trigger).__name__}")
         if sum(isinstance(t, SRGenTrigger) for t in triggers) > 1:
             raise ValueError("triggers holds more than one SRGenTrigger")
-        self.triggers = triggers
-        self.max_insertions = check_int("max_insertions", self.max_insertions, 0)
+        object.__setattr__(self, "triggers", triggers)
+        object.__setattr__(self, "max_insertions", check_int("max_insertions", self.max_insertions, 0))
         if self.delimiters is not None:
-            self.delimiters = check_delimiters(self.delimiters)
+            object.__setattr__(self, "delimiters", check_delimiters(self.delimiters))
         elif any(isinstance(t, StepTrigger) for t in triggers):
             raise ValueError("delimiters must be given for a StepTrigger (steps end at delimiters)")
 

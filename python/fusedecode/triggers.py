@@ -32,7 +32,7 @@ __all__ = ["SRGenTrigger", "EntropyWindow", "new_entropy_window", "srgen_thresho
 STEP_FIELDS = float_outputs("token_ids", "topk")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SRGenTrigger:
     r"""SRGen's entropy rule (see the module docstring), with the defaults of ``SRGenConfig``.
 
@@ -99,7 +99,7 @@ def record_entropies(state, entropy, rows):
     return EntropyWindow(torch.where(rows.unsqueeze(1), written, state.history), state.count + rows.long())
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepTrigger:
     r"""Fires at the end of a step (a delimiter, ``fusedecode.steps``) whose ``measure`` of ``field``
     is above (``fires_when="above"``) or below (``"below"``) ``threshold``; NaN never fires.

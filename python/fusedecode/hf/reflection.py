@@ -114,7 +114,9 @@ class ReflectionInsertion(StoppingCriteria):
         topk: k of ``topk_confidence`` (> 0 when a step trigger measures it).
 
     Attributes: ``insertions`` (per row, a list of ``fusedecode.reflection.Insertion``: position,
-    trigger, value, threshold, inserted), ``processor``.
+    trigger, value, threshold, inserted), ``processor``. A new ``generate`` call starts afresh, as
+    for ``UncertaintyProcessor`` (call ``inserter.processor.reset()`` before feeding an output plus
+    exactly one token back in).
 
     Example (a step trigger that always fires: the sequence follows the first step's delimiter)::
 
