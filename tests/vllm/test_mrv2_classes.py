@@ -346,3 +346,20 @@ def test_two_tensor_parallel_ranks_report_each_token_once(cpu_buffers, sharded):
         assert collector.trace_count(key) == 4, "each completion reported by exactly one rank"
     reported = [rank.processors[0]._v2.counters["records"] for rank in steps.ranks]
     assert all(reported) if sharded else reported[1] == 0
+
+
+def test_generate_checks_the_engine_before_submitting():
+    """What each runner cannot deliver is refused with the fix named, before any request runs."""
+    config = SimpleNamespace(use_v2_model_runner=False, scheduler_config=SimpleNamespace(async_scheduling=True),
+                             speculative_config=None, model_config=SimpleNamespace(logits_processors=[PROCESSOR]))
+    llm = SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=config))
+    with pytest.raises(ValueError, match="async_scheduling=False"):
+        fv.generate(llm, ["1+2="], SamplingParams(max_tokens=4))
+    config.scheduler_config.async_scheduling, config.speculative_config = False, object()
+    with pytest.raises(ValueError, match="speculative"):
+        fv.check_engine(llm)
+    config.use_v2_model_runner, config.scheduler_config.async_scheduling = True, True
+    fv.check_engine(llm)  # Model Runner V2 records with both
+    config.model_config.logits_processors = []
+    with pytest.raises(ValueError, match="not loaded"):
+        fv.check_engine(llm)
