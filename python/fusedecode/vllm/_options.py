@@ -21,6 +21,7 @@ Nothing here imports vLLM: ``validate_params`` runs in the API server's process,
 unit-tested without vLLM.
 """
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -147,6 +148,17 @@ def options_of(sampling_params):
     return parse_options(sampling_params.extra_args, sampling_params.temperature,
                          bool(getattr(sampling_params, "ignore_eos", False)),
                          tuple(getattr(sampling_params, "stop_token_ids", None) or ()))
+
+
+def admitted_options(sampling_params):
+    """``options_of`` for a request entering an engine's batch: None (and a warning in the engine log)
+    when its options are invalid. ``validate_params`` refuses such a request at admission; if it got
+    through anyway it runs without fusedecode, and the engine never goes down for it."""
+    try:
+        return options_of(sampling_params)
+    except ValueError as error:
+        logging.getLogger("fusedecode.vllm").warning("fusedecode: ignoring a request with invalid options: %s", error)
+        return None
 
 
 def extra_args_for(*, temperature=None, topk=0, window=None, threshold=None, key=None, channel=None, authkey=None):
