@@ -61,12 +61,6 @@ class RequestOptions:
         return self.channel is not None
 
 
-def check_temperature(name, value):
-    """A float > 0 whose reciprocal is finite in float32 (what ``fusedecode.logit_stats`` accepts)."""
-    _validation.check_temperature(value, name=name)
-    return float(value)
-
-
 def check_topk(name, value, minimum=0):
     return _validation.check_int(name, value, minimum, MAX_TOPK)
 
@@ -120,7 +114,8 @@ def parse_options(extra_args, sampling_temperature=1.0, ignore_eos=False, stop_t
                          f"(known: {', '.join(KNOWN_KEYS)})")
 
     if extra_args.get(TEMPERATURE) is not None:
-        temperature = check_temperature(f"extra_args {TEMPERATURE}", extra_args[TEMPERATURE])
+        _validation.check_temperature(extra_args[TEMPERATURE], name=f"extra_args {TEMPERATURE}")
+        temperature = float(extra_args[TEMPERATURE])
     else:
         temperature = 1.0 if sampling_temperature < GREEDY_BELOW else float(sampling_temperature)
 
