@@ -29,8 +29,10 @@ DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 
 PACKAGES = ["fusedecode", "fusedecode.ops", "fusedecode.triton_kernels", "fusedecode.hf", "fusedecode.hf.speculative",
             "fusedecode.hf.correction", "fusedecode.demo", "fusedecode.vllm"]
-# The bundled arithmetic models (weights, configs, tokenizers) ship inside the package.
-PACKAGE_DATA = {"fusedecode": ["assets/*.json", "assets/*/*.json", "assets/*/*.safetensors"]}
+# The bundled arithmetic models (weights, configs, tokenizers) ship inside the package, and
+PACKAGE_DATA = {"fusedecode": ["assets/*.json", "assets/*/*.json", "assets/*/*.safetensors"],
+                # the templates of `python -m fusedecode hub-export`
+                "fusedecode.hf": ["hub_templates/*"]}
 PACKAGE_DIR = {"": "python", "fusedecode.triton_kernels": "triton_kernels"}
 
 
