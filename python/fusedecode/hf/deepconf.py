@@ -160,23 +160,42 @@ def _check_options(enable_conf, enable_early_stopping, window_size, threshold, c
     window_size = check_int("window_size", window_size, 1)
     conf_topk = check_int("conf_topk", conf_topk, 1, MAX_TOPK)
     warmup_traces = check_int("deepconf_warmup_traces", warmup_traces, 0)
+    keep = _kept_fraction(variant, eta)
+    _check_threshold_source(enable_conf and enable_early_stopping, threshold, variant, eta, warmup_confidences,
+                            warmup_traces, keep)
+    if threshold is not None:
+        threshold = check_confidence_threshold(threshold)
+    if warmup_confidences is not None:
+        warmup_confidences = _warmup_values(warmup_confidences)
+    return _Options(enable_conf, enable_early_stopping, window_size, threshold, conf_topk, output_confidences,
+                    None if keep is None else 100.0 * keep, warmup_confidences, warmup_traces)
+
+
+def _kept_fraction(variant, eta):
+    """The fraction of warm-up traces the calibration keeps: ``eta``, else the variant's, else None."""
     if variant is not None and variant not in VARIANT_ETA:
         raise ValueError(f"deepconf_variant must be one of {sorted(VARIANT_ETA)} or None, got {variant!r}")
-    if eta is not None:
-        eta = check_float("deepconf_eta", eta, 0.0, 1.0)
-        if eta == 0:
-            raise ValueError("deepconf_eta must be in (0, 1], got 0.0")
-    keep = eta if eta is not None else VARIANT_ETA.get(variant)
-    given = dict(threshold=threshold, deepconf_variant=variant, deepconf_eta=eta,
-                 deepconf_warmup_confidences=warmup_confidences, deepconf_warmup_traces=warmup_traces or None)
-    given = [name for name in STOP_OPTIONS if given[name] is not None]
-    if given and not (enable_conf and enable_early_stopping):
+    if eta is None:
+        return VARIANT_ETA.get(variant)
+    eta = check_float("deepconf_eta", eta, 0.0, 1.0)
+    if eta == 0:
+        raise ValueError("deepconf_eta must be in (0, 1], got 0.0")
+    return eta
+
+
+def _check_threshold_source(stops, threshold, variant, eta, warmup_confidences, warmup_traces, keep):
+    """Exactly one way to the stop threshold when the stop is on, and none of the stop's options when
+    it is off (they would be ignored)."""
+    values = dict(threshold=threshold, deepconf_variant=variant, deepconf_eta=eta,
+                  deepconf_warmup_confidences=warmup_confidences, deepconf_warmup_traces=warmup_traces or None)
+    given = [name for name in STOP_OPTIONS if values[name] is not None]
+    if given and not stops:
         raise ValueError(f"{', '.join(given)} set the online stop, which is off (it needs enable_conf=True and "
                          "enable_early_stopping=True)")
     sources = [name for name in ("threshold", "deepconf_warmup_confidences", "deepconf_warmup_traces") if name in given]
     if len(sources) > 1:
         raise ValueError(f"give the stop threshold one way, not {' and '.join(sources)}")
-    if enable_conf and enable_early_stopping and not sources:
+    if stops and not sources:
         raise ValueError("the online stop needs a threshold: threshold=, or deepconf_warmup_confidences= or "
                          "deepconf_warmup_traces= with deepconf_variant= (or deepconf_eta=); or "
                          "enable_early_stopping=False to only track confidences")
@@ -186,12 +205,6 @@ def _check_options(enable_conf, enable_early_stopping, window_size, threshold, c
     if sources == ["threshold"] and keep is not None:
         raise ValueError("deepconf_variant / deepconf_eta calibrate a threshold on warm-up traces; an explicit "
                          "threshold= needs neither")
-    if threshold is not None:
-        threshold = check_confidence_threshold(threshold)
-    if warmup_confidences is not None:
-        warmup_confidences = _warmup_values(warmup_confidences)
-    return _Options(enable_conf, enable_early_stopping, window_size, threshold, conf_topk, output_confidences,
-                    None if keep is None else 100.0 * keep, warmup_confidences, warmup_traces)
 
 
 def _warmup_values(values):
