@@ -4,6 +4,7 @@ gives exactly the tokens of the importable callable."""
 
 import filecmp
 import functools
+import math
 import os
 
 import pytest
@@ -12,8 +13,8 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
 import fusedecode.hf  # noqa: E402
-from fusedecode.hf import ConfidenceStopping, SRGenConfig, TreeConfig, bundled_model_path, hub  # noqa: E402
-from hf_models import prompts, tiny_model  # noqa: E402
+from fusedecode.hf import ConfidenceStopping, SRGenConfig, TreeConfig, hub  # noqa: E402
+from hf_models import EOS, prompts, tiny_model  # noqa: E402
 
 HUB = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples", "hub")
 FOLDERS = {method.folder: os.path.join(HUB, method.folder) for method in hub.METHODS}
@@ -59,12 +60,13 @@ def test_folder_layout():
         assert callable(namespace["generate"]), folder
 
 
-@pytest.fixture(scope="module")
-def bundled():
-    target = transformers.AutoModelForCausalLM.from_pretrained(bundled_model_path("target")).eval()
-    draft = transformers.AutoModelForCausalLM.from_pretrained(bundled_model_path("draft")).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(bundled_model_path("target"))
-    return target, draft, tokenizer
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is faster than two on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _load(model, folder, seed, **kwargs):
@@ -78,19 +80,20 @@ def _call(model, seed, **kwargs):
 
 
 @pytest.mark.parametrize("do_sample", [False, True])
-def test_tree_speculation_folder(bundled, do_sample):
-    target, draft, tokenizer = bundled
-    inputs = tokenizer(["12+34=", "47+385=", "9+9="], return_tensors="pt", padding=True)
-    kwargs = dict(inputs, draft_model=draft, tree_config=TreeConfig(max_depth=8, top_k=2, max_nodes=12),
-                  max_new_tokens=40, do_sample=do_sample, return_dict_in_generate=True)
+def test_tree_speculation_folder(do_sample):
+    target = tiny_model("llama", seed=1)
+    inputs = prompts(3, 5, seed=1)
+    # The target drafts for itself: deep acceptance, so the tree walk really runs.
+    kwargs = dict(inputs, draft_model=target, tree_config=TreeConfig(max_depth=4, top_k=2, max_nodes=8),
+                  max_new_tokens=12, do_sample=do_sample, pad_token_id=0, return_dict_in_generate=True)
     loaded = _load(target, "tree-speculation", 5, **kwargs)
     direct = _call(target, 5, custom_generate=fusedecode.hf.tree_speculative, **kwargs)
     assert type(loaded).__name__ == "TreeSpeculativeOutput"
     assert torch.equal(loaded.sequences, direct.sequences)
     assert torch.equal(loaded.num_accepted, direct.num_accepted)
-    assert loaded.mean_accepted_length > 1  # the draft is accepted: speculation really ran
     if not do_sample:
-        plain = target.generate(**inputs, max_new_tokens=40, do_sample=False)
+        assert loaded.mean_accepted_length > 2
+        plain = target.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=0)
         assert torch.equal(loaded.sequences, plain)
 
 
@@ -106,13 +109,13 @@ def test_srgen_folder():
     assert len(loaded.corrections[0]) == 3  # the corrections really ran (row 1 draws EOS at once)
 
 
-def test_deepconf_folder_is_confidence_stopping(bundled):
+def test_deepconf_folder_is_confidence_stopping():
     """The folder's online stop gives exactly the tokens of ConfidenceStopping passed by hand, and the
     callable's; a threshold between the traces' lowest group confidences stops some rows only."""
-    model, _, tokenizer = bundled
-    inputs = tokenizer(["12+34=", "47+385=", "806+91="], return_tensors="pt", padding=True)
-    common = dict(inputs, do_sample=True, temperature=1.5, max_new_tokens=40, num_return_sequences=4)
-    options = dict(enable_conf=True, window_size=6, conf_topk=8)
+    model = tiny_model("qwen2", seed=2)
+    common = dict(prompts(2, 5, seed=2), do_sample=True, max_new_tokens=16, num_return_sequences=4, pad_token_id=0,
+                  eos_token_id=EOS)
+    options = dict(enable_conf=True, window_size=4, conf_topk=8)
     free = _load(model, "deepconf", 2, enable_early_stopping=False, return_dict_in_generate=True,
                  **options, **common)
     threshold = float(free.lowest_group_confidences.median())
@@ -121,7 +124,7 @@ def test_deepconf_folder_is_confidence_stopping(bundled):
     torch.manual_seed(2)
     callable_out = fusedecode.hf.deepconf_generate(model, threshold=threshold, output_confidences=True,
                                                    return_dict_in_generate=True, **options, **common)
-    stopper = ConfidenceStopping(window=6, threshold=threshold, topk=8, eos_token_id=tokenizer.eos_token_id)
+    stopper = ConfidenceStopping(window=4, threshold=threshold, topk=8, eos_token_id=EOS)
     by_hand = _call(model, 2, logits_processor=[stopper.processor], stopping_criteria=[stopper], **common)
     assert torch.equal(loaded.sequences, by_hand)
     assert torch.equal(callable_out.sequences, by_hand)
@@ -130,12 +133,11 @@ def test_deepconf_folder_is_confidence_stopping(bundled):
     assert torch.equal(loaded.confidences.isnan(), callable_out.confidences.isnan())
 
 
-def test_deepconf_folder_warmup(bundled):
-    model, _, tokenizer = bundled
-    inputs = tokenizer(["12+34=", "47+385="], return_tensors="pt", padding=True)
-    kwargs = dict(inputs, enable_conf=True, window_size=5, deepconf_variant="high", deepconf_warmup_traces=4,
-                  do_sample=True, temperature=1.5, num_return_sequences=3, max_new_tokens=40,
-                  return_dict_in_generate=True)
+def test_deepconf_folder_warmup():
+    model = tiny_model("qwen2", seed=2)
+    kwargs = dict(prompts(2, 5, seed=6), enable_conf=True, window_size=3, deepconf_variant="high",
+                  deepconf_warmup_traces=4, do_sample=True, num_return_sequences=3, max_new_tokens=12, pad_token_id=0,
+                  eos_token_id=EOS, return_dict_in_generate=True)
     loaded = _load(model, "deepconf", 9, **kwargs)
     torch.manual_seed(9)
     direct = fusedecode.hf.deepconf_generate(model, **kwargs)
@@ -144,18 +146,20 @@ def test_deepconf_folder_warmup(bundled):
         assert torch.equal(getattr(loaded, field), getattr(direct, field)), field
 
 
-def test_folder_inside_a_model_whose_generate_it_replaced(bundled):
+def test_folder_inside_a_model_whose_generate_it_replaced():
     """A model loaded from a repository with a custom_generate folder has its instance generate replaced
     by the folder's function (transformers does this in from_pretrained); the entry points call the
     class's generate, not themselves."""
-    model, draft, tokenizer = bundled
-    inputs = tokenizer(["12+34="], return_tensors="pt")
-    expected = model.generate(**inputs, max_new_tokens=20, do_sample=False)
-    for entry, extra in ((hub.generate_tree_speculation, dict(draft_model=draft)),
+    model = tiny_model("llama", seed=4)
+    inputs = prompts(1, 5, seed=4)
+    expected = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    for entry, extra in ((hub.generate_tree_speculation, dict(draft_model=model)),
+                         (hub.generate_srgen, dict(srgen_config=SRGenConfig(min_threshold=math.inf,
+                                                                            warmup_threshold=math.inf))),
                          (hub.generate_deepconf, dict(enable_conf=True, threshold=-1e9, window_size=4))):
         model.generate = functools.partial(entry, model=model)
         try:
-            out = model.generate(**inputs, max_new_tokens=20, do_sample=False, **extra)
+            out = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0, **extra)
         finally:
             del model.generate
         assert torch.equal(out, expected), entry.__name__
