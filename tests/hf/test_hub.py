@@ -60,13 +60,8 @@ def test_folder_layout():
         assert callable(namespace["generate"]), folder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster than two on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one thread (tests/hf/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _load(model, folder, seed, **kwargs):
