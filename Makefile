@@ -9,7 +9,7 @@ TRITON_SPEC ?= triton==3.7.1
 # The Hugging Face integration (fusedecode.hf, the demo) is tested against this transformers.
 TRANSFORMERS_SPEC ?= transformers==5.17.0
 
-.PHONY: install test hf-compat demo bench sweep cuda-check device-check train-bundled mutation wheel wheel-cpu wheel-py sdist clean
+.PHONY: install test hf-compat newest-check demo bench sweep cuda-check cuda-check-2.15 device-check train-bundled mutation wheel wheel-cpu wheel-py sdist clean
 
 $(DEPS_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: install
 hf-compat: install
 	bash .ci/hf_compat.sh
 
+# The whole CPU suite on the newest torch (2.15, PyPI's CUDA build run on CPU), triton (3.9) and
+# transformers, in .venv-newest, from a copy of the tree (.ci/newest_check.sh).
+newest-check:
+	bash .ci/newest_check.sh
+
 demo: install
 	$(PY) -m fusedecode demo
 
@@ -39,6 +44,9 @@ sweep: install
 # Build the CUDA wheel (sm_80, sm_90) against a CUDA torch, check it, test the installed copy (no GPU needed).
 cuda-check:
 	bash .ci/cuda_wheel_check.sh
+# The same against torch 2.15 (PyPI's CUDA 13.2 build): fusedecode-...+cu132torch2.15.
+cuda-check-2.15:
+	CUDA_TORCH_SPEC=torch==2.15.0 bash .ci/cuda_wheel_check.sh
 
 # Wheels from a clean export of HEAD into dist/ (see README "Wheels for clusters"). WHEEL_PYTHON
 # must hold the torch to build against: a CUDA build of torch for `wheel`.

@@ -17,6 +17,16 @@ check_against() {  # check_against VENV TRANSFORMERS_VERSION
   if ! "$venv/bin/python" -c "import transformers, sys; sys.exit(transformers.__version__ != '$version')" 2>/dev/null; then
     "$venv/bin/python" -m pip install -q "$TORCH_SPEC" "transformers==$version" numpy pytest
   fi
+  if ! "$venv/bin/python" -c "import importlib.metadata as m; m.version('fusedecode')" 2>/dev/null; then
+    # transformers checks a custom_generate folder's requirements.txt (fusedecode among them) against
+    # the installed distributions: install the pure-Python wheel for that (imports stay on the tree).
+    local wheels
+    wheels=$(mktemp -d)
+    "$venv/bin/python" -m pip install -q "setuptools>=77" wheel
+    DIST="$wheels" bash .ci/build_wheel.sh py "$venv/bin/python" >/dev/null
+    "$venv/bin/python" -m pip install -q --no-deps "$wheels"/*.whl
+    rm -rf "$wheels"
+  fi
   "$venv/bin/python" -c "import transformers; print('== transformers', transformers.__version__)"
   PYTHONPATH=python "$venv/bin/python" -m pytest -q -p no:cacheprovider "${HF_TESTS[@]}"
   echo "== transformers $version checked in $(( $(date +%s) - start ))s"

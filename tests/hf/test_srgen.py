@@ -23,14 +23,8 @@ NEVER = SRGenConfig(min_threshold=math.inf, warmup_threshold=math.inf)
 ALWAYS = dict(k=-100.0, min_std=1.0, min_threshold=-1.0, warmup_threshold=-1.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster than two, and much faster on a loaded machine,
-    where two OpenMP threads wait for each other inside every small matmul."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one thread (tests/hf/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class RecordingStreamer(transformers.generation.BaseStreamer):

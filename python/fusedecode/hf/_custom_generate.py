@@ -24,6 +24,13 @@ def check_config(keyword, config, config_class):
     return config
 
 
+def class_generate(model, *args, **kwargs):
+    """``generate`` of the model's class. A model loaded with ``trust_remote_code=True`` from a repository
+    that ships a ``custom_generate`` folder has its instance ``generate`` replaced by that folder's
+    function; a wrapper that calls ``model.generate`` from inside such a function would call itself."""
+    return type(model).generate(model, *args, **kwargs)
+
+
 def refuse_unsupported_generation(method, generation_config, model_kwargs):
     """Refuse, before any forward, what neither callable does: beam search and ``inputs_embeds``
     (both need the context as token ids)."""
