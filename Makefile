@@ -9,7 +9,7 @@ TRITON_SPEC ?= triton==3.7.1
 # The Hugging Face integration (fusedecode.hf, the demo) is tested against this transformers.
 TRANSFORMERS_SPEC ?= transformers==5.17.0
 
-.PHONY: install test hf-compat demo bench sweep cuda-check device-check train-bundled mutation wheel wheel-cpu wheel-py sdist clean
+.PHONY: install test hf-compat demo bench sweep cuda-check cuda-emulated device-check train-bundled mutation wheel wheel-cpu wheel-py sdist clean
 
 $(DEPS_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ sweep: install
 # Build the CUDA wheel (sm_80, sm_90) against a CUDA torch, check it, test the installed copy (no GPU needed).
 cuda-check:
 	bash .ci/cuda_wheel_check.sh
+
+# The CUDA kernels executed on the CPU (tests/cuda_emulation/README.md), under every thread schedule.
+EMULATION_SCHEDULES ?= all
+cuda-emulated: install
+	FUSEDECODE_EMULATION_SCHEDULES=$(EMULATION_SCHEDULES) $(PY) -m pytest -q tests/cuda_emulation
 
 # Wheels from a clean export of HEAD into dist/ (see README "Wheels for clusters"). WHEEL_PYTHON
 # must hold the torch to build against: a CUDA build of torch for `wheel`.

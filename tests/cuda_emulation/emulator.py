@@ -19,7 +19,7 @@ from fusedecode.ops.logit_stats import OUTPUTS as LOGIT_STATS_OUTPUTS
 from fusedecode.ops.verify_tree import OUTPUTS as VERIFY_TREE_OUTPUTS
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-ORDERS = {"ascending": 0, "descending": 1, "random": 2}
+ORDERS = {"ascending": 0, "descending": 1, "random": 2, "warps_ahead": 3}
 
 
 class EmulatorError(RuntimeError):

@@ -481,6 +481,22 @@ Fiber* next_runnable() {
     }
     return count ? &g_fibers[runnable[g_random() % count]] : nullptr;
   }
+  if (g_config.lane_order == 3) {
+    // Warps ahead: keep running the warp that ran last while any of its lanes can, then the next
+    // warp: one warp gets as far ahead of the others as the barriers allow (what a GPU may do when
+    // a warp is scheduled eagerly), which exposes shared memory reused before every warp read it.
+    const int warps = (n + warpSize - 1) / warpSize;
+    for (int step = 0; step < warps; ++step) {
+      const int w = (g_cursor + step) % warps;
+      for (int i = w * warpSize; i < std::min(n, (w + 1) * warpSize); ++i) {
+        if (g_fibers[i].state == FiberState::kRunnable) {
+          g_cursor = w;
+          return &g_fibers[i];
+        }
+      }
+    }
+    return nullptr;
+  }
   const bool descending = g_config.lane_order == 1;
   for (int step = 0; step < n; ++step) {
     const int i = descending ? n - 1 - g_cursor : g_cursor;

@@ -94,7 +94,9 @@ unsigned char poison_byte();
 
 // The C interface (ctypes, tests/cuda_emulation/emulator.py).
 extern "C" {
-// lane_order: 0 ascending, 1 descending, 2 random; block_order likewise; seed for the random orders;
+// lane_order: which runnable thread of a block runs next: 0 ascending, 1 descending, 2 random, 3 warps
+// ahead (the warp that ran last goes on while it can); block_order: 0 ascending, 1 descending,
+// 2 random; seed for the random orders;
 // poison: the byte that fills fresh shared memory and the drivers' workspaces; timeout_s: a guarded
 // call that runs longer ends with an error (0: no limit).
 void fdemu_configure(int lane_order, int block_order, uint64_t seed, int poison, double timeout_s);
