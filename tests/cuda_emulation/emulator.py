@@ -127,10 +127,10 @@ class FencedArena:
         """A contiguous output: filled with ``fill``, or with the poison byte when None."""
         stride = torch.empty(shape, dtype=torch.uint8).stride()
         out = self._tensor(tuple(shape), stride, dtype)
-        if fill is None:
-            out.view(torch.uint8).fill_(self.poison) if out.numel() else None
-        else:
+        if fill is not None:
             out.fill_(fill)
+        elif out.numel():
+            out.view(torch.uint8).fill_(self.poison)
         return out
 
 

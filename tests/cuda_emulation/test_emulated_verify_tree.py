@@ -19,7 +19,7 @@ import fusedecode
 from cuda_emulation.emulator import RUNS, every_memory
 from cuda_emulation.exact_walk import exact_walk
 from fusedecode.tree import tree_from_paths
-from helpers import assert_close_to_reference, random_logits
+from helpers import assert_close_to_reference, float64_reference, random_logits
 from test_adversarial import check_walk_invariants, reachable
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -92,27 +92,29 @@ def rounding_tolerance(vocab):
     return 4 * vocab * 2.0**-24 + 1e-6
 
 
-def check_against_exact_walk(emulator, result, logits, tokens, parents, temperature, draft_probs, seeds, backend):
-    """Every row of ``result`` follows the float64 walk with the same Philox draws, except rows whose
+def exact_walks(emulator, logits, tokens, parents, temperature, draft_probs, seeds, width):
+    """The float64 walk of every batch row (exact_walk.py) with the kernels' Philox draws."""
+    batch, nodes, _ = logits.shape
+    tokens, parents = tokens.expand(batch, nodes), parents.expand(batch, nodes)
+    return [exact_walk(logits[b], tokens[b], parents[b], temperature,
+                       draft_probs[b] if draft_probs is not None else None, int(seeds[b]), b, width, emulator.uniform)
+            for b in range(batch)]
+
+
+def check_against_exact_walk(result, exact, vocab, backend):
+    """Every row of ``result`` follows its float64 walk ``exact`` (``exact_walks``), except rows whose
     path met a draw within rounding of its threshold; those may be at most a few."""
-    batch, nodes, vocab = logits.shape
-    tokens = tokens.expand(batch, nodes)
-    parents = parents.expand(batch, nodes)
-    width = result.accepted_nodes.shape[1]
     tolerance = rounding_tolerance(vocab)
     excused = []
-    for b, (accepted, emitted) in enumerate(walk_rows(result)):
-        exact = exact_walk(logits[b], tokens[b], parents[b], temperature,
-                           draft_probs[b] if draft_probs is not None else None, int(seeds[b]), b, width,
-                           emulator.uniform)
-        if (accepted, emitted) == (exact.accepted_nodes, exact.output_tokens):
+    for b, ((accepted, emitted), walk) in enumerate(zip(walk_rows(result), exact)):
+        if (accepted, emitted) == (walk.accepted_nodes, walk.output_tokens):
             continue
-        assert exact.margin <= tolerance, (
+        assert walk.margin <= tolerance, (
             f"{backend} row {b}: walk {accepted} emitting {emitted}, but the float64 walk with the same draws "
-            f"gives {exact.accepted_nodes} emitting {exact.output_tokens}, its nearest draw {exact.margin:.3g} "
+            f"gives {walk.accepted_nodes} emitting {walk.output_tokens}, its nearest draw {walk.margin:.3g} "
             f"from a threshold (rounding allows {tolerance:.3g})")
         excused.append(b)
-    assert len(excused) <= 2 + batch // 20, f"{backend}: rows {excused} all differ from the float64 walk"
+    assert len(excused) <= 2 + len(exact) // 20, f"{backend}: rows {excused} all differ from the float64 walk"
 
 
 def compare_with_cpp(emulator, logits, tokens, parents, *, temperature, draft_probs=None, seeds=None,
@@ -131,16 +133,18 @@ def compare_with_cpp(emulator, logits, tokens, parents, *, temperature, draft_pr
     depth = want.accepted_nodes.shape[1] - 1
     results = emulated_verify_tree(emulator, logits, tokens, parents, depth, temperature=temperature,
                                    draft_probs=probs, seed=seeds)
-    check_against_exact_walk(emulator, want, logits, tokens, parents, temperature, probs, seeds, "cpp")
+    vocab = logits.shape[-1]
+    exact = exact_walks(emulator, logits, tokens, parents, temperature, probs, seeds, depth + 1)
+    check_against_exact_walk(want, exact, vocab, "cpp")
+    stats_temperature = temperature if temperature > 0 else 1.0
+    expected = float64_reference(logits, temperature=stats_temperature)
     for memory, got in zip(RUNS, results):
         where = f"[{context} T={temperature} {memory}]"
         if temperature == 0:
             assert_same_walk(got, want, where)  # no draws: nothing to round differently
         else:
-            check_against_exact_walk(emulator, got, logits, tokens, parents, temperature, probs, seeds,
-                                     f"emulated CUDA {where}")
-        assert_close_to_reference(got.stats, logits, temperature=temperature if temperature > 0 else 1.0,
-                                  context=where)
+            check_against_exact_walk(got, exact, vocab, f"emulated CUDA {where}")
+        assert_close_to_reference(got.stats, logits, temperature=stats_temperature, context=where, expected=expected)
     return want
 
 
@@ -227,6 +231,7 @@ def test_garbage_trees_stay_in_bounds(emulator, mode, generator):
         want = cpp_verify_tree(logits, tokens, parents, **kwargs)
         depth = want.accepted_nodes.shape[1] - 1
         draft = probs if mode == "multi_draft" else None
+        exact = exact_walks(emulator, logits, tokens, parents, temperature, draft, seeds, depth + 1)
         for got in emulated_verify_tree(emulator, logits, tokens, parents, depth, temperature=temperature,
                                         draft_probs=draft, seed=seeds):
             check_walk_invariants(got, logits, tokens, parents)
@@ -236,8 +241,7 @@ def test_garbage_trees_stay_in_bounds(emulator, mode, generator):
             if mode == "greedy":
                 assert_same_walk(got, want, f"[garbage tree {trial}]")
             else:
-                check_against_exact_walk(emulator, got, logits, tokens, parents, temperature, draft, seeds,
-                                         f"emulated CUDA [garbage tree {trial} {mode}]")
+                check_against_exact_walk(got, exact, vocab, f"emulated CUDA [garbage tree {trial} {mode}]")
 
 
 def test_depth_smaller_than_the_tree_bounds_the_walk(emulator):

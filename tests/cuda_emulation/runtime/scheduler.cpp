@@ -93,7 +93,8 @@ struct Fiber {
   int index = 0;
   int warp = 0;
   int lane = 0;
-  FiberState state = FiberState::kDone;
+  FiberState state = FiberState::kDone;  // changed only through set_state
+  int runnable_slot = -1;                // its place in g_runnable while runnable
   // The collective or barrier it waits at.
   Collective kind = Collective::kSyncWarp;
   unsigned mask = 0;
@@ -140,6 +141,7 @@ Config g_config;
 Counters g_counters;
 std::vector<Fiber> g_fibers;  // the pool, reused by every block
 WarpLanes g_warps[kMaxThreadsPerBlock / 32];
+std::vector<int> g_runnable;  // the runnable threads of the block, in no order (for random picks)
 Context g_scheduler;          // where fibers switch back to
 Launch g_launch_state;  // global, so that a fault handler can still describe it after the jump
 Launch* g_launch = nullptr;
@@ -215,6 +217,22 @@ std::string describe_launch() {
 
 // ------------------------------------------------------------------------------------------------
 // Fibers
+
+void set_state(Fiber& f, FiberState state) {
+  const bool was = f.state == FiberState::kRunnable, is = state == FiberState::kRunnable;
+  f.state = state;
+  if (was == is) return;
+  if (is) {
+    f.runnable_slot = static_cast<int>(g_runnable.size());
+    g_runnable.push_back(f.index);
+  } else {
+    const int moved = g_runnable.back();
+    g_runnable[f.runnable_slot] = moved;
+    g_fibers[moved].runnable_slot = f.runnable_slot;
+    g_runnable.pop_back();
+    f.runnable_slot = -1;
+  }
+}
 
 void allocate_fibers(int count) {
   const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
@@ -361,7 +379,7 @@ void complete_collective(Fiber& f) {
     }
   }
   for (int lane = 0; lane < warpSize; ++lane) {
-    if (mask >> lane & 1u) lane_fiber(f, lane)->state = FiberState::kRunnable;
+    if (mask >> lane & 1u) set_state(*lane_fiber(f, lane), FiberState::kRunnable);
   }
   g_warps[f.warp].waiting &= ~mask;
 }
@@ -463,7 +481,7 @@ bool resolve_waits() {
   }
   ++g_counters.block_barriers;
   for (int i = 0; i < g_launch->threads; ++i) {
-    if (g_fibers[i].state == FiberState::kWaitingBlock) g_fibers[i].state = FiberState::kRunnable;
+    if (g_fibers[i].state == FiberState::kWaitingBlock) set_state(g_fibers[i], FiberState::kRunnable);
   }
   return true;
 }
@@ -474,12 +492,7 @@ int g_cursor = 0;
 Fiber* next_runnable() {
   const int n = g_launch->threads;
   if (g_config.lane_order == 2) {
-    int runnable[kMaxThreadsPerBlock];
-    int count = 0;
-    for (int i = 0; i < n; ++i) {
-      if (g_fibers[i].state == FiberState::kRunnable) runnable[count++] = i;
-    }
-    return count ? &g_fibers[runnable[g_random() % count]] : nullptr;
+    return g_runnable.empty() ? nullptr : &g_fibers[g_runnable[g_random() % g_runnable.size()]];
   }
   if (g_config.lane_order == 3) {
     // Warps ahead: keep running the warp that ran last while any of its lanes can, then the next
@@ -525,6 +538,7 @@ void run_block(uint3 index) {
   blockIdx = index;
   l.shared_bytes = 0;
   ++g_block_epoch;
+  g_runnable.clear();
   for (int w = 0; w * warpSize < l.threads; ++w) {
     const int lanes = std::min(warpSize, l.threads - w * warpSize);
     g_warps[w].waiting = 0;
@@ -537,7 +551,9 @@ void run_block(uint3 index) {
                      static_cast<unsigned>(i) / (l.block.x * l.block.y)};
     f.warp = i / warpSize;
     f.lane = i % warpSize;
-    f.state = FiberState::kRunnable;
+    f.state = FiberState::kDone;
+    f.runnable_slot = -1;
+    set_state(f, FiberState::kRunnable);
     prepare_fiber(f);
   }
   g_cursor = 0;
@@ -557,7 +573,7 @@ void run_block(uint3 index) {
 extern "C" void fdemu_fiber_main() {
   Fiber& f = *g_launch->current;
   g_launch->entry(g_launch->closure);
-  f.state = FiberState::kDone;
+  set_state(f, FiberState::kDone);
   check_exit(f);
   hand_over(f);
   __builtin_unreachable();
@@ -585,7 +601,7 @@ uint64_t warp_collective(Collective kind, unsigned mask, uint64_t value, int val
     launch_error(format("%s at %s with width %d (must be a power of 2 up to 32)", collective_name(kind),
                         describe_site(site).c_str(), width));
   }
-  f.state = FiberState::kWaitingWarp;
+  set_state(f, FiberState::kWaitingWarp);
   g_warps[f.warp].waiting |= 1u << f.lane;
   try_complete_collective(f);
   // The last lane to arrive goes on at once, except in random order, where the scheduler picks.
@@ -596,7 +612,7 @@ uint64_t warp_collective(Collective kind, unsigned mask, uint64_t value, int val
 void block_barrier(Site site) {
   Fiber& f = current_fiber("__syncthreads");
   f.site = site;
-  f.state = FiberState::kWaitingBlock;
+  set_state(f, FiberState::kWaitingBlock);
   hand_over(f);
 }
 
