@@ -14,7 +14,7 @@ from cuda_emulation.translate import TranslationError, translate
 UNEVEN_SHUFFLES, SHUFFLE_KINDS, VOTES, BARRIER_AFTER_EXIT, LAST_BLOCK_MERGES, SHARED_UNINITIALISED = range(6)
 EXITED_LANE, DIVERGENT_BARRIERS, BARRIER_IN_COLLECTIVE, MASK_WITHOUT_CALLER, LANE_OUTSIDE_MASK, MISMATCHED = \
     range(10, 16)
-READS_PAST_END, WRITES_PAST_END, NEVER_FINISHES, STACK_OVERFLOW, TRIVIAL = range(16, 21)
+READS_PAST_END, WRITES_PAST_END, NEVER_FINISHES, STACK_OVERFLOW, TRIVIAL, MISALIGNED_VECTOR_LOAD = range(16, 22)
 
 
 def shuffle_model(values, kind, arg, width):
@@ -147,6 +147,14 @@ def test_a_kernel_that_never_finishes_times_out(emulator):
 def test_stack_overflow_is_reported(emulator):
     with pytest.raises(EmulatorError, match="stack overflow of thread"):
         emulator.probe(STACK_OVERFLOW, 32)
+
+
+@pytest.mark.parametrize("plain, message", [(0, r"__ldcs at 0x[0-9a-f]+: misaligned for a 16-byte access"),
+                                            (1, r"undefined behaviour trapped \(-fsanitize=alignment")])
+def test_misaligned_vector_loads_fault_as_on_the_gpu(emulator, plain, message):
+    values = torch.arange(64)
+    with pytest.raises(EmulatorError, match=message):
+        emulator.probe(MISALIGNED_VECTOR_LOAD, 4, input=values, arg=plain)
 
 
 @pytest.mark.parametrize("threads, blocks", [(2048, 1), (0, 1), (32, 0)])

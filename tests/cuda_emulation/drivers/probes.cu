@@ -146,6 +146,14 @@ __global__ void stack_overflow(int64_t* out) { out[threadIdx.x] = deep_recursion
 
 __global__ void trivial(int64_t* out) { out[threadIdx.x] = 1; }
 
+// A 16-byte load 8 bytes off the 16-byte grid: through __ldcs (checked) or a plain dereference
+// (trapped by -fsanitize=alignment).
+__global__ void misaligned_vector_load(const int64_t* in, int64_t* out, int plain) {
+  const uint4* vectors = reinterpret_cast<const uint4*>(in + 1);
+  const uint4 v = plain ? vectors[threadIdx.x] : __ldcs(vectors + threadIdx.x);
+  out[threadIdx.x] = v.x;
+}
+
 struct ProbeCall {
   int32_t probe;
   int32_t threads;
@@ -181,6 +189,7 @@ void run_probe(ProbeCall& c) {
     case 18: never_finishes<<<grid, block>>>(c.buffer); break;
     case 19: stack_overflow<<<grid, block>>>(c.out); break;
     case 20: trivial<<<grid, block>>>(c.out); break;
+    case 21: misaligned_vector_load<<<grid, block>>>(c.input, c.out, c.arg); break;
     default: fdemu::driver_error("unknown probe");
   }
   c.cuda_error = cudaGetLastError();

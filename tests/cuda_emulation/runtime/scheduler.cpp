@@ -790,7 +790,7 @@ void on_signal(int signal, siginfo_t* info, void*) {
 }
 
 struct SignalScope {
-  struct sigaction old_segv, old_bus, old_alarm;
+  struct sigaction old_segv, old_bus, old_ill, old_alarm;
   stack_t old_stack;
   std::vector<char> alternate;
 
@@ -805,6 +805,7 @@ struct SignalScope {
     sigemptyset(&action.sa_mask);
     sigaction(SIGSEGV, &action, &old_segv);
     sigaction(SIGBUS, &action, &old_bus);
+    sigaction(SIGILL, &action, &old_ill);
     sigaction(SIGALRM, &action, &old_alarm);
     if (timeout_s > 0) {
       itimerval timer{};
@@ -818,6 +819,7 @@ struct SignalScope {
     setitimer(ITIMER_REAL, &off, nullptr);
     sigaction(SIGSEGV, &old_segv, nullptr);
     sigaction(SIGBUS, &old_bus, nullptr);
+    sigaction(SIGILL, &old_ill, nullptr);
     sigaction(SIGALRM, &old_alarm, nullptr);
     sigaltstack(&old_stack, nullptr);
   }
@@ -841,6 +843,9 @@ int guarded_call(void (*fn)(void*), void* arg) {
     } else if (jumped == 2) {
       if (g_signal == SIGALRM) {
         g_error = format("timeout: the call ran longer than %g s (a kernel that never finishes?)", g_config.timeout_s);
+      } else if (g_signal == SIGILL) {
+        g_error = "undefined behaviour trapped (-fsanitize=alignment: a misaligned access, which the GPU faults on)";
+        if (g_launch && g_launch->current) g_error += " in " + describe_thread(*g_launch->current);
       } else {
         g_error = describe_fault(g_fault_address);
         if (g_launch && g_launch->current) g_error += " in " + describe_thread(*g_launch->current);

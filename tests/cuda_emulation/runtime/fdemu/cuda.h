@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstddef>
+#include <cstdio>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
@@ -141,42 +142,44 @@ T atomicMin(T* address, T value) {
   return __atomic_fetch_min(address, value, __ATOMIC_SEQ_CST);
 }
 
+namespace fdemu {
+// A GPU faults on an access not aligned to its size (a 16-byte load needs a 16-byte address); the
+// CPU would not, so the cache-hinted loads and stores check it. Plain dereferences are checked by
+// -fsanitize=alignment (build.py), whose trap the emulator reports.
 template <typename T>
-T __ldg(const T* p) {
-  return *p;
+void check_aligned(const volatile T* p, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) {
+    char message[160];
+    std::snprintf(message, sizeof(message), "%s at %p: misaligned for a %zu-byte access (the GPU faults)", what,
+                  const_cast<const T*>(p), alignof(T));
+    fail(message);
+  }
 }
-template <typename T>
-T __ldcg(const T* p) {
-  return *p;
-}
-template <typename T>
-T __ldca(const T* p) {
-  return *p;
-}
-template <typename T>
-T __ldcs(const T* p) {
-  return *p;
-}
-template <typename T>
-T __ldlu(const T* p) {
-  return *p;
-}
-template <typename T>
-T __ldcv(const T* p) {
-  return *p;
-}
-template <typename T>
-void __stcg(T* p, T value) {
-  *p = value;
-}
-template <typename T>
-void __stcs(T* p, T value) {
-  *p = value;
-}
-template <typename T>
-void __stwb(T* p, T value) {
-  *p = value;
-}
+}  // namespace fdemu
+
+#define FDEMU_LOAD(name)                          \
+  template <typename T>                           \
+  T name(const T* p) {                            \
+    ::fdemu::check_aligned(p, #name);             \
+    return *p;                                    \
+  }
+#define FDEMU_STORE(name)                         \
+  template <typename T>                           \
+  void name(T* p, T value) {                      \
+    ::fdemu::check_aligned(p, #name);             \
+    *p = value;                                   \
+  }
+FDEMU_LOAD(__ldg)
+FDEMU_LOAD(__ldcg)
+FDEMU_LOAD(__ldca)
+FDEMU_LOAD(__ldcs)
+FDEMU_LOAD(__ldlu)
+FDEMU_LOAD(__ldcv)
+FDEMU_STORE(__stcg)
+FDEMU_STORE(__stcs)
+FDEMU_STORE(__stwb)
+#undef FDEMU_LOAD
+#undef FDEMU_STORE
 
 // ------------------------------------------------------------------------------------------------
 // Integer and bit intrinsics
