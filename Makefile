@@ -41,8 +41,11 @@ cuda-check:
 	bash .ci/cuda_wheel_check.sh
 
 # The CUDA kernels executed on the CPU (tests/cuda_emulation/README.md), under every thread schedule.
+# Installs only when fusedecode's extension is missing (a reinstall rebuilds it: minutes); after
+# changing csrc/cpu, run make install first (the emulator itself is always built from the sources).
 EMULATION_SCHEDULES ?= all
-cuda-emulated: install
+cuda-emulated: $(DEPS_STAMP)
+	$(PY) -c "import fusedecode._C" 2>/dev/null || $(MAKE) install
 	FUSEDECODE_EMULATION_SCHEDULES=$(EMULATION_SCHEDULES) $(PY) -m pytest -q tests/cuda_emulation
 
 # Wheels from a clean export of HEAD into dist/ (see README "Wheels for clusters"). WHEEL_PYTHON
