@@ -9,7 +9,7 @@ TRITON_SPEC ?= triton==3.7.1
 # The Hugging Face integration (fusedecode.hf, the demo) is tested against this transformers.
 TRANSFORMERS_SPEC ?= transformers==5.17.0
 
-.PHONY: install test hf-compat newest-check demo bench sweep cuda-check cuda-check-2.15 device-check train-bundled mutation wheel wheel-cpu wheel-py sdist clean
+.PHONY: install test hf-compat newest-check demo bench sweep cuda-check cuda-check-2.15 cuda-emulated device-check train-bundled mutation wheel wheel-cpu wheel-py sdist clean
 
 $(DEPS_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,14 @@ cuda-check:
 # The same against torch 2.15 (PyPI's CUDA 13.2 build): fusedecode-...+cu132torch2.15.
 cuda-check-2.15:
 	CUDA_TORCH_SPEC=torch==2.15.0 bash .ci/cuda_wheel_check.sh
+
+# The CUDA kernels executed on the CPU (tests/cuda_emulation/README.md), under every thread schedule.
+# Installs only when fusedecode's extension is missing (a reinstall rebuilds it: minutes); after
+# changing csrc/cpu, run make install first (the emulator itself is always built from the sources).
+EMULATION_SCHEDULES ?= all
+cuda-emulated: $(DEPS_STAMP)
+	$(PY) -c "import fusedecode._C" 2>/dev/null || $(MAKE) install
+	FUSEDECODE_EMULATION_SCHEDULES=$(EMULATION_SCHEDULES) $(PY) -m pytest -q tests/cuda_emulation
 
 # Wheels from a clean export of HEAD into dist/ (see README "Wheels for clusters"). WHEEL_PYTHON
 # must hold the torch to build against: a CUDA build of torch for `wheel`.
