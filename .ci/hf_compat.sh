@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # fusedecode.hf against the other transformers releases it supports (`make test` covers the pinned
-# 5.17): the last 4.x (4.57) and the newest release (5.24, where past_key_values became cache). One
+# 5.17): the last 4.x (4.57) and the newest release (5.25; 5.24 made past_key_values cache). One
 # venv each with the HF tests only; they import fusedecode from the source tree, with the extension
 # `make test` built (same torch).
 set -euo pipefail
@@ -33,4 +33,4 @@ check_against() {  # check_against VENV TRANSFORMERS_VERSION
 }
 
 check_against "${HF4_VENV:-.venv-hf4}" "${HF4_VERSION:-4.57.6}"
-check_against "${HF_NEWEST_VENV:-.venv-hf-newest}" "${HF_NEWEST_VERSION:-5.24.0}"
+check_against "${HF_NEWEST_VENV:-.venv-hf-newest}" "${HF_NEWEST_VERSION:-5.25.0}"
