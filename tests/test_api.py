@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -62,6 +63,31 @@ def test_bad_arguments(backend, call, error, match):
     # Validation comes before backend selection, so it holds whether or not the backend is built.
     with pytest.raises(error, match=match):
         call(backend)
+
+
+def _half(*shape, dtype=torch.float16):
+    return torch.zeros(*shape, dtype=dtype)
+
+
+# Every argument whose dtype must be another argument's: the message names both dtypes and says they
+# must match (not just "must be float32", which reads as if float16 were unsupported).
+@pytest.mark.parametrize("call,message", [
+    (lambda: fusedecode.linear_logit_stats(torch.zeros(3, 4), _half(5, 4)), "weight is float16 but hidden is float32"),
+    (lambda: fusedecode.linear_logit_stats(_half(3, 4), torch.zeros(5, 4)), "weight is float32 but hidden is float16"),
+    (lambda: fusedecode.linear_logit_stats(_half(3, 4), _half(5, 4), bias=_half(5, dtype=torch.bfloat16)),
+     "bias is bfloat16 but weight is float16"),
+    (lambda: fusedecode.linear_cross_entropy_entropy(torch.zeros(3, 4), _half(5, 4), torch.zeros(3, dtype=torch.long)),
+     "weight is float16 but hidden is float32"),
+    (lambda: fusedecode.linear_cross_entropy_entropy(_half(3, 4), _half(5, 4), torch.zeros(3, dtype=torch.long),
+                                                     delta=_half(4, dtype=torch.bfloat16)),
+     "delta is bfloat16 but hidden is float16"),
+    (lambda: fusedecode.linear_cross_entropy_entropy(_half(3, 4), _half(5, 4), torch.zeros(3, dtype=torch.long),
+                                                     bias=_half(5, dtype=torch.bfloat16)),
+     "bias is bfloat16 but weight is float16"),
+], ids=["lls-weight-fp16", "lls-weight-fp32", "lls-bias", "lce-weight", "lce-delta", "lce-bias"])
+def test_dtype_mismatch_names_both_dtypes(call, message):
+    with pytest.raises(TypeError, match=re.escape(message) + ".*must match"):
+        call()
 
 
 def test_unknown_backend_name():
