@@ -252,6 +252,10 @@ def check_verify_tree_args(target_logits, draft_tokens, parents, temperature, dr
                  device_of="target_logits")
     check_tensor("parents", parents, INDEX_DTYPES, shape=[(nodes,), (batch, nodes)])
     check_temperature(temperature, allow_zero=True)
+    if draft_probs is not None and float(temperature) == 0:
+        raise ValueError("draft_probs is given with temperature 0: greedy verification accepts the target's argmax "
+                         "and never reads the draft distribution; pass draft_probs=None for greedy, or a temperature "
+                         "> 0 for multi-draft sampling")
     if draft_probs is not None:
         check_tensor("draft_probs", draft_probs, FLOAT_DTYPES, dims=(3,), device=device, device_of="target_logits")
         if draft_probs.shape[:2] != (batch, nodes):

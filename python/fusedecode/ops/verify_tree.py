@@ -84,7 +84,9 @@ def verify_tree(target_logits, draft_tokens, parents, *, temperature=0.0, draft_
         draft_tokens: int32/int64 ``[B, N]``; entry 0 ignored, -1 marks padding.
         parents: int32/int64 ``[N]`` (one tree for all rows) or ``[B, N]``.
         temperature: 0 (greedy), or a float T > 0 with 1/T finite in float32 (about 3e-39 < T < 3.4e38).
-        draft_probs: optional ``[B, N, V]`` draft probabilities (multi-draft mode).
+        draft_probs: optional ``[B, N, V]`` draft probabilities (multi-draft mode); only with
+            ``temperature > 0``: greedy verification never reads them, so passing them with
+            temperature 0 raises ValueError rather than being silently ignored.
         seed: int (Python or NumPy, 0 <= seed < 2**63), int64 tensor ``[]`` or ``[B]`` (CUDA-graph
             safe), or None to draw one from torch's default generator (``torch.manual_seed`` makes
             runs reproducible).
@@ -115,8 +117,6 @@ def verify_tree(target_logits, draft_tokens, parents, *, temperature=0.0, draft_
     batch, nodes, _ = target_logits.shape
     device = target_logits.device
     temperature = float(temperature)
-    if temperature == 0:
-        draft_probs = None  # greedy verification does not look at the draft distribution
     tokens = draft_tokens.to(torch.int64).contiguous()
     parent_rows = parents.to(torch.int64).expand(batch, nodes).to(device).contiguous()
     seeds = _seed_rows(seed, batch, device)
