@@ -198,3 +198,35 @@ def test_triton_row_and_split_paths(splits, generator):
     stats = fusedecode.LogitStats(*(t.reshape(3) for t in out))
     assert_close_to_reference(stats, logits, temperature=temperature, token_ids=ids, topk=7,
                               context=f"[splits={splits}]")
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradients: logit_stats has a backward (tests/ops/logit_stats); the ops that compute none refuse
+# inputs that ask for one, rather than returning outputs that silently carry none.
+
+def _needs_grad(*shape):
+    return torch.randn(*shape).requires_grad_()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("call,name", [
+    (lambda b: fusedecode.linear_logit_stats(_needs_grad(3, 4), torch.randn(5, 4), backend=b), "hidden"),
+    (lambda b: fusedecode.linear_logit_stats(torch.randn(3, 4), _needs_grad(5, 4), backend=b), "weight"),
+    (lambda b: fusedecode.linear_logit_stats(torch.randn(3, 4), torch.randn(5, 4), bias=_needs_grad(5), backend=b),
+     "bias"),
+    (lambda b: fusedecode.linear_logit_stats(torch.randn(3, 4), torch.randn(5, 4), temperature=_needs_grad(3).exp(),
+                                             backend=b), "temperature"),
+    (lambda b: fusedecode.verify_tree(_needs_grad(2, 3, 10), torch.zeros(2, 3, dtype=torch.long),
+                                      torch.tensor([-1, 0, 1]), backend=b), "target_logits"),
+    (lambda b: fusedecode.verify_tree(torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long),
+                                      torch.tensor([-1, 0, 1]), temperature=1.0,
+                                      draft_probs=_needs_grad(2, 3, 10).softmax(-1), backend=b), "draft_probs"),
+], ids=["lls-hidden", "lls-weight", "lls-bias", "lls-temperature", "verify-logits", "verify-draft_probs"])
+def test_ops_without_gradients_refuse_inputs_that_require_grad(backend, call, name):
+    with pytest.raises(ValueError, match=f"{name} requires grad.*computes no gradients"):
+        call(backend)
+    with torch.no_grad():  # the same call without grad mode runs
+        try:
+            call(backend)
+        except RuntimeError as error:  # a backend this install cannot run
+            assert "backend" in str(error) or backend in str(error)

@@ -213,6 +213,18 @@ def check_values_in_range(name, values, low, high, note=""):
             raise ValueError(f"{name} must be in [{low}, {high}){note}, got values in [{lowest}, {highest}]")
 
 
+def check_no_grad(op, instead, **tensors):
+    """An op that computes no gradient refuses, while grad mode is on, inputs that require one
+    (``tensors``: argument name -> tensor or None), rather than returning outputs that silently
+    carry none: ``ValueError`` naming the first such argument and what to do instead."""
+    if not torch.is_grad_enabled():
+        return
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+            raise ValueError(f"{name} requires grad, but {op} computes no gradients ({instead}); pass {name}.detach() "
+                             f"or call it under torch.no_grad()")
+
+
 # ------------------------------------------------------------------------------------------------
 # The ops' arguments
 

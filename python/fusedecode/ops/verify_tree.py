@@ -11,7 +11,7 @@ walk shared by both in ``csrc/include/fusedecode/tree_walk.h``), ``triton``
 import torch
 
 from .. import _native
-from .._validation import check_verify_tree_args, values_checkable
+from .._validation import check_no_grad, check_verify_tree_args, values_checkable
 from ..backends import OpBackends, resolve_backend, triton_import_error
 from ..reference import verify_tree_reference
 from ..tree import reachable_depths
@@ -101,7 +101,8 @@ def verify_tree(target_logits, draft_tokens, parents, *, temperature=0.0, draft_
         ``TreeVerification(num_accepted [B], accepted_nodes [B, D+1], output_tokens [B, D+1],
         stats)`` with D the tree depth (N - 1 when it cannot be read without a sync: parents on the
         GPU with ``validate=False``, torch.compile, CUDA-graph capture) and ``stats`` the ``LogitStats`` ``[B, N]`` of every node's row at ``temperature`` (1.0 when
-        greedy), computed in the same pass.
+        greedy), computed in the same pass. No gradients: ``target_logits`` or ``draft_probs`` that
+        require grad while grad mode is on raise ValueError (``logit_stats`` is differentiable).
 
     Example::
 
@@ -114,6 +115,8 @@ def verify_tree(target_logits, draft_tokens, parents, *, temperature=0.0, draft_
         ([2], [[3, 1, 4]])
     """
     check_verify_tree_args(target_logits, draft_tokens, parents, temperature, draft_probs, seed, validate)
+    check_no_grad("verify_tree", "the walk is discrete; logit_stats of the same logits is differentiable",
+                  target_logits=target_logits, draft_probs=draft_probs)
     batch, nodes, _ = target_logits.shape
     device = target_logits.device
     temperature = float(temperature)
