@@ -163,7 +163,7 @@ class Drafter:
     def _frontier_to_feed(self, tree, depth, alpha):
         """The nodes of ``depth`` to feed to the draft (the ``top_k`` most probable, end-of-sequence
         tokens excluded), or none: the row stops growing when its best branch is below ``alpha`` or
-        cannot make the final cut."""
+        cannot make the final cut (``max_nodes``, ``min_prob``)."""
         if not tree.growing:
             return []
         config = self.config
@@ -173,7 +173,11 @@ class Drafter:
         if frontier:
             best = tree.cum_logprob[frontier[0]]
             at_least_as_good = sum(1 for c in tree.cum_logprob[1:] if c >= best)
-            if math.exp(best) < alpha or (not self.drafting.multi_draft and at_least_as_good >= config.max_nodes):
+            # A top-k tree is pruned to its max_nodes best nodes above min_prob: a branch that
+            # cannot make that cut is not worth a draft forward.
+            cannot_make_the_cut = not self.drafting.multi_draft and (at_least_as_good >= config.max_nodes
+                                                                     or math.exp(best) < config.min_prob)
+            if math.exp(best) < alpha or cannot_make_the_cut:
                 frontier = []
         tree.growing = bool(frontier)
         return frontier

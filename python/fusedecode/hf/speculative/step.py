@@ -3,6 +3,7 @@ target scores all of them in one forward pass, ``verify_tree`` walks them in one
 the target's logits, and each row commits what was accepted; both KV caches then keep exactly the
 accepted paths (no re-prefill)."""
 
+import math
 from dataclasses import dataclass, field
 from typing import List, NamedTuple
 
@@ -173,7 +174,8 @@ class TreeSpeculation:
         root_positions = torch.tensor([row.committed for row in rows]) - 1
         trees, levels = self.drafter.grow([row.pending[-1] for row in rows], root_logits, [row.alpha for row in rows],
                                           root_positions)
-        pruned = [tree.prune(self.config.max_nodes, multi_draft) for tree in trees]
+        floor = math.log(self.config.min_prob) if self.config.min_prob > 0 else -math.inf
+        pruned = [tree.prune(self.config.max_nodes, multi_draft, floor) for tree in trees]
         batch = TreeBatch.from_pruned(pruned, root_positions, rows[0].ids.device)
         logits = self.verifier.score(batch)
         self.row_forwards += sum(not row.finished for row in rows)
