@@ -335,8 +335,8 @@ def deepconf_runs(model, tokenizer, problems, temperature, seed):
     lowest group confidence), sample more traces that stop once their group confidence falls below
     it (the stopping token is EOS), vote among the traces that reach the threshold, weighted by their
     lowest group confidence. Against majority vote over as many plain traces as DeepConf's budget.
-    Returns, per method, (problems answered right, tokens generated, traces stopped early, voting
-    traces in all)."""
+    Returns, per method, a dict: problems answered right (``correct``, and ``right`` per problem),
+    ``tokens`` generated, final traces ``stopped`` early, voting traces per problem (``voters``)."""
     torch.manual_seed(seed)
     warm_answers, warm_confidences, warm_tokens, _ = sample_traces(model, tokenizer, problems, DEEPCONF_WARMUP,
                                                                    temperature)
@@ -347,25 +347,30 @@ def deepconf_runs(model, tokenizer, problems, temperature, seed):
 
     rows = {}
     plain_answers, _, plain_tokens, _ = sample_traces(model, tokenizer, problems, DEEPCONF_FINAL, temperature)
-    correct = sum(majority_vote(w + f)[0] == a + b for w, f, (a, b) in
-                  zip(per_problem(warm_answers, DEEPCONF_WARMUP), per_problem(plain_answers, DEEPCONF_FINAL), problems))
+    right = [majority_vote(w + f)[0] == a + b for w, f, (a, b) in
+             zip(per_problem(warm_answers, DEEPCONF_WARMUP), per_problem(plain_answers, DEEPCONF_FINAL), problems)]
     total = DEEPCONF_WARMUP + DEEPCONF_FINAL
-    rows[f"majority vote, {total} traces"] = (correct, warm_tokens + plain_tokens, 0, total * len(problems))
+    rows[f"majority vote, {total} traces"] = dict(correct=sum(right), right=right, tokens=warm_tokens + plain_tokens,
+                                                  stopped=0, voters=[total] * len(problems))
     for name, keep in (("DeepConf-low (keep top 10%)", 10), ("DeepConf-high (keep top 90%)", 90)):
         thresholds = [confidence_threshold(group, keep_percent=keep)
                       for group in per_problem(warm_lowest, DEEPCONF_WARMUP)]
-        stopper = ConfidenceStopping(window=DEEPCONF_WINDOW, threshold=torch.tensor(thresholds).repeat_interleave(
-            DEEPCONF_FINAL), topk=DEEPCONF_TOPK, eos_token_id=tokenizer.eos_token_id)
+        # float64, as deepconf_vote compares: a float32 tensor would round the threshold, and a trace
+        # exactly at it (identical traces tie) would then be stopped and yet vote.
+        per_row = torch.tensor(thresholds, dtype=torch.float64).repeat_interleave(DEEPCONF_FINAL)
+        stopper = ConfidenceStopping(window=DEEPCONF_WINDOW, threshold=per_row, topk=DEEPCONF_TOPK,
+                                     eos_token_id=tokenizer.eos_token_id)
         answers, confidences, tokens, stopped = sample_traces(model, tokenizer, problems, DEEPCONF_FINAL, temperature,
                                                               stopper)
         lowest = [lowest_group_confidence(c, DEEPCONF_WINDOW) for c in confidences]
-        correct = voters = 0
+        right, voters = [], []
         for i, (a, b) in enumerate(problems):
             votes = (per_problem(warm_answers, DEEPCONF_WARMUP)[i] + per_problem(answers, DEEPCONF_FINAL)[i],
                      per_problem(warm_lowest, DEEPCONF_WARMUP)[i] + per_problem(lowest, DEEPCONF_FINAL)[i])
-            correct += deepconf_vote(*votes, thresholds[i])[0] == a + b
-            voters += sum(confidence >= thresholds[i] for confidence in votes[1])
-        rows[name] = (correct, warm_tokens + tokens, sum(stopped), voters)
+            right.append(deepconf_vote(*votes, thresholds[i])[0] == a + b)
+            voters.append(sum(confidence >= thresholds[i] for confidence in votes[1]))
+        rows[name] = dict(correct=sum(right), right=right, tokens=warm_tokens + tokens, stopped=sum(stopped),
+                          voters=voters)
     return rows
 
 
@@ -374,27 +379,30 @@ def deepconf_section(model, tokenizer, problems, temperature, seed):
     rows = deepconf_runs(model, tokenizer, problems, temperature, seed)
     seconds = time.time() - started
     count, final = len(problems), len(problems) * DEEPCONF_FINAL
-    majority_name = next(iter(rows))
-    majority_correct, majority_tokens = rows[majority_name][:2]
+    majority = next(iter(rows.values()))
     table = []
-    for name, (correct, tokens, stopped, voters) in rows.items():
-        stops = f"{stopped}/{final}" if "DeepConf" in name else "-"
-        table.append((name, percent(correct / count), tokens, f"{100 * (1 - tokens / majority_tokens):.0f}%",
-                      stops, f"{voters / count:.1f}"))
+    for name, row in rows.items():
+        stops = f"{row['stopped']}/{final}" if "DeepConf" in name else "-"
+        table.append((name, percent(row["correct"] / count), row["tokens"],
+                      f"{100 * (1 - row['tokens'] / majority['tokens']):.0f}%", stops,
+                      f"{sum(row['voters']) / count:.1f}"))
     notes = []
-    for name, (correct, tokens, stopped, voters) in rows.items():
-        if "DeepConf" not in name:
+    for name, row in list(rows.items())[1:]:
+        drop = 100 * (majority["correct"] - row["correct"]) / count
+        if drop < 2 * standard_error_points(majority["correct"] / count, count):
             continue
-        drop = 100 * (majority_correct - correct) / count
-        if drop >= 2 * standard_error_points(majority_correct / count, count):
-            notes.append(f"{name.split(' (')[0]} is {drop:.0f} points below majority vote: it keeps the traces whose "
-                         f"lowest group confidence reaches the {100 - (10 if 'low' in name else 90)}th percentile of "
-                         f"the {DEEPCONF_WARMUP} warm-up traces, so {stopped} of {final} final traces stopped early "
-                         f"and about {voters / count:.1f} traces per problem vote. Where the model is confidently "
-                         "wrong, the few most confident traces carry the wrong answer; DeepConf-low is meant for "
-                         "hundreds of traces per problem (the paper samples 512), where the top 10% are still many.")
+        lost = [i for i in range(count) if majority["right"][i] and not row["right"][i]]
+        voters = sum(row["voters"][i] for i in lost) / max(len(lost), 1)
+        notes.append(f"{name.split(' (')[0]} is {drop:.0f} points below majority vote. Only the traces whose lowest "
+                     f"group confidence reaches the {100 - (10 if 'low' in name else 90)}th percentile of the "
+                     f"{DEEPCONF_WARMUP} warm-up traces vote: on the {len(lost)} problem(s) it loses, {voters:.1f} "
+                     "traces voted on average, and the most confident traces there carried a wrong answer (the model "
+                     "is confidently wrong on them, while most of its traces are right). On easy problems many traces "
+                     "are identical and tie at the threshold, hence the higher average of voters. DeepConf-low is "
+                     "meant for hundreds of traces per problem (the paper samples 512), where the top 10% are still "
+                     "many.")
     notes.append(f"{count} problems: one problem is {100 / count:.1f} points, and the standard error of these "
-                 f"accuracies is about {standard_error_points(majority_correct / count, count):.0f} points.")
+                 f"accuracies is about {standard_error_points(majority['correct'] / count, count):.0f} points.")
     return Section(f"DeepConf online ({count} problems, temperature {temperature}, {seconds:.1f} s)", [
         f"Per problem, {DEEPCONF_WARMUP} warm-up traces set the threshold: a percentile of their lowest "
         f"{DEEPCONF_WINDOW}-token group confidence (DeepConf's top-{DEEPCONF_TOPK} token confidence; the paper's "
@@ -470,7 +478,8 @@ def srgen_section(model, tokenizer, problems, seed):
     difference = 100 * (tuned_accuracy - plain_accuracy)
     error = standard_error_points(plain_accuracy, count)
     if tuned_corrections and abs(difference) < 2 * error:
-        notes.append(f"SRGen with the tuned trigger changes accuracy by {difference:+.0f} points "
+        points = "point" if round(abs(difference)) == 1 else "points"
+        notes.append(f"SRGen with the tuned trigger changes accuracy by {difference:+.0f} {points} "
                      f"({round(abs(difference) * count / 100)} of {count} problems, one sample each): within sampling "
                      f"noise (the standard error is about {error:.0f} points). Its corrections do lower the entropy of "
                      "the steps they touch; whether that buys accuracy needs more problems, or a harder task.")
@@ -533,8 +542,9 @@ def speculation_section(model, draft, tokenizer, problems, repeats, config=DEMO_
     section = Section(f"Speculative decoding with the draft (greedy, {len(problems)} problems, batch 1)", [
         f"Greedy decoding of the target three ways: plain, HF assisted generation (a chain drafted by the draft "
         f"model, its default schedule) and fusedecode tree speculation (TreeConfig(max_depth={config.max_depth}, "
-        f"top_k={config.top_k}, max_nodes={config.max_nodes}): the draft grows a token tree, the target scores it "
-        "in one tree-masked forward, verify_tree walks it). All three must give the same text. Target forwards "
+        f"top_k={config.top_k}, max_nodes={config.max_nodes}, min_prob={config.min_prob}): the draft grows a token "
+        "tree, the target scores it in one tree-masked forward, verify_tree walks it). All three must give the same "
+        "text. Target forwards "
         "are counted with a hook; tokens per forward is what a forward of the target buys.",
         f"Wall time: the median of {repeats} interleaved runs on one thread; load average {before:.1f} before and "
         f"{after:.1f} after. Tree speculation took {tree:.2f} s against {plain_seconds:.2f} s plain "
@@ -560,13 +570,12 @@ def summary_section(best, deepconf, srgen_results, speculation, costs):
                      f"none: the same {tokens} tokens; self-certainty is recorded while sampling"))
     if deepconf is not None:
         rows_by_name, count = deepconf
-        majority_name = next(iter(rows_by_name))
-        majority_correct, majority_tokens = rows_by_name[majority_name][:2]
-        for name, (correct, tokens, _, _) in list(rows_by_name.items())[1:]:
+        majority_name, majority = next(iter(rows_by_name.items()))
+        for name, row in list(rows_by_name.items())[1:]:
             rows.append((name.split(" (")[0], majority_name,
-                         f"accuracy {percent(correct / count)} vs {percent(majority_correct / count)}; "
-                         f"{100 * (1 - tokens / majority_tokens):.0f}% fewer tokens ({tokens} vs {majority_tokens})",
-                         "a threshold per problem from its warm-up traces"))
+                         f"accuracy {percent(row['correct'] / count)} vs {percent(majority['correct'] / count)}; "
+                         f"{100 * (1 - row['tokens'] / majority['tokens']):.0f}% fewer tokens ({row['tokens']} vs "
+                         f"{majority['tokens']})", "a threshold per problem from its warm-up traces"))
     if speculation is not None:
         forwards, seconds, same = speculation["forwards"], speculation["seconds"], speculation["same"]
         tree, plain, assisted = "fusedecode tree speculation", "plain greedy", "HF assisted generation"
@@ -651,8 +660,7 @@ def main(argv=None):
                                          args.seed)
         show(section)
         deepconf = (rows, args.deepconf)
-        record["deepconf"] = {name: dict(zip(("correct", "tokens", "stopped", "voters"), values))
-                              for name, values in rows.items()}
+        record["deepconf"] = rows
     if args.srgen > 0:
         section, srgen_results = srgen_section(model, tokenizer, problems[:args.srgen], args.seed)
         show(section)
