@@ -124,8 +124,8 @@ def describe_model(model):
 @torch.no_grad()
 def forward_ms(models, repeats=30):
     """Milliseconds of one forward of one new token after 30 cached ones (decoding's step) for each
-    model: the fastest of ``repeats`` runs, the models interleaved, which is the estimate least
-    disturbed by other processes on a shared machine."""
+    model: the median CPU time of ``repeats`` runs, the models interleaved (CPU time, which other
+    processes on a shared machine inflate far less than wall time; torch runs on one thread)."""
     from transformers import DynamicCache
 
     times = [[] for _ in models]
@@ -134,10 +134,10 @@ def forward_ms(models, repeats=30):
             prefix = torch.randint(3, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(0))
             cache = DynamicCache()
             model(input_ids=prefix, past_key_values=cache, use_cache=True)
-            start = time.perf_counter()
+            start = time.process_time()
             model(input_ids=prefix[:, -1:], past_key_values=cache, use_cache=True)
-            spent.append(time.perf_counter() - start)
-    return [1e3 * min(spent) for spent in times]
+            spent.append(time.process_time() - start)
+    return [1e3 * statistics.median(spent) for spent in times]
 
 
 def cpu_name():
@@ -171,7 +171,7 @@ def setup_section(target_path, target, draft_path, draft):
         draft_text, _ = describe_model(draft)
         costs = forward_ms([target, draft])
         paragraphs.append(f"Draft: {draft_path} ({draft_text}), same tokenizer. One forward (one new token after "
-                          f"30 cached; the fastest of 30 interleaved runs): target {costs[0]:.2f} ms, draft "
+                          f"30 cached; median CPU time of 30 interleaved runs): target {costs[0]:.2f} ms, draft "
                           f"{costs[1]:.2f} ms, so a draft forward costs {100 * costs[1] / costs[0]:.0f}% of a target "
                           "forward, as in real deployments, where drafting many tokens per target forward pays off.")
     load1, load5, load15 = load_average()
@@ -300,8 +300,9 @@ def best_of_n_section(model, tokenizer, problems, n, temperature, seed):
     rows = [(name, percent(value), tokens) for name, value in results.items()]
     plot = line_plot(f"Accuracy against samples per problem ({len(problems)} problems)", "samples per problem (N)",
                      "accuracy (%)", [(name.split(" (")[0], points, name.startswith("single"))
-                                      for name, points in curves.items()], width=640, y_range=(0, 100),
-                     integer_x=True)
+                                      for name, points in curves.items()], width=640,
+                     y_range=(max(0, 10 * math.floor(min(y for points in curves.values() for _, y in points) / 10) - 10),
+                              100), integer_x=True)
     section = Section(f"Best-of-{n} on {len(problems)} held-out problems (temperature {temperature})", [
         f"{n} samples per problem; every way of picking an answer uses the same samples, so the same "
         f"{tokens} generated tokens. Self-certainty is recorded online during sampling (no extra pass). "

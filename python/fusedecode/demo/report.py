@@ -171,7 +171,9 @@ def _ticks(low, high, count=5):
 
 def line_plot(title, x_label, y_label, series, width=520, height=300, y_range=None, integer_x=False):
     """An SVG line chart. ``series``: ``[(name, [(x, y), ...], dashed)]``, drawn with markers."""
-    left, right, top, bottom = 56, 16, 30, 64
+    left, right, top = 56, 16, 30
+    legend = _legend_layout([name for name, _, _ in series], left, width - right)
+    bottom = 48 + 16 * (1 + max((row for _, _, row in legend), default=0))
     points = [p for _, values, _ in series for p in values if math.isfinite(p[1])]
     xs, ys = [p[0] for p in points] or [0, 1], [p[1] for p in points] or [0, 1]
     x_ticks = sorted(set(int(x) for x in xs)) if integer_x and len(set(xs)) <= 12 else _ticks(min(xs), max(xs))
@@ -208,13 +210,24 @@ def line_plot(title, x_label, y_label, series, width=520, height=300, y_range=No
         dash = ' stroke-dasharray="5,3"' if dashed else ""
         out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2"{dash} points="{path}"/>')
         out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{colour}"/>' for x, y in finite]
-    legend_y = height - 14
-    step = (width - left) / max(1, len(series))
-    for index, (name, _, dashed) in enumerate(series):
-        x = left + index * step
+    for index, ((name, _, dashed), (_, x, row)) in enumerate(zip(series, legend)):
+        legend_y = height - bottom + 48 + 16 * row
         colour = COLOURS[index % len(COLOURS)]
         dash = ' stroke-dasharray="5,3"' if dashed else ""
         out.append(f'<line x1="{x:.1f}" x2="{x + 18:.1f}" y1="{legend_y - 4}" y2="{legend_y - 4}" stroke="{colour}" '
                    f'stroke-width="2"{dash}/><text x="{x + 22:.1f}" y="{legend_y}">{html.escape(name)}</text>')
     out.append("</svg>")
     return "".join(out)
+
+
+def _legend_layout(names, left, right, char_width=6.5):
+    """``(name, x, row)`` of each legend entry: left to right, wrapping to a new row at ``right``
+    (text width estimated from its length at 11 px)."""
+    placed, x, row = [], left, 0
+    for name in names:
+        width = 22 + char_width * len(name) + 18
+        if x > left and x + width > right:
+            x, row = left, row + 1
+        placed.append((name, x, row))
+        x += width
+    return placed
