@@ -129,8 +129,8 @@ def forward_ms(models, repeats=30):
     from transformers import DynamicCache
 
     times = [[] for _ in models]
-    for _ in range(repeats):
-        for model, spent in zip(models, times):
+    for round_ in range(repeats + 5):  # the first rounds warm up (allocator, caches) and are not counted
+        for model, spent in zip(models, times if round_ >= 5 else [[] for _ in models]):
             prefix = torch.randint(3, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(0))
             cache = DynamicCache()
             model(input_ids=prefix, past_key_values=cache, use_cache=True)
@@ -634,7 +634,8 @@ def main(argv=None):
     draft_path = args.draft or (bundled_model_path("draft") if args.model is None else None)
     model, tokenizer = load(target_path)
     draft = load(draft_path)[0] if draft_path and args.speculate > 0 else None
-    problems = arithmetic.evaluation_problems(args.problems + args.show + args.deepconf)
+    # Best-of-N, the shown problems and DeepConf take disjoint problems; SRGen and speculation reuse the first ones.
+    problems = arithmetic.evaluation_problems(max(args.problems + args.show + args.deepconf, args.srgen, args.speculate))
     shown = random.Random(args.seed).sample(problems[args.problems:args.problems + args.show], args.show)
 
     sections = []
