@@ -64,7 +64,7 @@ wheel-py:
 sdist:
 	bash .ci/build_wheel.sh sdist $(WHEEL_PYTHON)
 
-# Retrain the bundled arithmetic models (about 10 minutes on 2 CPU cores).
+# Retrain the bundled arithmetic models (about 25 minutes on a busy 2-core machine, one thread).
 train-bundled: install
 	$(PY) -m fusedecode.demo.train_bundled
 
