@@ -18,10 +18,10 @@ $(DEPS_STAMP): Makefile
 	touch $@
 
 # `pip install -e .` compiles the extension from scratch in a fresh temporary directory every time
-# (about 5 minutes on 2 cores), so it runs only when the build's inputs changed since the last
-# build, or the built extension is gone (an edit to Python code needs no reinstall: the install is
-# editable). Build switches given in the environment (FUSEDECODE_BUILD_CUDA, ...) are not inputs:
-# after changing one, `rm $(BUILD_STAMP)` or `make clean`.
+# (about 5 minutes on 2 cores), so it runs only when the build's inputs changed since the last build
+# (a dependency install, which an edit of this Makefile triggers, counts), or the built extension is
+# gone. An edit to Python code needs no reinstall: the install is editable. Build switches given in
+# the environment (FUSEDECODE_BUILD_CUDA, ...) are not inputs: after changing one, `make clean`.
 BUILD_STAMP := $(VENV)/.fusedecode-build
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cuh' -o -name '*.cu' \))
 $(BUILD_STAMP): $(DEPS_STAMP) $(BUILD_INPUTS) $(if $(wildcard python/fusedecode/_C*.so),,FORCE)
