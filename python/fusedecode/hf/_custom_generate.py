@@ -58,6 +58,17 @@ def pad_token_id(generation_config):
     return None if pad is None else int(pad)
 
 
+def eos_token_ids(generation_config):
+    """The end-of-sequence ids of ``generation_config`` (``eos_token_id``: None, an int, a list or a
+    tensor) as a frozenset of ints."""
+    eos = generation_config.eos_token_id
+    if eos is None:
+        return frozenset()
+    if hasattr(eos, "tolist"):
+        eos = eos.tolist()
+    return frozenset(int(token) for token in (eos if isinstance(eos, (list, tuple)) else [eos]))
+
+
 def sampling_temperature(generation_config):
     """The temperature tokens are drawn at: the config's when sampling (its processors apply it), 1
     for greedy decoding."""
