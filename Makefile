@@ -9,7 +9,7 @@ TRITON_SPEC ?= triton==3.7.1
 # The Hugging Face integration (fusedecode.hf, the demo) is tested against this transformers.
 TRANSFORMERS_SPEC ?= transformers==5.17.0
 
-.PHONY: install test hf-compat demo bench sweep cuda-check device-check train-bundled mutation wheel wheel-cpu wheel-py sdist clean
+.PHONY: FORCE install test hf-compat newest-check demo bench sweep cuda-check cuda-check-2.15 cuda-emulated device-check train-bundled mutation wheel wheel-cpu wheel-py sdist clean
 
 $(DEPS_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,20 @@ $(DEPS_STAMP): Makefile
 		ninja "setuptools>=77" wheel matplotlib
 	touch $@
 
-install: $(DEPS_STAMP)
+# `pip install -e .` compiles the extension from scratch in a fresh temporary directory every time
+# (about 5 minutes on 2 cores), so it runs only when the build's inputs changed since the last build
+# (a dependency install, which an edit of this Makefile triggers, counts), or the built extension is
+# gone. An edit to Python code needs no reinstall: the install is editable. Build switches given in
+# the environment (FUSEDECODE_BUILD_CUDA, ...) are not inputs: after changing one, `make clean`.
+BUILD_STAMP := $(VENV)/.fusedecode-build
+BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cuh' -o -name '*.cu' \))
+$(BUILD_STAMP): $(DEPS_STAMP) $(BUILD_INPUTS) $(if $(wildcard python/fusedecode/_C*.so),,FORCE)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+FORCE:
+
+install: $(BUILD_STAMP)
 
 test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
@@ -26,6 +38,11 @@ test: install
 # The HF tests against transformers 4.57 and the newest release, one venv each (.ci/hf_compat.sh).
 hf-compat: install
 	bash .ci/hf_compat.sh
+
+# The whole CPU suite on the newest torch (2.15, PyPI's CUDA build run on CPU), triton (3.9) and
+# transformers, in .venv-newest, from a copy of the tree (.ci/newest_check.sh).
+newest-check:
+	bash .ci/newest_check.sh
 
 demo: install
 	$(PY) -m fusedecode demo
@@ -39,6 +56,17 @@ sweep: install
 # Build the CUDA wheel (sm_80, sm_90) against a CUDA torch, check it, test the installed copy (no GPU needed).
 cuda-check:
 	bash .ci/cuda_wheel_check.sh
+# The same against torch 2.15 (PyPI's CUDA 13.2 build): fusedecode-...+cu132torch2.15.
+cuda-check-2.15:
+	CUDA_TORCH_SPEC=torch==2.15.0 bash .ci/cuda_wheel_check.sh
+
+# The CUDA kernels executed on the CPU (tests/cuda_emulation/README.md), under every thread schedule.
+# Installs only when fusedecode's extension is missing (a reinstall rebuilds it: minutes); after
+# changing csrc/cpu, run make install first (the emulator itself is always built from the sources).
+EMULATION_SCHEDULES ?= all
+cuda-emulated: $(DEPS_STAMP)
+	$(PY) -c "import fusedecode._C" 2>/dev/null || $(MAKE) install
+	FUSEDECODE_EMULATION_SCHEDULES=$(EMULATION_SCHEDULES) $(PY) -m pytest -q tests/cuda_emulation
 
 # Wheels from a clean export of HEAD into dist/ (see README "Wheels for clusters"). WHEEL_PYTHON
 # must hold the torch to build against: a CUDA build of torch for `wheel`.
@@ -52,7 +80,7 @@ wheel-py:
 sdist:
 	bash .ci/build_wheel.sh sdist $(WHEEL_PYTHON)
 
-# Retrain the bundled arithmetic models (about 10 minutes on 2 CPU cores).
+# Retrain the bundled arithmetic models (about 25 minutes on a busy 2-core machine, one thread).
 train-bundled: install
 	$(PY) -m fusedecode.demo.train_bundled
 
@@ -65,4 +93,4 @@ device-check: install
 	bash benchmarks/device_check.sh
 
 clean:
-	rm -rf build dist *.egg-info python/fusedecode/_C*.so python/fusedecode/_build_meta.py
+	rm -rf build dist *.egg-info python/fusedecode/_C*.so python/fusedecode/_build_meta.py $(BUILD_STAMP)

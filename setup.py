@@ -29,8 +29,10 @@ DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 
 PACKAGES = ["fusedecode", "fusedecode.ops", "fusedecode.triton_kernels", "fusedecode.hf", "fusedecode.hf.speculative",
             "fusedecode.hf.correction", "fusedecode.demo", "fusedecode.vllm"]
-# The bundled arithmetic models (weights, configs, tokenizers) ship inside the package.
-PACKAGE_DATA = {"fusedecode": ["assets/*.json", "assets/*/*.json", "assets/*/*.safetensors"]}
+# The bundled arithmetic models (weights, configs, tokenizers) ship inside the package, and
+PACKAGE_DATA = {"fusedecode": ["assets/*.json", "assets/*/*.json", "assets/*/*.safetensors"],
+                # the templates of `python -m fusedecode hub-export`
+                "fusedecode.hf": ["hub_templates/*"]}
 PACKAGE_DIR = {"": "python", "fusedecode.triton_kernels": "triton_kernels"}
 
 
@@ -64,7 +66,10 @@ def _resolve_cuda_home():
 
 
 def _pip_cuda_include_dirs():
-    """Headers that a pip-installed CUDA torch brings (cusparse, cublas, ...) but a bare toolkit may lack."""
+    """Headers that a pip-installed CUDA torch brings (cusparse, cublas, ...) but a bare toolkit may lack.
+    They are searched after the toolkit's own (``-isystem``): a torch built with a newer CUDA minor than
+    nvcc (PyPI's torch 2.15.0 is CUDA 13.2) brings runtime headers that nvcc 13.0 rejects ("CUDA compiler
+    and CUDA toolkit headers are incompatible") when they come first."""
     dirs = []
     for entry in sys.path:
         nvidia = os.path.join(entry, "nvidia")
@@ -118,13 +123,14 @@ def _native_extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        include_dirs += _pip_cuda_include_dirs()
+        after_toolkit = [flag for path in _pip_cuda_include_dirs() for flag in ("-isystem", path)]
+        cxx_flags += after_toolkit
         define_macros += [
             ("FUSEDECODE_WITH_CUDA", "1"),
             ("FUSEDECODE_CUDA_VERSION", f'"{torch_cuda}"'),
             ("FUSEDECODE_CUDA_ARCHS", f'"{archs}"'),
         ]
-        nvcc_flags = ["-O3", "-lineinfo"]
+        nvcc_flags = ["-O3", "-lineinfo"] + after_toolkit
         if os.environ.get("NVCC_THREADS"):
             nvcc_flags += ["--threads", os.environ["NVCC_THREADS"]]
         extension = cpp_extension.CUDAExtension(

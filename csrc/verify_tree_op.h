@@ -76,8 +76,7 @@ inline VerifyTreeOutputs allocate_verify_tree_outputs(const at::Tensor& logits, 
 }
 
 inline int verify_mode(double temperature, const c10::optional<at::Tensor>& draft_probs) {
-  if (temperature == 0) return kVerifyGreedy;
-  return draft_probs.has_value() ? kVerifyMultiDraft : kVerifySample;
+  return verify_mode_of(temperature, draft_probs.has_value());
 }
 
 }  // namespace fusedecode

@@ -33,12 +33,19 @@ def require_backend(device, backend):
         pytest.skip(f"backend/device unavailable here: {reason}")
 
 
-def assert_close_to_reference(actual, logits, *, temperature=1.0, token_ids=None, topk=0, context=""):
-    """Compare a LogitStats with the float64 reference on the same (already rounded) logits."""
-    logits64 = logits.detach().cpu()
+def float64_reference(logits, *, temperature=1.0, token_ids=None, topk=0):
+    """The float64 reference LogitStats of the same (already rounded) logits, on the CPU."""
     temp = temperature.detach().cpu() if isinstance(temperature, torch.Tensor) else temperature
     ids = token_ids.detach().cpu() if token_ids is not None else None
-    expected = logit_stats_reference(logits64, temp, ids, topk, dtype=torch.float64)
+    return logit_stats_reference(logits.detach().cpu(), temp, ids, topk, dtype=torch.float64)
+
+
+def assert_close_to_reference(actual, logits, *, temperature=1.0, token_ids=None, topk=0, context="",
+                              expected=None):
+    """Compare a LogitStats with the float64 reference on the same (already rounded) logits
+    (``expected``: that reference, when the caller already computed it)."""
+    if expected is None:
+        expected = float64_reference(logits, temperature=temperature, token_ids=token_ids, topk=topk)
     for field in FLOAT_FIELDS:
         exp = getattr(expected, field)
         act = getattr(actual, field)

@@ -574,6 +574,22 @@ def test_custom_ops_bound_the_walk_by_the_depth_they_are_given(target, temperatu
         assert fields["output_tokens"][:, :depth].tolist() == [chain[:depth]] * 2
 
 
+def test_custom_ops_with_no_nodes_write_nothing(target):
+    # The public function rejects N = 0, the custom ops do not: with no node row the statistics pass
+    # writes nothing, so the walk must not run (it would read the [B, 0] statistics) and the
+    # outputs keep their fills.
+    device, backend = target
+    if backend == "torch":
+        pytest.skip("the torch backend is not a custom op")
+    op = torch.ops.fusedecode.verify_tree_triton if backend == "triton" else torch.ops.fusedecode.verify_tree
+    empty = torch.zeros((2, 0), dtype=torch.int64, device=device)
+    for temperature in (0.0, 0.5):
+        fields = op(torch.zeros((2, 0, 5), device=device), empty, empty, temperature, None,
+                    torch.zeros(2, dtype=torch.int64, device=device), 0)
+        assert fields[0].tolist() == [0, 0]
+        assert fields[1].tolist() == [[-1], [-1]] and fields[2].tolist() == [[-1], [-1]]
+
+
 @pytest.mark.parametrize("parents", [[-1, 0, 100, 0], [-1, 2, 1, 0], [5, -7, 0, 1], [-1, 1, 2, 3], [-1, -1, 0, 2]])
 def test_validate_false_invalid_parents(target, parents):
     device, backend = target

@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -62,6 +63,31 @@ def test_bad_arguments(backend, call, error, match):
     # Validation comes before backend selection, so it holds whether or not the backend is built.
     with pytest.raises(error, match=match):
         call(backend)
+
+
+def _half(*shape, dtype=torch.float16):
+    return torch.zeros(*shape, dtype=dtype)
+
+
+# Every argument whose dtype must be another argument's: the message names both dtypes and says they
+# must match (not just "must be float32", which reads as if float16 were unsupported).
+@pytest.mark.parametrize("call,message", [
+    (lambda: fusedecode.linear_logit_stats(torch.zeros(3, 4), _half(5, 4)), "weight is float16 but hidden is float32"),
+    (lambda: fusedecode.linear_logit_stats(_half(3, 4), torch.zeros(5, 4)), "weight is float32 but hidden is float16"),
+    (lambda: fusedecode.linear_logit_stats(_half(3, 4), _half(5, 4), bias=_half(5, dtype=torch.bfloat16)),
+     "bias is bfloat16 but weight is float16"),
+    (lambda: fusedecode.linear_cross_entropy_entropy(torch.zeros(3, 4), _half(5, 4), torch.zeros(3, dtype=torch.long)),
+     "weight is float16 but hidden is float32"),
+    (lambda: fusedecode.linear_cross_entropy_entropy(_half(3, 4), _half(5, 4), torch.zeros(3, dtype=torch.long),
+                                                     delta=_half(4, dtype=torch.bfloat16)),
+     "delta is bfloat16 but hidden is float16"),
+    (lambda: fusedecode.linear_cross_entropy_entropy(_half(3, 4), _half(5, 4), torch.zeros(3, dtype=torch.long),
+                                                     bias=_half(5, dtype=torch.bfloat16)),
+     "bias is bfloat16 but weight is float16"),
+], ids=["lls-weight-fp16", "lls-weight-fp32", "lls-bias", "lce-weight", "lce-delta", "lce-bias"])
+def test_dtype_mismatch_names_both_dtypes(call, message):
+    with pytest.raises(TypeError, match=re.escape(message) + ".*must match"):
+        call()
 
 
 def test_unknown_backend_name():
@@ -172,3 +198,35 @@ def test_triton_row_and_split_paths(splits, generator):
     stats = fusedecode.LogitStats(*(t.reshape(3) for t in out))
     assert_close_to_reference(stats, logits, temperature=temperature, token_ids=ids, topk=7,
                               context=f"[splits={splits}]")
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradients: logit_stats has a backward (tests/ops/logit_stats); the ops that compute none refuse
+# inputs that ask for one, rather than returning outputs that silently carry none.
+
+def _needs_grad(*shape):
+    return torch.randn(*shape).requires_grad_()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("call,name", [
+    (lambda b: fusedecode.linear_logit_stats(_needs_grad(3, 4), torch.randn(5, 4), backend=b), "hidden"),
+    (lambda b: fusedecode.linear_logit_stats(torch.randn(3, 4), _needs_grad(5, 4), backend=b), "weight"),
+    (lambda b: fusedecode.linear_logit_stats(torch.randn(3, 4), torch.randn(5, 4), bias=_needs_grad(5), backend=b),
+     "bias"),
+    (lambda b: fusedecode.linear_logit_stats(torch.randn(3, 4), torch.randn(5, 4), temperature=_needs_grad(3).exp(),
+                                             backend=b), "temperature"),
+    (lambda b: fusedecode.verify_tree(_needs_grad(2, 3, 10), torch.zeros(2, 3, dtype=torch.long),
+                                      torch.tensor([-1, 0, 1]), backend=b), "target_logits"),
+    (lambda b: fusedecode.verify_tree(torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long),
+                                      torch.tensor([-1, 0, 1]), temperature=1.0,
+                                      draft_probs=_needs_grad(2, 3, 10).softmax(-1), backend=b), "draft_probs"),
+], ids=["lls-hidden", "lls-weight", "lls-bias", "lls-temperature", "verify-logits", "verify-draft_probs"])
+def test_ops_without_gradients_refuse_inputs_that_require_grad(backend, call, name):
+    with pytest.raises(ValueError, match=f"{name} requires grad.*computes no gradients"):
+        call(backend)
+    with torch.no_grad():  # the same call without grad mode runs
+        try:
+            call(backend)
+        except RuntimeError as error:  # a backend this install cannot run
+            assert "backend" in str(error) or backend in str(error)

@@ -216,3 +216,36 @@ def test_verify_tree_invalid_input_in_graph(backend, generator):
     # accepted. Row 1: node 2 (parent 2 = itself) is unreachable; node 1 drafts 3 - V: nothing either.
     assert out.num_accepted.tolist() == [0, 0]
     assert out.output_tokens[:, 0].tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("mode", ["sample", "multi_draft"])
+@pytest.mark.parametrize("vocab", [1, 2, 7, 100, 1000, 4095, 4096, 4097])
+def test_verify_tree_small_vocab_samples_the_target(mode, vocab, generator):
+    # V <= 4096 is one slice per row in the statistics pass (the sampling pass once read slice states
+    # that pass had not written). The first emitted token follows the target (SpecInfer is lossless
+    # with children drawn from q), and the walk takes the cpp backend's tokens for nearly every row
+    # (same Philox draws; only draws within float32 rounding of a boundary may differ).
+    from ops.verify_tree.test_verify_tree import chi_square_pvalue
+
+    need("cuda")
+    batch, temperature = 4000, 0.9
+    row = random_logits((vocab,), generator, scale=1.5)
+    logits = row.expand(batch, 3, vocab).contiguous()
+    p = torch.softmax(row.double() / temperature, -1)
+    q = torch.softmax(random_logits((vocab,), generator, scale=1.5).double(), -1)
+    tokens = torch.zeros((batch, 3), dtype=torch.int64)
+    tokens[:, 1:] = torch.multinomial(q, batch * 2, replacement=True, generator=generator).view(batch, 2)
+    parents = torch.tensor([-1, 0, 0])
+    seeds = torch.randint(0, 2**62, (batch,), generator=generator)
+    kwargs = dict(temperature=temperature, seed=seeds)
+    if mode == "multi_draft":
+        kwargs["draft_probs"] = q.float().expand(batch, 3, vocab).contiguous()
+    out = fusedecode.verify_tree(logits.cuda(), tokens.cuda(), parents.cuda(), backend="cuda",
+                                 **{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+    first = out.output_tokens[:, 0].cpu()
+    assert ((first >= 0) & (first < vocab)).all()
+    if vocab > 1:
+        assert chi_square_pvalue(torch.bincount(first, minlength=vocab), p) > 1e-3
+    cpp = fusedecode.verify_tree(logits, tokens, parents, backend="cpp", **kwargs)
+    differing = (out.output_tokens.cpu() != cpp.output_tokens).any(-1).sum().item()
+    assert differing <= batch // 50, f"{differing} of {batch} rows differ from the cpp backend"

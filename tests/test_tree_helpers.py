@@ -4,7 +4,7 @@ retrive_next_token / retrive_next_sibling) to and from parents."""
 import pytest
 import torch
 
-from fusedecode.tree import tree_from_next_sibling, tree_from_paths, tree_to_next_sibling
+from fusedecode.tree import tree_attention_mask, tree_from_next_sibling, tree_from_paths, tree_to_next_sibling
 
 # 0 -> 1, 2, 5;  1 -> 3, 4;  2 -> 6;  6 -> 7
 PARENTS = torch.tensor([-1, 0, 0, 1, 1, 0, 2, 6])
@@ -108,3 +108,28 @@ def test_to_next_sibling_refuses_invalid_trees(parents):
 def test_to_next_sibling_refuses_non_integer_parents():
     with pytest.raises(ValueError, match="parents"):
         tree_to_next_sibling(torch.tensor([-1.0, 0.0]))
+
+
+def _ancestors_mask(parents):
+    """Brute force: node i attends to itself and every node on its path to the root."""
+    nodes = len(parents)
+    mask = torch.zeros(nodes, nodes, dtype=torch.bool)
+    for i in range(nodes):
+        node = i
+        while node >= 0:
+            mask[i, node] = True
+            node = int(parents[node])
+    return mask
+
+
+@pytest.mark.parametrize("nodes", list(range(1, 20)) + [31, 32, 33, 63, 64, 65, 129])
+def test_attention_mask_of_chains_and_random_trees(nodes, generator):
+    """Chains of every length around the powers of two (the deepest node decides how many pointer-
+    doubling rounds the mask needs) and random trees, one and batched, against brute force."""
+    chain = torch.arange(-1, nodes - 1)
+    assert torch.equal(tree_attention_mask(chain), _ancestors_mask(chain))
+    rows = torch.stack([random_parents(nodes, generator) for _ in range(4)] + [chain])
+    batched = tree_attention_mask(rows)
+    for b in range(rows.shape[0]):
+        expected = _ancestors_mask(rows[b])
+        assert torch.equal(batched[b], expected) and torch.equal(tree_attention_mask(rows[b]), expected)

@@ -196,8 +196,8 @@ def verify_tree_triton(target_logits, draft_tokens, parents, temperature, draft_
     splits = -(-vocab // SLICE_TOKENS)
     state_ws, count_ws, _, _ = _launch_slices(target_logits, None, stats_temperature, None, 0, splits, SLICE_TOKENS,
                                               stats)
-    if batch == 0:
-        return
+    if batch == 0 or nodes == 0:
+        return  # no node row: the walk would read statistics the pass above never wrote
     mode = 0 if temperature == 0 else (1 if draft_probs is None else 2)
     q = draft_probs if draft_probs is not None else target_logits
     _walk_kernel[(batch,)](

@@ -161,7 +161,7 @@ VerifyTreeOutputs::Returns verify_tree_cpu(const at::Tensor& logits, const at::T
   VerifyTreeOutputs outputs = allocate_verify_tree_outputs(logits, depth);
   const int64_t batch = logits.size(0), nodes = logits.size(1), vocab = logits.size(2);
   if (batch == 0 || nodes == 0) return outputs.returns();
-  const float stats_temperature = temperature > 0 ? static_cast<float>(temperature) : 1.f;
+  const float stats_temperature = verify_statistics_temperature(temperature);
   RowLayout layout{batch, nodes, logits.stride(0), logits.stride(1), vocab};
   const StatsOutputPointers stats = outputs.stats.pointers(false, false);
   const int mode = verify_mode(temperature, draft_probs);

@@ -1,9 +1,10 @@
-"""Command line: ``python -m fusedecode {info,demo,sample,bench}``.
+"""Command line: ``python -m fusedecode {info,demo,sample,bench,hub-export}``.
 
-    info    how fusedecode was built, which backends run here, the GPU seen
-    demo    per-token uncertainty and self-certainty Best-of-N on the bundled model (transformers)
-    sample  logit_stats on a few hand-made distributions
-    bench   CPU benchmark table (cpp vs torch eager vs torch.compile)
+    info        how fusedecode was built, which backends run here, the GPU seen
+    demo        per-token uncertainty and self-certainty Best-of-N on the bundled model (transformers)
+    sample      logit_stats on a few hand-made distributions
+    bench       CPU benchmark table (cpp vs torch eager vs torch.compile)
+    hub-export  write the Hugging Face Hub custom_generate folders (tree speculation, SRGen, DeepConf)
 """
 
 import argparse
@@ -134,6 +135,17 @@ def cmd_bench(args):
     return 0
 
 
+def cmd_hub_export(args):
+    try:
+        from .hf import hub
+    except ImportError as error:
+        print(f"hub-export needs transformers ({error}): pip install transformers", file=sys.stderr)
+        return 2
+    for path in hub.export(args.directory):
+        print(path)
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fusedecode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,6 +159,9 @@ def main(argv=None):
     bench.add_argument("--min-time", type=float, default=0.5)
     bench.add_argument("--json", default=None)
     bench.set_defaults(func=cmd_bench)
+    export = sub.add_parser("hub-export", help="write the Hub custom_generate folders into a directory")
+    export.add_argument("directory", help="where the folders go (examples/hub in the repository)")
+    export.set_defaults(func=cmd_hub_export)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "demo":
         return cmd_demo(argv[1:])

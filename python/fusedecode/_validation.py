@@ -56,14 +56,22 @@ def _dtype_names(dtypes):
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
-def check_tensor(name, value, dtypes, *, dims=None, shape=None, device=None, device_of="logits"):
+def check_tensor(name, value, dtypes, *, dims=None, shape=None, device=None, device_of="logits", dtype_of=None):
     """``value`` is a tensor of one of ``dtypes`` (else ``ArgumentTypeError``) and, where given, of a
     rank in ``dims``, of ``shape`` (a tuple, or a list of allowed tuples) and on ``device`` (the
-    device of the argument named ``device_of``), else ``ValueError``."""
+    device of the argument named ``device_of``), else ``ValueError``.
+
+    ``dtype_of`` names the argument whose dtype ``dtypes[0]`` is (a dtype that must match another
+    argument's): the message then names both dtypes and says they must match."""
     if not isinstance(value, torch.Tensor):
         raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in dtypes:
-        raise ArgumentTypeError(f"{name} must be {_dtype_names(dtypes)}, got {value.dtype}")
+        if dtype_of is None:
+            raise ArgumentTypeError(f"{name} must be {_dtype_names(dtypes)}, got {value.dtype}")
+        also = f" (or {_dtype_names(dtypes[1:])})" if len(dtypes) > 1 else ""
+        raise ArgumentTypeError(f"{name} is {_dtype_names([value.dtype])} but {dtype_of} is {_dtype_names(dtypes[:1])}: "
+                                f"{name} must match {dtype_of}'s dtype{also}; cast one of them, e.g. "
+                                f"{name}.to({dtype_of}.dtype)")
     if dims is not None and value.dim() not in dims:
         raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {tuple(value.shape)}")
     if shape is not None:
@@ -205,6 +213,18 @@ def check_values_in_range(name, values, low, high, note=""):
             raise ValueError(f"{name} must be in [{low}, {high}){note}, got values in [{lowest}, {highest}]")
 
 
+def check_no_grad(op, instead, **tensors):
+    """An op that computes no gradient refuses, while grad mode is on, inputs that require one
+    (``tensors``: argument name -> tensor or None), rather than returning outputs that silently
+    carry none: ``ValueError`` naming the first such argument and what to do instead."""
+    if not torch.is_grad_enabled():
+        return
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+            raise ValueError(f"{name} requires grad, but {op} computes no gradients ({instead}); pass {name}.detach() "
+                             f"or call it under torch.no_grad()")
+
+
 # ------------------------------------------------------------------------------------------------
 # The ops' arguments
 
@@ -244,6 +264,10 @@ def check_verify_tree_args(target_logits, draft_tokens, parents, temperature, dr
                  device_of="target_logits")
     check_tensor("parents", parents, INDEX_DTYPES, shape=[(nodes,), (batch, nodes)])
     check_temperature(temperature, allow_zero=True)
+    if draft_probs is not None and float(temperature) == 0:
+        raise ValueError("draft_probs is given with temperature 0: greedy verification accepts the target's argmax "
+                         "and never reads the draft distribution; pass draft_probs=None for greedy, or a temperature "
+                         "> 0 for multi-draft sampling")
     if draft_probs is not None:
         check_tensor("draft_probs", draft_probs, FLOAT_DTYPES, dims=(3,), device=device, device_of="target_logits")
         if draft_probs.shape[:2] != (batch, nodes):
@@ -276,7 +300,7 @@ def check_linear_ce_args(hidden, weight, targets, delta, temperature, ignore_ind
     if hidden.dim() == 3 and hidden.shape[0] < 1:
         raise ValueError(f"hidden must have B >= 1 batch entries, got shape {tuple(hidden.shape)}")
 
-    check_tensor("weight", weight, (hidden.dtype,), device=hidden.device, device_of="hidden")
+    check_tensor("weight", weight, (hidden.dtype,), device=hidden.device, device_of="hidden", dtype_of="hidden")
     if weight.dim() != 2 or weight.shape[1] != width:
         raise ValueError(f"weight must have shape [V, H] with H = {width} (hidden's last dim), got {tuple(weight.shape)}")
     vocab = weight.shape[0]
@@ -287,7 +311,7 @@ def check_linear_ce_args(hidden, weight, targets, delta, temperature, ignore_ind
     if delta is not None:
         shapes = [(width,)] + ([(hidden.shape[0], width)] if hidden.dim() == 3 else [])
         check_tensor("delta", delta, tuple(dict.fromkeys((hidden.dtype, torch.float32))), shape=shapes,
-                     device=hidden.device, device_of="hidden")
+                     device=hidden.device, device_of="hidden", dtype_of="hidden")
 
     check_temperature(temperature)
     check_int("ignore_index", ignore_index, -2**63, 2**63 - 1)
@@ -309,7 +333,8 @@ def check_linear_logit_stats_args(hidden, weight, temperature, token_ids, topk, 
     if hidden.dim() < 2 or hidden.shape[-1] < 1:
         raise ValueError(f"hidden must have shape [..., T, H] with H >= 1, got {tuple(hidden.shape)}")
     width = hidden.shape[-1]
-    check_tensor("weight", weight, (hidden.dtype,), dims=(2,), device=hidden.device, device_of="hidden")
+    check_tensor("weight", weight, (hidden.dtype,), dims=(2,), device=hidden.device, device_of="hidden",
+                 dtype_of="hidden")
     vocab = weight.shape[0]
     if weight.shape[1] != width or not 1 <= vocab < 2**31:
         raise ValueError(f"weight must have shape [V, H] with H = {width} (hidden's last dim) and 1 <= V < 2^31, "

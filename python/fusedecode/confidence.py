@@ -162,11 +162,19 @@ def filter_top(confidences, top=0.1):
     return [bool(value >= threshold) for value in values]
 
 
+def _check_candidates(answers, scores_name, scores):
+    """The candidates of a vote: as many scores as answers, and at least one (an empty vote is a
+    caller's bug, not a tie: it raises rather than returning no winner)."""
+    if len(answers) != len(scores):
+        raise ValueError(f"{scores_name} ({len(scores)}) and answers ({len(answers)}) differ in length")
+    if not answers:
+        raise ValueError(f"answers and {scores_name} are empty: a vote needs at least one candidate")
+
+
 def _answers_and_weights(answers, weights):
     answers = list(answers)
     weights = [float(w) for w in _history("weights", weights)]
-    if len(answers) != len(weights):
-        raise ValueError(f"answers ({len(answers)}) and weights ({len(weights)}) differ in length")
+    _check_candidates(answers, "weights", weights)
     return answers, weights
 
 
@@ -174,7 +182,8 @@ def weighted_majority_vote(answers, weights):
     """The answer with the largest total weight: ``(answer, totals)``, ``totals`` per answer in the
     order first seen. Candidates whose answer is None or whose weight is NaN do not vote; equal
     totals go to the answer seen first (as the official ``weighted_majority_vote``, a ``max`` over a
-    dict in insertion order). ``(None, {})`` when nobody votes.
+    dict in insertion order). ``(None, {})`` when nobody votes; no candidates at all (empty lists)
+    is a ValueError.
 
     Example::
 
@@ -222,7 +231,8 @@ def best_of_n(self_certainties, answers, power=0.5):
     Candidates whose answer is None (none could be extracted) are ignored but still hold their rank;
     a NaN self-certainty ranks last.
 
-    Returns ``(answer, totals)`` with ``totals`` the vote of every answer, in the order first seen.
+    Returns ``(answer, totals)`` with ``totals`` the vote of every answer, in the order first seen;
+    ``(None, {})`` when no candidate has an answer. No candidates at all (empty lists) is a ValueError.
 
     Example::
 
@@ -235,8 +245,7 @@ def best_of_n(self_certainties, answers, power=0.5):
     """
     values = [float(v) for v in _history("self_certainties", self_certainties)]
     answers = list(answers)
-    if len(values) != len(answers):
-        raise ValueError(f"self_certainties ({len(values)}) and answers ({len(answers)}) differ in length")
+    _check_candidates(answers, "self_certainties", values)
     if isinstance(power, bool) or not isinstance(power, Real) or not power >= 0 or math.isinf(power):
         raise ValueError(f"power must be a finite float >= 0, got {power!r}")
     count = len(values)

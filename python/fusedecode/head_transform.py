@@ -38,7 +38,7 @@ def check_head_transform(bias, logit_scale, softcap, weight):
     or a finite float > 0. Returns a ``HeadTransform`` with plain floats."""
     if bias is not None:
         check_tensor("bias", bias, tuple(dict.fromkeys((weight.dtype, torch.float32))), shape=(weight.shape[0],),
-                     device=weight.device, device_of="weight")
+                     device=weight.device, device_of="weight", dtype_of="weight")
     if logit_scale is not None:
         logit_scale = check_float("logit_scale", logit_scale)
     if softcap is not None:

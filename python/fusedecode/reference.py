@@ -43,10 +43,12 @@ def logit_stats_reference(logits, temperature=1.0, token_ids=None, topk=0, dtype
     invalid = poisoned | (count == 0) | ~temperature_ok
 
     # Gaps to the row max in z units (-inf for masked entries); invalid rows get a harmless max of
-    # 0 here and NaN at the end.
-    x_safe = torch.where(finite, x, torch.full_like(x, -math.inf))
-    x_max = torch.where(invalid, torch.zeros_like(x[..., 0]), x_safe.max(-1).values)
-    gap = (x_safe - x_max.unsqueeze(-1)) / temperature_col
+    # 0 here and NaN at the end. The -inf is put in after the division, so that a masked entry's gap
+    # is a constant (its gradient with respect to the temperature is 0, not 0 * inf).
+    neg_inf = torch.full_like(x, -math.inf)
+    x_max = torch.where(invalid, torch.zeros_like(x[..., 0]), torch.where(finite, x, neg_inf).max(-1).values)
+    finite_x = torch.where(finite, x, x_max.unsqueeze(-1))
+    gap = torch.where(finite, (finite_x - x_max.unsqueeze(-1)) / temperature_col, neg_inf)
     log_s = torch.logsumexp(torch.where(invalid.unsqueeze(-1), torch.zeros_like(gap), gap), dim=-1)
     log_p = gap - log_s.unsqueeze(-1)
     p = torch.where(finite, log_p.exp(), torch.zeros_like(log_p))
@@ -83,6 +85,40 @@ def logit_stats_reference(logits, temperature=1.0, token_ids=None, topk=0, dtype
         fields["topk_confidence"] = torch.where(invalid, nan, log_s - top_mean)
     fields = {name: value if name == "argmax" else value.to(dtype) for name, value in fields.items()}
     return LogitStats(**fields)
+
+
+def logit_stats_backward(logits, temperature, token_ids, topk, grads, temperature_grad=False):
+    """The gradients of ``logit_stats`` (every backend's backward): ``(grad_logits, grad_temperature)``
+    for the float ``grads`` of its outputs (a dict by field name, None for fields without one).
+
+    Autograd through ``logit_stats_reference`` in float64 (the definitions are written once), then
+    every entry of a row whose statistics are NaN (NaN or +inf in the row, no finite entry) gets a
+    NaN gradient. Masked (-inf) entries get 0: their probability stays 0 under any finite change.
+    ``grad_logits`` has the logits' dtype; ``grad_temperature`` is None unless ``temperature_grad``
+    (``temperature`` is then a tensor). The statistics are recomputed, materialising a few ``[..., V]`` float64
+    tensors (the forward of the fused backends never does).
+    """
+    wants_temperature = temperature_grad and isinstance(temperature, torch.Tensor)
+    with torch.enable_grad():
+        x = logits.detach().to(torch.float64).requires_grad_()
+        t = temperature.detach().to(torch.float64).requires_grad_() if wants_temperature else temperature
+        stats = logit_stats_reference(x, t, token_ids, topk, dtype=torch.float64)
+        pairs = [(getattr(stats, name), grad.to(torch.float64)) for name, grad in grads.items()
+                 if grad is not None and getattr(stats, name) is not None]
+        inputs = [x, t] if wants_temperature else [x]
+        if pairs:
+            found = torch.autograd.grad([value for value, _ in pairs], inputs, [grad for _, grad in pairs],
+                                        allow_unused=True)
+        else:
+            found = [None] * len(inputs)
+    invalid = stats.argmax == -1  # exactly the rows whose float fields are NaN
+    nan = torch.tensor(math.nan, dtype=torch.float64, device=logits.device)
+    grad_x = found[0] if found[0] is not None else torch.zeros_like(x)
+    grad_x = torch.where(invalid.unsqueeze(-1), nan, grad_x).to(logits.dtype)
+    if not wants_temperature:
+        return grad_x, None
+    grad_t = found[1] if found[1] is not None else torch.zeros_like(t)
+    return grad_x, torch.where(invalid, nan, grad_t).to(temperature.dtype)
 
 
 # ------------------------------------------------------------------------------------------------

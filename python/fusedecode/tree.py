@@ -95,10 +95,17 @@ def tree_attention_mask(parents):
     """Boolean ``[N, N]`` (or ``[B, N, N]``) mask: node i attends to itself and its ancestors."""
     p, batched = _batched(parents)
     count, n = p.shape
-    rows = torch.arange(count, device=p.device)
+    # Pointer doubling: row i starts as {i, parent(i)} and jump[i] as its parent (the root points to
+    # itself); each round adds the row of jump[i] and doubles the jump, so after k rounds row i holds
+    # every ancestor up to 2^k levels up. log2(N) rounds of gathers, not one update per node (this
+    # runs once per step of tree speculation).
+    jump = p.clone()
+    jump[:, 0] = 0
     mask = torch.eye(n, dtype=torch.bool, device=p.device).repeat(count, 1, 1)
-    for i in range(1, n):  # row i = its parent's (already complete) row plus itself
-        mask[:, i] |= mask[rows, p[:, i]]
+    mask.scatter_(2, jump.unsqueeze(-1), True)
+    for _ in range(max(n - 2, 0).bit_length()):  # until 2^k >= N - 1, the deepest possible node
+        mask |= mask.gather(1, jump.unsqueeze(-1).expand(count, n, n))
+        jump = jump.gather(1, jump)
     return mask if batched else mask[0]
 
 

@@ -48,13 +48,8 @@ SRGEN_CASES = ALL_CASES
 WINDOWED = [name for name in FAMILIES if FAMILIES[name][3] is not None]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster than two on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one thread (tests/hf/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=None)

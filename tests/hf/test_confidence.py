@@ -218,7 +218,8 @@ def test_votes_match_official():
         assert winner == official_weighted_vote(answers, weights)
         assert totals == {a: sum(w for b, w in zip(answers, weights) if b == a) for a in totals}
         voters = [a for a in answers if a is not None]
-        assert majority_vote(voters)[0] == official_majority(voters)
+        if voters:  # no candidates at all is refused (test_empty_votes_are_refused)
+            assert majority_vote(voters)[0] == official_majority(voters)
     assert weighted_majority_vote([None, None], [1.0, 2.0]) == (None, {})
     assert weighted_majority_vote(["x", "y"], [math.nan, 1.0])[0] == "y"  # a NaN weight does not vote
 
@@ -261,6 +262,20 @@ def test_best_of_n_examples_and_errors():
         best_of_n([1.0], ["a", "b"])
     with pytest.raises(ValueError, match="power"):
         best_of_n([1.0], ["a"], power=-1)
+
+
+@pytest.mark.parametrize("vote", [
+    lambda: best_of_n([], []),
+    lambda: best_of_n(torch.zeros(0), []),
+    lambda: best_of_n(np.zeros(0), [], power=0.0),
+    lambda: weighted_majority_vote([], []),
+    lambda: majority_vote([]),
+    lambda: deepconf_vote([], [], 1.0),
+], ids=["best_of_n", "best_of_n-tensor", "best_of_n-numpy", "weighted", "majority", "deepconf"])
+def test_empty_votes_are_refused(vote):
+    """No candidates is a caller's bug, not "nobody voted" ((None, {}), kept for all-None answers)."""
+    with pytest.raises(ValueError, match="empty.*at least one candidate"):
+        vote()
 
 
 def test_docstring_examples():

@@ -23,14 +23,8 @@ NEVER = SRGenConfig(min_threshold=math.inf, warmup_threshold=math.inf)
 ALWAYS = dict(k=-100.0, min_std=1.0, min_threshold=-1.0, warmup_threshold=-1.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster than two, and much faster on a loaded machine,
-    where two OpenMP threads wait for each other inside every small matmul."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one thread (tests/hf/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class RecordingStreamer(transformers.generation.BaseStreamer):
@@ -509,13 +503,18 @@ def test_bundled_model():
     plain = model.generate(**enc, **kwargs)
     torch.manual_seed(0)
     assert torch.equal(plain, model.generate(**enc, custom_generate=srgen, srgen_config=NEVER, **kwargs))
-    sensitive = SRGenConfig(window=10, k=1.0, min_threshold=0.3, warmup_threshold=0.5)
+    # The bundled target is rarely unsure (step entropies mostly under 0.3 nats at T = 0.6): a trigger
+    # this sensitive is what makes it correct a few steps (4 here, 1 with floors 0.3 / 0.5).
+    sensitive = SRGenConfig(window=10, k=1.0, min_std=0.05, min_threshold=0.1, warmup_threshold=0.2)
     torch.manual_seed(0)
     out = model.generate(**enc, custom_generate=srgen, srgen_config=sensitive, return_dict_in_generate=True, **kwargs)
-    assert sum(len(row) for row in out.corrections) > 0
+    assert sum(len(row) for row in out.corrections) >= 2
     texts = tokenizer.batch_decode(out.sequences[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     correct = sum(arithmetic.extract_answer(t) == a + b for t, (a, b) in zip(texts, problems))
-    assert correct >= 4, texts  # corrections must not wreck a model that solves most of these
+    plain_texts = tokenizer.batch_decode(plain[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    plain_correct = sum(arithmetic.extract_answer(t) == a + b for t, (a, b) in zip(plain_texts, problems))
+    # Corrections must not wreck a model that solves most of these (6 of 8 with plain sampling).
+    assert plain_correct >= 5 and correct >= plain_correct - 1, texts
 
 
 @pytest.mark.cuda

@@ -194,7 +194,7 @@ def test_bundled_models_greedy_identity():
                           tree_config=TreeConfig(max_depth=12, top_k=2, max_nodes=24),
                           return_dict_in_generate=True, **kwargs)
     assert torch.equal(out.sequences, plain)
-    assert out.mean_accepted_length > 2
+    assert out.mean_accepted_length > 6  # the bundled draft: 10.25 tokens per target forward at depth 12
 
 
 def test_invalid_arguments():

@@ -3,6 +3,8 @@ floor, and (with the target as its own draft) that every verification accepts th
 walk went down, which fails when the draft's cache loses a fed slot or the tree loses the draft's
 best child."""
 
+import math
+
 import pytest
 import torch
 
@@ -54,6 +56,26 @@ def test_whole_groups_are_kept_whole():
     tree = grown_tree()
     pruned = tree.prune(3, whole_groups=True)  # multi-draft trees were grown within budget
     assert pruned.source == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert tree.prune(3, whole_groups=True, min_logprob=-0.75).source == pruned.source  # no floor either
+
+
+@pytest.mark.parametrize("min_logprob,max_nodes,kept", [
+    (-1.0, 50, [1, 2, 4]),  # the floor is inclusive: 2 and 4 sit on it
+    (-0.99, 50, [1]),
+    (-1.25, 50, [1, 2, 4, 6]),
+    (-1.25, 2, [1, 2]),  # the floor and the budget: the stricter wins
+    (-0.4, 50, []),  # nothing drafted is good enough: the root alone
+    (-math.inf, 50, [1, 2, 3, 4, 5, 6, 7]),
+])
+def test_pruning_drops_nodes_below_the_floor(min_logprob, max_nodes, kept):
+    pruned = grown_tree().prune(max_nodes, whole_groups=False, min_logprob=min_logprob)
+    assert sorted(pruned.source[1:]) == kept and pruned.parents[0] == -1
+
+
+def test_min_prob_is_validated():
+    for bad in (-0.1, 1.5, math.nan, "0.1", True):
+        with pytest.raises(ValueError, match="min_prob"):
+            TreeConfig(min_prob=bad)
 
 
 def test_alpha_floor():
@@ -131,3 +153,67 @@ def test_the_draft_is_never_fed_an_accepted_token_twice(do_sample, monkeypatch):
         assert len(fed) >= 3 and max(max(step) for step in fed[1:]) <= 2, fed
         if draft_model is model and not do_sample:
             assert max(max(step) for step in accepted) >= 2  # branches long enough that re-feeding would show
+
+
+def test_end_of_sequence_drafts_are_leaves(monkeypatch):
+    """A drafted EOS ends its row, so nothing drafted after it could be emitted: the draft is never
+    fed an EOS node (growing past it cost about a fifth of the draft forwards on the demo's
+    problems), the trees still contain drafted EOS tokens, and the text is plain greedy decoding's."""
+    from fusedecode.demo import arithmetic
+    from fusedecode.demo.demo import load
+    from fusedecode.hf import bundled_model_path
+    from fusedecode.hf.speculative import drafter as drafter_module
+
+    target, tokenizer = load(bundled_model_path("target"))
+    draft, _ = load(bundled_model_path("draft"))
+    fed, drafted = [], []
+    original = drafter_module.Drafter._feed_frontier
+
+    def recording(self, trees, feeds, levels, positions):
+        fed.extend(tree.tokens[node] for tree, feed in zip(trees, feeds) for node in feed)
+        drafted.extend(token for tree in trees for token in tree.tokens[1:])
+        return original(self, trees, feeds, levels, positions)
+
+    monkeypatch.setattr(drafter_module.Drafter, "_feed_frontier", recording)
+    enc = tokenizer([arithmetic.prompt_text(a, b) for a, b in arithmetic.evaluation_problems(3)], return_tensors="pt",
+                    padding=True)
+    kwargs = dict(max_new_tokens=60, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    out = target.generate(**enc, custom_generate=tree_speculative, draft_model=draft,
+                          tree_config=TreeConfig(max_depth=32, top_k=2, max_nodes=32), **kwargs)
+    assert torch.equal(out, target.generate(**enc, **kwargs))
+    eos = tokenizer.eos_token_id
+    assert eos in drafted and fed and eos not in fed
+
+
+def test_min_prob_keeps_only_likely_nodes_and_the_text(monkeypatch):
+    """With ``min_prob`` no node the target scores has a cumulative draft probability below it (the
+    growth stops there too, saving draft forwards), and the greedy text is unchanged."""
+    from fusedecode.demo import arithmetic
+    from fusedecode.demo.demo import load
+    from fusedecode.hf import bundled_model_path
+    from fusedecode.hf.speculative import draft_tree as draft_tree_module
+
+    target, tokenizer = load(bundled_model_path("target"))
+    draft, _ = load(bundled_model_path("draft"))
+    lowest = []
+    original = draft_tree_module.DraftTree.prune
+
+    def recording(self, max_nodes, whole_groups, min_logprob=-math.inf):
+        pruned = original(self, max_nodes, whole_groups, min_logprob)
+        lowest.append(min([self.cum_logprob[i] for i in pruned.source[1:]], default=0.0))
+        return pruned
+
+    monkeypatch.setattr(draft_tree_module.DraftTree, "prune", recording)
+    enc = tokenizer([arithmetic.prompt_text(a, b) for a, b in arithmetic.evaluation_problems(3)], return_tensors="pt",
+                    padding=True)
+    kwargs = dict(max_new_tokens=60, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    plain = target.generate(**enc, **kwargs)
+    for min_prob in (0.0, 0.3):
+        lowest.clear()
+        out = target.generate(**enc, custom_generate=tree_speculative, draft_model=draft,
+                              tree_config=TreeConfig(max_depth=32, top_k=2, max_nodes=32, min_prob=min_prob), **kwargs)
+        assert torch.equal(out, plain) and lowest
+        if min_prob == 0:
+            assert min(lowest) < math.log(0.3)  # without a floor, unlikely nodes are scored
+        else:
+            assert min(lowest) >= math.log(min_prob)

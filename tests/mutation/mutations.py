@@ -73,6 +73,10 @@ T_LCE = "tests/ops/linear_ce/test_linear_ce.py"
 T_SCORE = "tests/hf/test_score.py"
 T_STEPS = "tests/test_steps.py"
 T_HF_REFLECTION = "tests/hf/test_reflection.py"
+LOGIT_STATS_CUH = "csrc/include/fusedecode/logit_stats.cuh"
+VERIFY_TREE_CUH = "csrc/include/fusedecode/verify_tree.cuh"
+T_EMU_STATS = "tests/cuda_emulation/test_emulated_logit_stats.py"
+T_EMU_VERIFY = "tests/cuda_emulation/test_emulated_verify_tree.py"
 
 MUTATIONS = [
     # ---- the torch reference (the oracle every backend is compared with) -------------------------
@@ -305,6 +309,23 @@ MUTATIONS = [
     M("reflect-srgen-corrects-inserted", SRGEN_LOOP,
       "            active = active & ~_inserted_rows(choice.logits_processor, active)", "            pass",
       T_HF_REFLECTION, "srgen corrects a step whose token the insertion forces"),
+    # The CUDA kernels, executed on the CPU by the emulator of tests/cuda_emulation.
+    M("cuda-one-slice-state-unwritten", LOGIT_STATS_CUH, "if (p.splits == 1 && p.partial_states != nullptr) {",
+      "if (false) {", f"{T_EMU_VERIFY} -k sample",
+      "verify_tree rows of one slice (V <= 4096) keep no slice state: sampling reads unwritten memory"),
+    M("cuda-topk-threshold-off-by-one", LOGIT_STATS_CUH, "__shfl_sync(kFullMask, lo, k - 1)",
+      "__shfl_sync(kFullMask, lo, k)", f"{T_EMU_STATS} -k every_topk", "a warp's top-k threshold is its (k+1)-th value"),
+    M("cuda-no-last-block", LOGIT_STATS_CUH, "1u) == static_cast<unsigned>(p.splits - 1);",
+      "1u) == static_cast<unsigned>(p.splits);", f"{T_EMU_STATS} -k random_rows",
+      "no CTA of a split row sees itself last: the row's outputs are never written"),
+    M("cuda-head-ignores-alignment", LOGIT_STATS_CUH, "head = misaligned ? min64(kVec - misaligned, vocab) : 0;",
+      "head = 0;", f"{T_EMU_STATS} -k strided", "rows off the 16-byte grid are read with 16-byte loads from their start"),
+    M("cuda-cta-max-scratch-race", VERIFY_TREE_CUH, "m = fmaxf(m, s.f[w]);\n  __syncthreads();",
+      "m = fmaxf(m, s.f[w]);", f"{T_EMU_VERIFY} -k sample",
+      "the walk's scratch is reused before every warp has read the maximum"),
+    M("cuda-sample-slice-unclamped", VERIFY_TREE_CUH, "const int64_t hi = cut.token_end(chosen);",
+      "const int64_t hi = cut.token_begin(chosen) + kVerifySliceTokens;", f"{T_EMU_VERIFY} -k sample",
+      "the sampled slice's end is not clamped to the row (reads past V)"),
     M("tree-root-sibling-ignored", TREE, "    bad_root = torch.nonzero(ns[:, 0] != -1)\n",
       "    bad_root = torch.nonzero(ns[:, 0] < -1)\n", "tests/test_tree_helpers.py",
       "tree_from_next_sibling accepts a root with a next sibling"),

@@ -225,13 +225,15 @@ def test_deepconf_matches_hf_confidence_stopping(llm, greedy_results):
     assert 0 < stopped < len(PROMPTS)
 
 
-def test_deepconf_waits_for_min_tokens(llm, free_traces):
+def test_deepconf_waits_for_min_tokens(llm):
     window, min_tokens = 4, 20
-    _, free = free_traces
-    # From the windows that end before min_tokens: without it, the rule would stop many traces there.
+    params = SamplingParams(n=8, temperature=1.5, max_tokens=MAX_TOKENS, logprobs=17, seed=11, min_tokens=min_tokens)
+    # A free run with the same min_tokens (its EOS masking changes the distributions, hence the
+    # confidences); from its windows that end before min_tokens: without min_tokens, the rule would
+    # stop many traces there.
+    free = fv.generate(llm, PROMPTS[:2], params, topk=5)
     lowest = [window_means(s.topk_confidence[:min_tokens], window).min() for r in free for s in r.stats]
     threshold = threshold_between(lowest, 0.5)
-    params = SamplingParams(n=8, temperature=1.0, max_tokens=MAX_TOKENS, logprobs=17, seed=11, min_tokens=min_tokens)
     results = fv.generate(llm, PROMPTS[:2], params, confidence_stop=fv.ConfidenceStop(window, threshold, topk=5))
     stops_before = 0
     for result in results:

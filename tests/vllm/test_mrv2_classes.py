@@ -138,13 +138,14 @@ class VllmSteps:
         self.spec_tokens = spec_tokens
         self.random = random.Random(seed)
         self.requests = {}  # id -> dict(prompt, output, params)
+        self.outputs = {}  # id -> output, of the requests that finished
         self.rows = {}  # (id, generated position) -> the logits row the sampler was given
 
     def step(self, add=(), finish=()):
         for request_id in finish:
             for rank in self.ranks:
                 rank.states.remove_request(request_id)
-            self.requests.pop(request_id)
+            self.outputs[request_id] = self.requests.pop(request_id)["output"]
         for request_id, prompt, params in add:
             for rank in self.ranks:
                 rank.states.add_request(request_id, len(prompt), list(prompt), 0, params.max_tokens)
@@ -285,14 +286,8 @@ def test_vllm_samplers_drive_the_processor(cpu_buffers, spec_tokens):
             original(slot, params)
             answers.append(bool(steps.sampler.needs_logits_processing[slot]))
         steps.sampler.add_request = recording_add
-        outputs = {}
-        original_done = steps.done
-
-        def keep_outputs(request_id):
-            outputs[request_id] = steps.requests[request_id]["output"]
-            return original_done(request_id)
-        steps.done = keep_outputs
         steps.run([asking[0], plain] + asking[1:])
+        outputs = steps.outputs
         assert answers[1] is False and all(answers[i] for i in (0, 2, 3, 4))  # the screened head runs for "plain" only
         ids = [request_id for request_id, _, _ in asking]
         assert all(len(outputs[r]) for r in ids)
@@ -309,14 +304,8 @@ def test_deepconf_stop_through_vllms_sampling_pipeline(cpu_buffers):
     extra = {"fusedecode_deepconf_window": 3, "fusedecode_deepconf_threshold": 1e9, "fusedecode_topk": 5}
     params = SamplingParams(temperature=1.3, min_p=0.01, seed=3, max_tokens=12, extra_args=extra)
     params.update_from_generation_config({}, EOS)  # what vLLM's input processor does with the tokenizer's EOS
-    outputs = {}
-    original_done = steps.done
-
-    def keep_outputs(request_id):
-        outputs[request_id] = steps.requests[request_id]["output"]
-        return original_done(request_id)
-    steps.done = keep_outputs
     steps.run([("d", [1, 3], params)])
+    outputs = steps.outputs
     assert outputs["d"][2] == EOS and len(outputs["d"]) == 3
 
 
@@ -326,13 +315,6 @@ def test_two_tensor_parallel_ranks_report_each_token_once(cpu_buffers, sharded):
     """With batch-sharded sampling vLLM's BatchSharder gives each rank the requests of its slots
     (slot % 2) and that rank reports them; without it both ranks sample every row and rank 0 reports."""
     steps = VllmSteps(max_num_reqs=4, tp_size=2, sharded=sharded)
-    outputs = {}
-    original_done = steps.done
-
-    def keep_outputs(request_id):
-        outputs[request_id] = steps.requests[request_id]["output"]
-        return original_done(request_id)
-    steps.done = keep_outputs
     with fv.StatsCollector() as collector:
         key, = collector.open_keys(1)
         params = SamplingParams(temperature=0.9, seed=5, max_tokens=8,
@@ -341,8 +323,26 @@ def test_two_tensor_parallel_ranks_report_each_token_once(cpu_buffers, sharded):
         for request_id, prompt, p in requests:  # all four in the batch at once: slots 3, 2, 1, 0
             steps.step(add=[(request_id, prompt, p)])
         steps.run([])
+        outputs = steps.outputs
         ids = [request_id for request_id, _, _ in requests]
         check_stats(steps, collector, key, ids, outputs, temperature=0.9, topk=3)
         assert collector.trace_count(key) == 4, "each completion reported by exactly one rank"
     reported = [rank.processors[0]._v2.counters["records"] for rank in steps.ranks]
     assert all(reported) if sharded else reported[1] == 0
+
+
+def test_generate_checks_the_engine_before_submitting():
+    """What each runner cannot deliver is refused with the fix named, before any request runs."""
+    config = SimpleNamespace(use_v2_model_runner=False, scheduler_config=SimpleNamespace(async_scheduling=True),
+                             speculative_config=None, model_config=SimpleNamespace(logits_processors=[PROCESSOR]))
+    llm = SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=config))
+    with pytest.raises(ValueError, match="async_scheduling=False"):
+        fv.generate(llm, ["1+2="], SamplingParams(max_tokens=4))
+    config.scheduler_config.async_scheduling, config.speculative_config = False, object()
+    with pytest.raises(ValueError, match="speculative"):
+        fv.check_engine(llm)
+    config.use_v2_model_runner, config.scheduler_config.async_scheduling = True, True
+    fv.check_engine(llm)  # Model Runner V2 records with both
+    config.model_config.logits_processors = []
+    with pytest.raises(ValueError, match="not loaded"):
+        fv.check_engine(llm)

@@ -45,7 +45,9 @@ struct LogitStatsParams {
   StatsOutputPointers out;   // token_logprob when token_ids, topk_confidence when topk > 0
   int splits;              // CTAs per row
   int64_t vectors_per_split;   // 16-byte vectors per slice; 0: split the row evenly
-  StatsState* partial_states;  // [rows * splits] when splits > 1
+  // [rows * splits]: every slice's state. Needed when splits > 1; with one slice per row it is
+  // written only if given (verify_tree samples from it whatever the number of slices).
+  StatsState* partial_states;
   float* partial_topk;         // [rows * splits * kTopKCapacity] when splits > 1 and topk > 0
   unsigned int* row_counters;  // [rows], all zero on entry and on exit, when splits > 1
 };
@@ -379,7 +381,10 @@ __global__ void __launch_bounds__(kThreads, 3) logit_stats_kernel(const LogitSta
     }
   }
 
-  if (p.splits > 1) {
+  if (p.splits == 1 && p.partial_states != nullptr) {
+    // The row is one slice: its state is the row's, kept for verify_tree's sampling pass.
+    if (lane == 0) p.partial_states[row] = state;
+  } else if (p.splits > 1) {
     // Publish this slice; the last CTA of the row to finish merges all slices.
     const int64_t slot = row * p.splits + split;
     if (lane == 0) p.partial_states[slot] = state;

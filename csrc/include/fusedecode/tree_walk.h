@@ -37,6 +37,18 @@ namespace fusedecode {
 
 enum VerifyMode : int { kVerifyGreedy = 0, kVerifySample = 1, kVerifyMultiDraft = 2 };
 
+// Which walk verify_tree runs: greedy at temperature 0 (draft probabilities are then ignored),
+// SpecInfer when draft probabilities are given, else target-only sampling.
+inline int verify_mode_of(double temperature, bool has_draft_probs) {
+  if (temperature == 0) return kVerifyGreedy;
+  return has_draft_probs ? kVerifyMultiDraft : kVerifySample;
+}
+
+// The temperature of verify_tree's statistics pass and of its sampling: 1 when greedy.
+inline float verify_statistics_temperature(double temperature) {
+  return temperature > 0 ? static_cast<float>(temperature) : 1.f;
+}
+
 // Writes accepted_nodes[0..count], output_tokens[0..count] and *num_accepted (when `writer`); `width`
 // (D + 1) bounds the depth, so a wrong depth can end a walk early but never write out of bounds.
 template <class Row>

@@ -1,5 +1,6 @@
-// fusedecode: tree verification on CUDA. Framework-free; the torch binding is
-// csrc/cuda/verify_tree_cuda.cu.
+// fusedecode: tree verification on CUDA. Framework-free: launch_verify_tree runs both passes on raw
+// pointers; the torch binding (csrc/cuda/verify_tree_cuda.cu) only checks, allocates and calls it,
+// and tests/cuda_emulation runs the same launcher on the CPU.
 //
 // Pass 1 is logit_stats_kernel over the B*N node rows in split mode with fixed kVerifySliceTokens-token
 // slices (vocab_slices.h; cut as RowSlices in logit_stats.cuh), which writes every node's statistics and leaves one StatsState per slice.
@@ -301,6 +302,109 @@ template <typename T, typename P>
 cudaError_t launch_tree_walk(const VerifyTreeParams& p, int64_t batch, cudaStream_t stream) {
   tree_walk_kernel<T, P><<<static_cast<unsigned>(batch), kWalkThreads, 0, stream>>>(p);
   return cudaGetLastError();
+}
+
+// Everything verify_tree reads and writes, as the binding fills it from its tensors.
+struct VerifyTreeArgs {
+  const void* logits;  // [B, N, V], last dimension contiguous
+  int64_t batch, nodes, vocab;
+  int64_t stride_b, stride_n;  // elements
+  const int64_t* tokens;       // [B, N] contiguous
+  const int64_t* parents;      // [B, N] contiguous
+  const int64_t* seeds;        // [B]
+  double temperature;          // 0: greedy (statistics at temperature 1)
+  const void* draft_probs;     // [B, N, V], last dimension contiguous, or nullptr; unused when greedy
+  int64_t q_stride_b, q_stride_n;
+  StatsOutputPointers stats;  // [B, N] each; token_logprob and topk_confidence nullptr
+  // The walk writes num_accepted and the entries it reaches; the rest must hold their fill already
+  // (0 and -1, as fusedecode's output allocation gives them).
+  int64_t* num_accepted;    // [B]
+  int64_t* accepted_nodes;  // [B, width]
+  int64_t* output_tokens;   // [B, width]
+  int64_t width;            // D + 1
+};
+
+// Slices per node row in the statistics pass.
+inline int64_t verify_tree_splits(int64_t vocab) { return VocabSlices{vocab, kVerifySliceTokens}.count(); }
+
+// Whether launch_verify_tree can run this shape: at most kMaxVerifySlices slices per row (V up to
+// kMaxVerifySlices * kVerifySliceTokens) and fewer than 2^31 (row, slice) CTAs.
+inline bool verify_tree_shape_supported(int64_t batch, int64_t nodes, int64_t vocab) {
+  const int64_t splits = verify_tree_splits(vocab);
+  return splits <= kMaxVerifySlices && batch * nodes * splits < (int64_t{1} << 31);
+}
+
+// The device workspace launch_verify_tree needs: one StatsState per (node row, slice), which the
+// sampling pass reads back, then one completion counter per node row.
+inline size_t verify_tree_workspace_bytes(int64_t batch, int64_t nodes, int64_t vocab) {
+  const int64_t rows = batch * nodes;
+  return static_cast<size_t>(rows * verify_tree_splits(vocab)) * sizeof(StatsState) +
+         static_cast<size_t>(rows) * sizeof(unsigned int);
+}
+
+// Pass 1: logit_stats over the B*N node rows in kVerifySliceTokens-token slices, keeping the
+// slices' states in `slices`.
+template <typename T>
+LogitStatsParams statistics_pass_params(const VerifyTreeArgs& a, StatsState* slices, unsigned int* counters) {
+  LogitStatsParams s{};
+  s.logits = a.logits;
+  s.outer_size = a.batch;
+  s.inner_size = a.nodes;
+  s.outer_stride = a.stride_b;
+  s.inner_stride = a.stride_n;
+  s.vocab = a.vocab;
+  s.temperature = verify_statistics_temperature(a.temperature);
+  s.out = a.stats;
+  s.splits = static_cast<int>(verify_tree_splits(a.vocab));
+  s.vectors_per_split = kVerifySliceTokens / VecLoad<T>::kVec;
+  s.partial_states = slices;
+  s.row_counters = counters;
+  return s;
+}
+
+// Pass 2: the tree walk, reading pass 1's statistics and slices.
+inline VerifyTreeParams walk_pass_params(const VerifyTreeArgs& a, const StatsState* slices) {
+  VerifyTreeParams w{};
+  w.logits = a.logits;
+  w.stride_b = a.stride_b;
+  w.stride_n = a.stride_n;
+  w.vocab = a.vocab;
+  w.nodes = a.nodes;
+  w.tokens = a.tokens;
+  w.parents = a.parents;
+  w.seeds = a.seeds;
+  w.inv_t = 1.f / verify_statistics_temperature(a.temperature);
+  w.mode = verify_mode_of(a.temperature, a.draft_probs != nullptr);
+  w.max_logprob = a.stats.max_logprob;
+  w.argmax = a.stats.argmax;
+  w.slices = slices;
+  w.splits = static_cast<int>(verify_tree_splits(a.vocab));
+  if (w.mode == kVerifyMultiDraft) {
+    w.draft_probs = a.draft_probs;
+    w.q_stride_b = a.q_stride_b;
+    w.q_stride_n = a.q_stride_n;
+  }
+  w.num_accepted = a.num_accepted;
+  w.accepted_nodes = a.accepted_nodes;
+  w.output_tokens = a.output_tokens;
+  w.width = a.width;
+  return w;
+}
+
+// verify_tree on `stream`: T is the logits' type, P the draft probabilities' (any type when there
+// are none). `workspace`: verify_tree_workspace_bytes, 16-byte aligned, contents irrelevant.
+template <typename T, typename P>
+cudaError_t launch_verify_tree(const VerifyTreeArgs& a, void* workspace, cudaStream_t stream) {
+  if (a.batch == 0 || a.nodes == 0) return cudaSuccess;
+  if (!verify_tree_shape_supported(a.batch, a.nodes, a.vocab)) return cudaErrorInvalidValue;
+  const int64_t rows = a.batch * a.nodes;
+  StatsState* slices = static_cast<StatsState*>(workspace);
+  unsigned int* counters = reinterpret_cast<unsigned int*>(slices + rows * verify_tree_splits(a.vocab));
+  cudaError_t error = cudaMemsetAsync(counters, 0, static_cast<size_t>(rows) * sizeof(unsigned int), stream);
+  if (error != cudaSuccess) return error;
+  error = launch_logit_stats<T>(statistics_pass_params<T>(a, slices, counters), stream);
+  if (error != cudaSuccess) return error;
+  return launch_tree_walk<T, P>(walk_pass_params(a, slices), a.batch, stream);
 }
 
 }  // namespace cuda

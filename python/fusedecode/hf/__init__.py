@@ -18,6 +18,9 @@
   the package ``fusedecode.hf.correction``. Its ``return_dict_in_generate`` output is an ``SRGenOutput``.
 - Both ``custom_generate`` callables take a streamer as ``token_streamer=`` (``generate`` keeps its own
   ``streamer=`` from them).
+- ``deepconf_generate`` / ``DeepConfOutput``: DeepConf in one ``generate`` call with the options of the
+  Hub's DeepConf ``custom_generate`` repositories (online stop, confidence output, warm-up
+  calibration); the module ``fusedecode.hf.deepconf``.
 - ``score``: per-token statistics of given sequences under teacher forcing (offline Best-of-N,
   DeepConf, perplexity) through the model's own head, without ``[B, T, V]`` logits
   (``fusedecode.linear_logit_stats``); the module ``fusedecode.hf.scoring``.
@@ -31,6 +34,7 @@ from ..confidence import (best_of_n, bottom_group_confidence, confidence_thresho
                           group_confidences, lowest_group_confidence, majority_vote, mean_confidence, tail_confidence,
                           weighted_majority_vote)
 from .correction import SRGenConfig, SRGenOutput, srgen
+from .deepconf import DeepConfOutput, deepconf_generate
 from .processors import ConfidenceStopping, ConfidenceStopProcessor, UncertaintyProcessor
 from .reflection import ReflectionInsertion, ReflectionProcessor
 from .scoring import score
@@ -57,4 +61,4 @@ __all__ = ["UncertaintyProcessor", "ConfidenceStopping", "ConfidenceStopProcesso
            "mean_confidence", "tail_confidence", "bottom_group_confidence", "lowest_group_confidence",
            "confidence_threshold", "filter_top", "weighted_majority_vote", "majority_vote", "deepconf_vote",
            "bundled_model_path", "TreeConfig", "TreeSpeculativeOutput", "tree_speculative", "SRGenConfig",
-           "SRGenOutput", "srgen", "score"]
+           "SRGenOutput", "srgen", "deepconf_generate", "DeepConfOutput", "score"]

@@ -24,6 +24,13 @@ def check_config(keyword, config, config_class):
     return config
 
 
+def class_generate(model, *args, **kwargs):
+    """``generate`` of the model's class. A model loaded with ``trust_remote_code=True`` from a repository
+    that ships a ``custom_generate`` folder has its instance ``generate`` replaced by that folder's
+    function; a wrapper that calls ``model.generate`` from inside such a function would call itself."""
+    return type(model).generate(model, *args, **kwargs)
+
+
 def refuse_unsupported_generation(method, generation_config, model_kwargs):
     """Refuse, before any forward, what neither callable does: beam search and ``inputs_embeds``
     (both need the context as token ids)."""
@@ -49,6 +56,17 @@ def pad_token_id(generation_config):
         eos = generation_config.eos_token_id
         pad = eos[0] if isinstance(eos, (list, tuple)) else eos
     return None if pad is None else int(pad)
+
+
+def eos_token_ids(generation_config):
+    """The end-of-sequence ids of ``generation_config`` (``eos_token_id``: None, an int, a list or a
+    tensor) as a frozenset of ints."""
+    eos = generation_config.eos_token_id
+    if eos is None:
+        return frozenset()
+    if hasattr(eos, "tolist"):
+        eos = eos.tolist()
+    return frozenset(int(token) for token in (eos if isinstance(eos, (list, tuple)) else [eos]))
 
 
 def sampling_temperature(generation_config):

@@ -203,7 +203,7 @@ class UncertaintyProcessor(LogitsProcessor):
         return values.sum(1) / mask.sum(1)
 
 
-def _check_threshold(threshold):
+def check_confidence_threshold(threshold):
     """A finite float, or a 1-D float64 tensor of finite values (one per row)."""
     if is_real_number(threshold):
         return check_float("threshold", threshold)
@@ -318,7 +318,7 @@ class ConfidenceStopping(StoppingCriteria):
 
     def __init__(self, window, threshold, topk=20, *, eos_token_id):
         window = check_int("window", window, 1)
-        threshold = _check_threshold(threshold)
+        threshold = check_confidence_threshold(threshold)
         topk = check_int("topk", topk, 1, MAX_TOPK)
         eos_token_ids = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
         if not eos_token_ids:

@@ -17,7 +17,7 @@ import operator
 import torch
 
 from .. import _native
-from .._validation import check_linear_logit_stats_args
+from .._validation import check_linear_logit_stats_args, check_no_grad
 from ..backends import OpBackends, resolve_backend, triton_import_error
 from ..head_transform import check_head_transform
 from ..reference import logit_stats_reference
@@ -61,8 +61,9 @@ def linear_logit_stats(hidden, weight, *, bias=None, logit_scale=None, softcap=N
     and the result is exactly ``logit_stats(z, temperature=..., token_ids=..., topk=...)``: every
     field, its accuracy, masking (-inf logits) and NaN rules are ``logit_stats``'s. Rows go through
     ``chunk`` at a time, so the extra memory is one chunk of float32 logits, ``chunk * V * 4``
-    bytes, never ``[..., T, V]`` (19 GB in float32 at T = 32k, V = 152k). No gradients (the
-    statistics are measurements; ``linear_cross_entropy_entropy`` is the differentiable fused head).
+    bytes, never ``[..., T, V]`` (19 GB in float32 at T = 32k, V = 152k). No gradients: inputs
+    that require grad while grad mode is on raise ValueError (``logit_stats`` of materialised logits
+    is differentiable; ``linear_cross_entropy_entropy`` is the differentiable fused head).
 
     Args:
         hidden: float32/float16/bfloat16 ``[..., T, H]``: final hidden states (what lm_head reads).
@@ -92,6 +93,9 @@ def linear_logit_stats(hidden, weight, *, bias=None, logit_scale=None, softcap=N
     """
     check_linear_logit_stats_args(hidden, weight, temperature, token_ids, topk, chunk)
     transform = check_head_transform(bias, logit_scale, softcap, weight)
+    check_no_grad("linear_logit_stats", "logit_stats of the materialised logits is differentiable, and "
+                  "linear_cross_entropy_entropy is the differentiable fused head", hidden=hidden, weight=weight,
+                  bias=bias, temperature=temperature)
     topk = operator.index(topk)
     name = resolve_backend(backend, hidden.device, BACKENDS)
 

@@ -16,7 +16,7 @@ import torch
 from .. import _native
 from .._validation import check_logit_stats_args
 from ..backends import OpBackends, resolve_backend, triton_import_error
-from ..reference import logit_stats_reference
+from ..reference import logit_stats_backward, logit_stats_reference
 from ._outputs import Output, allocate, by_name, named_tuple, public_fields, schema_returns
 
 __all__ = ["logit_stats", "LogitStats", "float_outputs"]
@@ -108,7 +108,9 @@ def logit_stats(logits, *, temperature=1.0, token_ids=None, topk=0, backend=None
     topk = operator.index(topk)
     name = resolve_backend(backend, logits.device, BACKENDS)
     if name == "torch":
-        return logit_stats_reference(logits, temperature, token_ids, topk)
+        if not _needs_grad(logits, temperature):
+            return logit_stats_reference(logits, temperature, token_ids, topk)
+        return LogitStats(*_TorchBackendWithGrad.apply(logits, temperature, token_ids, topk, torch.float32))
 
     temperature_rows, temperature_scalar = temperature_arguments(temperature)
     token_rows = token_ids.reshape(-1).to(torch.int64).contiguous() if token_ids is not None else None
@@ -119,6 +121,62 @@ def logit_stats(logits, *, temperature=1.0, token_ids=None, topk=0, backend=None
     if len(rows_shape) != 1:  # the ops return one entry per row: [rows]
         fields = {field: value.view(rows_shape) if value is not None else None for field, value in fields.items()}
     return LogitStats(**fields)
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradients: every backend's backward is ``reference.logit_stats_backward``
+
+
+def _needs_grad(logits, temperature):
+    return torch.is_grad_enabled() and (logits.requires_grad or (
+        isinstance(temperature, torch.Tensor) and temperature.requires_grad))
+
+
+def _float_grads(outputs, grads, rows):
+    """The incoming gradients of the float outputs that were computed, by name (argmax has none; an
+    optional output that was not asked for is an empty placeholder)."""
+    return {output.name: grad for output, grad in zip(outputs, grads)
+            if output.dtype == torch.float32 and grad is not None and grad.numel() == rows and grad.numel()}
+
+
+class _TorchBackendWithGrad(torch.autograd.Function):
+    """The torch backend when a gradient is wanted: the reference, with ``logit_stats_backward`` as
+    its backward, as the fused ops have it (plain autograd through the reference would give the
+    rows whose statistics are NaN a zero gradient instead of NaN)."""
+
+    @staticmethod
+    def forward(ctx, logits, temperature, token_ids, topk, dtype):
+        stats = logit_stats_reference(logits, temperature, token_ids, topk, dtype)
+        is_tensor = isinstance(temperature, torch.Tensor)
+        ctx.save_for_backward(logits, temperature if is_tensor else None, token_ids)
+        ctx.temperature_scalar, ctx.topk = None if is_tensor else temperature, topk
+        ctx.mark_non_differentiable(stats.argmax)
+        return tuple(stats)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        logits, temperature, token_ids = ctx.saved_tensors
+        temperature = temperature if temperature is not None else ctx.temperature_scalar
+        grad_logits, grad_temperature = logit_stats_backward(
+            logits, temperature, token_ids, ctx.topk, _float_grads(OUTPUTS, grads, logits.numel() // logits.shape[-1]),
+            temperature_grad=ctx.needs_input_grad[1])
+        return grad_logits, grad_temperature, None, None, None
+
+
+def _setup_context(ctx, inputs, output):
+    logits, temperature, temperature_scalar, token_ids, topk = inputs
+    ctx.save_for_backward(logits, temperature, token_ids)
+    ctx.temperature_scalar, ctx.topk = temperature_scalar, topk
+
+
+def _backward(ctx, *grads):
+    """The custom ops' backward: the logits arrive as ``[outer, inner, V]``, the rest per row ``[rows]``."""
+    logits, temperature, token_ids = ctx.saved_tensors
+    rows_2d = logits.reshape(-1, logits.shape[-1])
+    grad_logits, grad_temperature = logit_stats_backward(
+        rows_2d, temperature if temperature is not None else ctx.temperature_scalar, token_ids, ctx.topk,
+        _float_grads(OUTPUTS, grads, rows_2d.shape[0]), temperature_grad=ctx.needs_input_grad[1])
+    return grad_logits.view(logits.shape), grad_temperature, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,6 +242,7 @@ def _fake(logits, temperature, temperature_scalar, token_ids, topk):
 def _register_ops():
     if _native.native_module() is not None:
         torch.library.register_fake("fusedecode::logit_stats")(_fake)
+        torch.library.register_autograd("fusedecode::logit_stats", _backward, setup_context=_setup_context)
     if triton_import_error() is not None:
         return
     from ..triton_kernels.logit_stats import logit_stats_triton
@@ -198,6 +257,7 @@ def _register_ops():
     op = torch.library.custom_op("fusedecode::logit_stats_triton", run_triton, mutates_args=(),
                                  schema=SCHEMAS["logit_stats_triton"])
     op.register_fake(_fake)
+    op.register_autograd(_backward, setup_context=_setup_context)
 
 
 _register_ops()

@@ -11,7 +11,7 @@ walk shared by both in ``csrc/include/fusedecode/tree_walk.h``), ``triton``
 import torch
 
 from .. import _native
-from .._validation import check_verify_tree_args, values_checkable
+from .._validation import check_no_grad, check_verify_tree_args, values_checkable
 from ..backends import OpBackends, resolve_backend, triton_import_error
 from ..reference import verify_tree_reference
 from ..tree import reachable_depths
@@ -84,7 +84,9 @@ def verify_tree(target_logits, draft_tokens, parents, *, temperature=0.0, draft_
         draft_tokens: int32/int64 ``[B, N]``; entry 0 ignored, -1 marks padding.
         parents: int32/int64 ``[N]`` (one tree for all rows) or ``[B, N]``.
         temperature: 0 (greedy), or a float T > 0 with 1/T finite in float32 (about 3e-39 < T < 3.4e38).
-        draft_probs: optional ``[B, N, V]`` draft probabilities (multi-draft mode).
+        draft_probs: optional ``[B, N, V]`` draft probabilities (multi-draft mode); only with
+            ``temperature > 0``: greedy verification never reads them, so passing them with
+            temperature 0 raises ValueError rather than being silently ignored.
         seed: int (Python or NumPy, 0 <= seed < 2**63), int64 tensor ``[]`` or ``[B]`` (CUDA-graph
             safe), or None to draw one from torch's default generator (``torch.manual_seed`` makes
             runs reproducible).
@@ -99,7 +101,8 @@ def verify_tree(target_logits, draft_tokens, parents, *, temperature=0.0, draft_
         ``TreeVerification(num_accepted [B], accepted_nodes [B, D+1], output_tokens [B, D+1],
         stats)`` with D the tree depth (N - 1 when it cannot be read without a sync: parents on the
         GPU with ``validate=False``, torch.compile, CUDA-graph capture) and ``stats`` the ``LogitStats`` ``[B, N]`` of every node's row at ``temperature`` (1.0 when
-        greedy), computed in the same pass.
+        greedy), computed in the same pass. No gradients: ``target_logits`` or ``draft_probs`` that
+        require grad while grad mode is on raise ValueError (``logit_stats`` is differentiable).
 
     Example::
 
@@ -112,11 +115,11 @@ def verify_tree(target_logits, draft_tokens, parents, *, temperature=0.0, draft_
         ([2], [[3, 1, 4]])
     """
     check_verify_tree_args(target_logits, draft_tokens, parents, temperature, draft_probs, seed, validate)
+    check_no_grad("verify_tree", "the walk is discrete; logit_stats of the same logits is differentiable",
+                  target_logits=target_logits, draft_probs=draft_probs)
     batch, nodes, _ = target_logits.shape
     device = target_logits.device
     temperature = float(temperature)
-    if temperature == 0:
-        draft_probs = None  # greedy verification does not look at the draft distribution
     tokens = draft_tokens.to(torch.int64).contiguous()
     parent_rows = parents.to(torch.int64).expand(batch, nodes).to(device).contiguous()
     seeds = _seed_rows(seed, batch, device)

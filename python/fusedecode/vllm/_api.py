@@ -11,9 +11,9 @@ from typing import Any, List, NamedTuple, Optional
 import torch
 
 from .. import confidence
+from .._validation import check_temperature
 from ._channel import STAT_FIELDS, StatsCollector
-from ._options import (PREFIX, check_temperature, check_threshold, check_topk, check_window, extra_args_for,
-                       options_of, parse_options)
+from ._options import PREFIX, check_threshold, check_topk, check_window, extra_args_for, options_of, parse_options
 from ._recorder import ASYNC_REFUSAL
 
 PROCESSOR_NAMES = ("fusedecode.vllm:FusedecodeLogitsProcessor",
@@ -163,7 +163,7 @@ def generate(llm, prompts, sampling_params=None, *, temperature=None, topk=0, co
     params_list = _per_prompt("sampling_params", sampling_params, len(prompt_list), SamplingParams())
     stops = _per_prompt("confidence_stop", confidence_stop, len(prompt_list), None)
     if temperature is not None:
-        check_temperature("temperature", temperature)
+        check_temperature(temperature)
     check_topk("topk", topk)
     for stop in stops:
         if stop is not None and not isinstance(stop, ConfidenceStop):

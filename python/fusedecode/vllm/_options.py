@@ -21,6 +21,7 @@ Nothing here imports vLLM: ``validate_params`` runs in the API server's process,
 unit-tested without vLLM.
 """
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -58,12 +59,6 @@ class RequestOptions:
     @property
     def reports(self):
         return self.channel is not None
-
-
-def check_temperature(name, value):
-    """A float > 0 whose reciprocal is finite in float32 (what ``fusedecode.logit_stats`` accepts)."""
-    _validation.check_temperature(value, name=name)
-    return float(value)
 
 
 def check_topk(name, value, minimum=0):
@@ -119,7 +114,8 @@ def parse_options(extra_args, sampling_temperature=1.0, ignore_eos=False, stop_t
                          f"(known: {', '.join(KNOWN_KEYS)})")
 
     if extra_args.get(TEMPERATURE) is not None:
-        temperature = check_temperature(f"extra_args {TEMPERATURE}", extra_args[TEMPERATURE])
+        _validation.check_temperature(extra_args[TEMPERATURE], name=f"extra_args {TEMPERATURE}")
+        temperature = float(extra_args[TEMPERATURE])
     else:
         temperature = 1.0 if sampling_temperature < GREEDY_BELOW else float(sampling_temperature)
 
@@ -147,6 +143,17 @@ def options_of(sampling_params):
     return parse_options(sampling_params.extra_args, sampling_params.temperature,
                          bool(getattr(sampling_params, "ignore_eos", False)),
                          tuple(getattr(sampling_params, "stop_token_ids", None) or ()))
+
+
+def admitted_options(sampling_params):
+    """``options_of`` for a request entering an engine's batch: None (and a warning in the engine log)
+    when its options are invalid. ``validate_params`` refuses such a request at admission; if it got
+    through anyway it runs without fusedecode, and the engine never goes down for it."""
+    try:
+        return options_of(sampling_params)
+    except ValueError as error:
+        logging.getLogger("fusedecode.vllm").warning("fusedecode: ignoring a request with invalid options: %s", error)
+        return None
 
 
 def extra_args_for(*, temperature=None, topk=0, window=None, threshold=None, key=None, channel=None, authkey=None):

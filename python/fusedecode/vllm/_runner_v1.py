@@ -19,16 +19,14 @@ re-added request is matched to its parked trace by that params object and its to
 Nothing here imports vLLM.
 """
 
-import logging
 import weakref
 
 import numpy as np
 
 from ._channel import StatsSender
-from ._options import options_of
+from ._options import admitted_options
 from ._recorder import Recorder, RowGroup
 
-logger = logging.getLogger("fusedecode.vllm")
 
 
 class _Request:
@@ -118,11 +116,7 @@ class V1Recorder:
 
     def _admit(self, params, output):
         """The trace of a request entering the batch: resumed, new, or None if it did not ask."""
-        try:
-            options = options_of(params)
-        except ValueError as error:  # validate_params let it through: never take the engine down
-            logger.warning("fusedecode: ignoring a request with invalid options: %s", error)
-            return None
+        options = admitted_options(params)
         if options is None:
             return None
         for trace in self.book.parked(id(params)):

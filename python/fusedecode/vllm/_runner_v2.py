@@ -27,17 +27,15 @@ batch-sharded sampling every rank samples every row and rank 0 reports; with it 
 Nothing here imports vLLM.
 """
 
-import logging
 
 import numpy as np
 import torch
 
 from ._channel import StatsSender
-from ._options import options_of
+from ._options import admitted_options
 from ._recorder import Recorder, RowGroup
 from ._traces import extend_token_hash
 
-logger = logging.getLogger("fusedecode.vllm")
 
 
 class _Slot:
@@ -109,11 +107,7 @@ class ModelRunnerV2Recorder:
         if previous is not None:
             self._leaving.append(previous)
         self._set_table(slot, 0)
-        try:
-            options = options_of(params)
-        except ValueError as error:  # validate_params let it through: never take the engine down
-            logger.warning("fusedecode: ignoring a request with invalid options: %s", error)
-            return False
+        options = admitted_options(params)
         if options is None:
             return False
         prompt_len = int(self.req_states.prompt_len.np[slot])

@@ -76,8 +76,16 @@ class FusedecodeLogitsProcessor(*_BASES):
         option for anything invalid."""
         options_of(sampling_params)
 
-    def __init__(self, vllm_config, *args):
-        # V1: (vllm_config, device, is_pin_memory); Model Runner V2: (vllm_config, req_states).
+    def __init__(self, vllm_config, *args, **kwargs):
+        # V1: (vllm_config, device, is_pin_memory); Model Runner V2: (vllm_config, req_states);
+        # positionally (as vLLM 0.29-0.33 call them) or by those names.
+        if "req_states" in kwargs:
+            args = (kwargs.pop("req_states"),)
+        elif "device" in kwargs:
+            args = (kwargs.pop("device"), kwargs.pop("is_pin_memory", False))
+        if kwargs or len(args) not in (1, 2):
+            raise TypeError(f"FusedecodeLogitsProcessor: unexpected constructor arguments {len(args)} positional, "
+                            f"{sorted(kwargs)} named (vLLM's V1 and V2 signatures are supported)")
         self._vllm_config = vllm_config
         self._v1 = self._v2 = None
         if not _claim(self, vllm_config):

@@ -1,6 +1,7 @@
 """logit_stats on every backend against the float64 torch reference (DESIGN section 3)."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -176,3 +177,107 @@ def test_repeatable(target, generator):
     assert first.token_logprob is None
     for a, b in zip(first[:6] + (first.topk_confidence,), second[:6] + (second.topk_confidence,)):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradients: every backend's backward is reference.logit_stats_backward (autograd of the reference)
+
+FLOAT_FIELDS = ("logsumexp", "entropy", "varentropy", "self_certainty", "max_logprob", "token_logprob",
+                "topk_confidence")
+
+
+def _weighted_sum(stats, weights):
+    """A scalar that depends on every float field (each with its own weight), NaN rows left out."""
+    return sum(getattr(stats, name).nan_to_num(0.0, 0.0, 0.0).sum() * weight for name, weight in zip(FLOAT_FIELDS, weights))
+
+
+def _gradient_case(generator, dtype=torch.float32):
+    """Rows without ties (a kink of argmax/top-k), one masked entry, one NaN row."""
+    logits = (torch.randn((4, 9), generator=generator, dtype=torch.float64) * 2).to(dtype)
+    logits[1, 3] = -math.inf
+    logits[3, 5] = math.nan
+    temperature = torch.tensor([0.7, 1.3, 2.0, 1.0], dtype=dtype)
+    token_ids = torch.tensor([1, 2, 8, 0])
+    return logits, temperature, token_ids
+
+
+def test_gradcheck_float64_torch_path(generator):
+    """The torch path's autograd Function, run in float64, against finite differences (rows with no
+    NaN: gradcheck needs a differentiable function), for the logits and a per-row temperature."""
+    from fusedecode.ops.logit_stats import _TorchBackendWithGrad
+
+    logits, temperature, token_ids = _gradient_case(generator, torch.float64)
+    logits, temperature, token_ids = logits[:3], temperature[:3], token_ids[:3]
+    logits[1, 3] = 0.3  # gradcheck perturbs every entry: no -inf here (masked entries: the next test)
+    for topk in (0, 3):
+        def stats(x, t):
+            out = _TorchBackendWithGrad.apply(x, t, token_ids, topk, torch.float64)
+            return tuple(value for value in out if value is not None and value.dtype == torch.float64)
+
+        assert torch.autograd.gradcheck(stats, (logits.clone().requires_grad_(), temperature.clone().requires_grad_()))
+        scalar = lambda x: stats(x, 0.8)  # noqa: E731
+        assert torch.autograd.gradcheck(scalar, (logits.clone().requires_grad_(),))
+
+
+def test_gradient_of_masked_entries_and_nan_rows(generator):
+    """Masked (-inf) entries get 0 (their probability stays 0), every entry of a NaN row gets NaN,
+    the other rows are unaffected by either."""
+    logits, temperature, token_ids = _gradient_case(generator)
+    x = logits.clone().requires_grad_()
+    t = temperature.clone().requires_grad_()
+    _weighted_sum(fusedecode.logit_stats(x, temperature=t, token_ids=token_ids, topk=3, backend="torch"),
+                  range(1, 8)).backward()
+    assert x.grad[1, 3] == 0 and torch.isfinite(x.grad[:3]).all() and torch.isfinite(t.grad[:3]).all()
+    assert torch.isnan(x.grad[3]).all() and torch.isnan(t.grad[3])
+    clean = logits[:3].clone().requires_grad_()
+    _weighted_sum(fusedecode.logit_stats(clean, temperature=temperature[:3], token_ids=token_ids[:3], topk=3,
+                                         backend="torch"), range(1, 8)).backward()
+    assert torch.equal(clean.grad, x.grad[:3])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_gradients_match_the_torch_path(target, dtype, generator):
+    """Every backend (the fused ones are custom ops with a registered backward) gives the torch
+    path's gradients, for the logits and a per-row temperature, with no 'autograd kernel was not
+    registered' warning."""
+    device, backend = target
+    logits, temperature, token_ids = _gradient_case(generator, dtype)
+    results = []
+    for name in ("torch", backend):
+        x = logits.to(device).clone().requires_grad_()
+        t = temperature.to(device).clone().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            stats = fusedecode.logit_stats(x, temperature=t, token_ids=token_ids.to(device), topk=3, backend=name)
+            assert stats.entropy.grad_fn is not None and "WarnNotImplemented" not in type(stats.entropy.grad_fn).__name__
+            _weighted_sum(stats, range(1, 8)).backward()
+        assert x.grad.dtype == dtype and t.grad.dtype == dtype
+        results.append((x.grad.float().cpu().clone(), t.grad.float().cpu().clone()))
+    (x_ref, t_ref), (x_got, t_got) = results
+    torch.testing.assert_close(x_got, x_ref, equal_nan=True)
+    torch.testing.assert_close(t_got, t_ref, equal_nan=True)
+
+
+def test_gradients_of_strided_and_batched_logits(target, generator):
+    """The fused ops see [..., V] as a strided [outer, inner, V] view: the gradient lands on the
+    caller's tensor, in its own layout, for a 3-D non-contiguous input and a scalar temperature."""
+    device, backend = target
+    base = torch.randn((3, 5, 40), generator=generator).to(device)
+    grads = []
+    for name in ("torch", backend):
+        x = base.clone().requires_grad_()
+        view = x.transpose(0, 1)[:, 1:]  # [5, 2, 40]: rows neither contiguous nor in memory order
+        stats = fusedecode.logit_stats(view, temperature=0.9, topk=2, backend=name)
+        (stats.entropy.sum() + 2 * stats.topk_confidence.sum() + 3 * stats.logsumexp.sum()).backward()
+        grads.append(x.grad.cpu())
+    torch.testing.assert_close(grads[1], grads[0])
+    assert (grads[0][0] == 0).all()  # the rows the view leaves out get no gradient
+
+
+def test_no_gradient_when_nothing_asks_for_one(target, generator):
+    device, backend = target
+    x = torch.randn((2, 10), generator=generator).to(device).requires_grad_()
+    with torch.no_grad():
+        assert fusedecode.logit_stats(x, backend=backend).entropy.grad_fn is None
+    assert fusedecode.logit_stats(x.detach(), backend=backend).entropy.grad_fn is None
+    assert fusedecode.logit_stats(x, backend=backend).argmax.requires_grad is False

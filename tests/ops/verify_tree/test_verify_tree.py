@@ -3,6 +3,7 @@
 import hashlib
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -394,6 +395,8 @@ GOOD = dict(logits=torch.zeros(2, 3, 10), tokens=torch.zeros(2, 3, dtype=torch.i
     (dict(draft_probs=torch.zeros(2, 3, 10, dtype=torch.int64), temperature=1.0), "draft_probs"),
     (dict(draft_probs=torch.zeros(2, 3, 20)[:, :, ::2], temperature=1.0), "draft_probs"),  # strided vocabulary
     (dict(draft_probs=torch.zeros(2, 10, 3).transpose(1, 2), temperature=1.0), "draft_probs"),
+    (dict(draft_probs=torch.full((2, 3, 10), 0.1)), "draft_probs.*temperature 0"),  # the default temperature
+    (dict(draft_probs=torch.full((2, 3, 10), 0.1), temperature=0.0), "draft_probs.*temperature 0"),
     (dict(seed=1.5), "seed"),
     (dict(seed=torch.tensor([1, 2, 3])), "seed"),
     (dict(seed=torch.tensor(1, dtype=torch.int32)), "seed"),
@@ -404,6 +407,17 @@ def test_validation_errors(change, match):
     kwargs = {k: args.pop(k) for k in ("temperature", "draft_probs", "seed") if k in args}
     with pytest.raises(ValueError, match=match):
         fusedecode.verify_tree(args["logits"], args["tokens"], args["parents"], backend="torch", **kwargs)
+
+
+@pytest.mark.parametrize("temperature", [0.0, np.float32(0.0)])
+def test_draft_probs_are_refused_when_greedy(target, temperature):
+    """Greedy verification never reads draft_probs: passing them is refused, validate=False or not,
+    rather than silently ignored (a caller who meant to sample would get greedy output)."""
+    logits, tokens, parents = torch.zeros(2, 3, 10), torch.zeros(2, 3, dtype=torch.int64), torch.tensor([-1, 0, 1])
+    for validate in (True, False):
+        with pytest.raises(ValueError, match="draft_probs"):
+            verify(target, logits, tokens, parents, temperature=temperature, draft_probs=torch.full((2, 3, 10), 0.1),
+                   validate=validate)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -428,7 +442,7 @@ def test_validate_false_skips_value_checks(target, temperature):
     logits[0, 0, 9] = -5.0
     logits[0, 0, 3] = 8.0  # now 3 at the root: only node 4 may take it
     probs = torch.full((1, 6, vocab), 1.0 / vocab)
-    for kwargs in (dict(), dict(draft_probs=probs)):
+    for kwargs in (dict(), dict(draft_probs=probs)) if temperature > 0 else (dict(),):
         out = verify(target, logits, tokens, parents, temperature=temperature, seed=1, validate=False, **kwargs)
         accepted = out.accepted_nodes[0, :int(out.num_accepted[0]) + 1].tolist()
         assert set(accepted) <= {0, 4, 5} and 5 not in accepted, accepted  # node 5 drafts 12: never accepted

@@ -17,6 +17,10 @@ from .._transformers_compat import cache_keyword, decoder_module
 FULL, SLIDING = "full_attention", "sliding_attention"
 # Attention implementations that read an explicit 4D mask (flash attention only takes padding).
 MASKED_ATTENTION = ("eager", "sdpa")
+# Layer types that keep a recurrent state instead of a key/value cache (Mamba and the hybrids that mix
+# them with attention). transformers >= 5.25 describes Mamba by ``layer_types`` ("linear_attention")
+# and no longer marks such models with ``_is_stateful``.
+RECURRENT_LAYER_TYPES = ("linear_attention", "mamba", "conv", "hybrid", "hybrid_sliding")
 # Decoders that take one prepared mask per layer type: ``if not isinstance(... attention_mask, dict)``.
 _TAKES_MASK_MAPPING = re.compile(r"isinstance\(\s*(?:\w+\s*:=\s*)?attention_mask\s*,\s*dict\s*\)")
 
@@ -99,7 +103,8 @@ def check_model(model, name):
             or getattr(text_config, "model_type", None) in ("bloom", "mpt")):
         raise ValueError(f"tree_speculative does not support ALiBi attention ({name} is {type(model).__name__}): "
                          "its position bias is built from a 2D padding mask, which cannot express a token tree")
-    if getattr(model, "_is_stateful", False):
+    recurrent = set(getattr(text_config, "layer_types", None) or ()) & set(RECURRENT_LAYER_TYPES)
+    if getattr(model, "_is_stateful", False) or recurrent:
         raise ValueError(f"tree_speculative needs attention with a key/value cache it can cut to the accepted path; "
                          f"{name} ({type(model).__name__}) keeps a recurrent state")
     if "position_ids" not in inspect.signature(model.forward).parameters:

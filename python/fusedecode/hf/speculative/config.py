@@ -29,6 +29,10 @@ class TreeConfig:
             drawn i.i.d. from the draft's distribution and verification is SpecInfer's multi-draft
             rejection sampling with the draft probabilities (sibling groups are kept or dropped
             whole, as the i.i.d. assumption requires). Greedy decoding ignores this field.
+        min_prob: drafted nodes whose cumulative draft probability is below this are not sent to the
+            target (top-k trees; multi-draft sibling groups are kept whole). Every node costs target
+            compute, which on a CPU grows with the node count; a node the draft itself gives a few
+            percent is rarely accepted. 0 keeps every node up to ``max_nodes``. Any tree is lossless.
     """
 
     max_depth: int = 6
@@ -38,11 +42,12 @@ class TreeConfig:
     adaptive: bool = True
     min_alpha: float = 1e-4
     sampling: str = "target_only"
+    min_prob: float = 0.0
 
     def __post_init__(self):
         for name in ("max_depth", "top_k", "max_nodes"):
             check_int(f"TreeConfig.{name}", getattr(self, name), 1)
-        for name in ("alpha", "min_alpha"):
+        for name in ("alpha", "min_alpha", "min_prob"):
             check_float(f"TreeConfig.{name}", getattr(self, name), 0.0, 1.0)
         if not isinstance(self.adaptive, bool):
             raise ArgumentTypeError(f"TreeConfig.adaptive must be a bool, got {self.adaptive!r}")

@@ -1,5 +1,6 @@
 """One batch row's draft token tree: grown by the draft, pruned to what the target scores."""
 
+import math
 from typing import List, NamedTuple
 
 
@@ -60,17 +61,20 @@ class DraftTree:
         fed = next((i for i, slot in enumerate(slots) if slot is None), len(slots))
         return slots[:fed]
 
-    def prune(self, max_nodes, whole_groups):
-        """Keep at most ``max_nodes`` drafted nodes, best cumulative log-probability first.
+    def prune(self, max_nodes, whole_groups, min_logprob=-math.inf):
+        """Keep at most ``max_nodes`` drafted nodes, best cumulative log-probability first, and none
+        below ``min_logprob``.
 
         The kept set is closed under parents because a child never beats its parent (ties go to the
         shallower node). ``whole_groups`` trees (multi-draft: i.i.d. sibling groups) were already
         grown within budget and are kept whole.
         """
         drafted = list(range(1, len(self)))
-        if not whole_groups and len(drafted) > max_nodes:
-            drafted.sort(key=lambda i: (-self.cum_logprob[i], self.depths[i], i))
-            drafted = drafted[:max_nodes]
+        if not whole_groups:
+            drafted = [i for i in drafted if self.cum_logprob[i] >= min_logprob]
+            if len(drafted) > max_nodes:
+                drafted.sort(key=lambda i: (-self.cum_logprob[i], self.depths[i], i))
+                drafted = drafted[:max_nodes]
         kept = [0] + sorted(drafted, key=lambda i: (self.depths[i], i))
         new_index = {old: new for new, old in enumerate(kept)}
         parents = [-1] + [new_index[self.parents[old]] for old in kept[1:]]

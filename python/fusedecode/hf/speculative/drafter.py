@@ -17,6 +17,9 @@ class Drafting(NamedTuple):
     multi_draft: bool  # ``top_k`` i.i.d. samples per node (SpecInfer) instead of the top-k tokens
     temperature: float  # the draft's temperature: the sampling temperature, 1 when greedy
     target_vocab: int  # draft distributions are put over the target's vocabulary
+    # End-of-sequence tokens: a drafted one is a leaf (the row stops there, so nothing drafted after
+    # it could be emitted; growing past it only costs draft forwards).
+    stop_tokens: frozenset = frozenset()
 
     def distribution(self, logits):
         """Draft log-probabilities over the target's vocabulary (a draft with a padded or smaller
@@ -158,16 +161,23 @@ class Drafter:
                     tree.add(token, node, logprob)
 
     def _frontier_to_feed(self, tree, depth, alpha):
-        """The nodes of ``depth`` to feed to the draft (the ``top_k`` most probable), or none: the
-        row stops growing when its best branch is below ``alpha`` or cannot make the final cut."""
+        """The nodes of ``depth`` to feed to the draft (the ``top_k`` most probable, end-of-sequence
+        tokens excluded), or none: the row stops growing when its best branch is below ``alpha`` or
+        cannot make the final cut (``max_nodes``, ``min_prob``)."""
         if not tree.growing:
             return []
         config = self.config
-        frontier = sorted(tree.nodes_at(depth), key=lambda i: (-tree.cum_logprob[i], i))[:config.top_k]
+        stop_tokens = self.drafting.stop_tokens
+        candidates = [node for node in tree.nodes_at(depth) if tree.tokens[node] not in stop_tokens]
+        frontier = sorted(candidates, key=lambda i: (-tree.cum_logprob[i], i))[:config.top_k]
         if frontier:
             best = tree.cum_logprob[frontier[0]]
             at_least_as_good = sum(1 for c in tree.cum_logprob[1:] if c >= best)
-            if math.exp(best) < alpha or (not self.drafting.multi_draft and at_least_as_good >= config.max_nodes):
+            # A top-k tree is pruned to its max_nodes best nodes above min_prob: a branch that
+            # cannot make that cut is not worth a draft forward.
+            cannot_make_the_cut = not self.drafting.multi_draft and (at_least_as_good >= config.max_nodes
+                                                                     or math.exp(best) < config.min_prob)
+            if math.exp(best) < alpha or cannot_make_the_cut:
                 frontier = []
         tree.growing = bool(frontier)
         return frontier

@@ -10,8 +10,8 @@ from typing import Optional
 import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .._custom_generate import (TokenStream, check_config, pad_token_id, refuse_unsupported_generation,
-                                sampling_temperature)
+from .._custom_generate import (TokenStream, check_config, eos_token_ids, pad_token_id,
+                                refuse_unsupported_generation, sampling_temperature)
 from ..processors import UncertaintyProcessor
 from .attention import check_model
 from .config import TreeConfig
@@ -85,7 +85,8 @@ def tree_speculative(model, input_ids, logits_processor, stopping_criteria, gene
     do_sample = bool(generation_config.do_sample)
     drafting = Drafting(config, multi_draft=do_sample and config.sampling == "multi_draft",
                         temperature=sampling_temperature(generation_config),
-                        target_vocab=model.get_output_embeddings().weight.shape[0])
+                        target_vocab=model.get_output_embeddings().weight.shape[0],
+                        stop_tokens=eos_token_ids(generation_config))
     drafter = Drafter(SlotCache(draft_model, batch, device, draft_layout), drafting,
                       input_vocab=draft_model.get_input_embeddings().weight.shape[0])
     verifier = Verifier(SlotCache(model, batch, device, target_layout),

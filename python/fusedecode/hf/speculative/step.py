@@ -3,12 +3,13 @@ target scores all of them in one forward pass, ``verify_tree`` walks them in one
 the target's logits, and each row commits what was accepted; both KV caches then keep exactly the
 accepted paths (no re-prefill)."""
 
+import math
 from dataclasses import dataclass, field
 from typing import List, NamedTuple
 
 import torch
 
-from ...tree import tree_attention_mask, tree_position_ids
+from ...tree import tree_attention_mask
 from ...ops.verify_tree import verify_tree
 from .config import next_alpha
 from .draft_tree import branch_depth
@@ -64,16 +65,15 @@ class TreeBatch(NamedTuple):
     @classmethod
     def from_pruned(cls, pruned_trees, root_positions, device):
         nodes = max(len(pruned.tokens) for pruned in pruned_trees)
-        tokens = torch.full((len(pruned_trees), nodes), -1, dtype=torch.long)
-        parents = torch.zeros(len(pruned_trees), nodes, dtype=torch.long)
-        for b, pruned in enumerate(pruned_trees):
-            tokens[b, :len(pruned.tokens)] = torch.tensor(pruned.tokens)
-            parents[b, :len(pruned.parents)] = torch.tensor(pruned.parents)
-        parents[:, 0] = -1
+        # Padding nodes: token -1, parent 0 and a harmless depth 1. Built as lists, then one tensor each.
+        tokens = [pruned.tokens + [-1] * (nodes - len(pruned.tokens)) for pruned in pruned_trees]
+        parent_rows = [pruned.parents + [0] * (nodes - len(pruned.parents)) for pruned in pruned_trees]
+        depths = [pruned.depths + [1] * (nodes - len(pruned.depths)) for pruned in pruned_trees]
+        tokens, parents = torch.tensor(tokens, dtype=torch.long), torch.tensor(parent_rows, dtype=torch.long)
         valid = tokens >= 0
         valid[:, 0] = True
-        positions = tree_position_ids(parents, root_positions)  # padding nodes get a harmless depth 1
-        # Built on the host: the tree helpers validate their input, which on a GPU would cost a sync.
+        positions = torch.as_tensor(root_positions, dtype=torch.long)[:, None] + torch.tensor(depths, dtype=torch.long)
+        # Built on the host: the tree helper validates its input, which on a GPU would cost a sync.
         mask = tree_attention_mask(parents)
         return cls(tokens.to(device), parents.to(device), valid.to(device), positions.to(device), mask.to(device))
 
@@ -174,7 +174,8 @@ class TreeSpeculation:
         root_positions = torch.tensor([row.committed for row in rows]) - 1
         trees, levels = self.drafter.grow([row.pending[-1] for row in rows], root_logits, [row.alpha for row in rows],
                                           root_positions)
-        pruned = [tree.prune(self.config.max_nodes, multi_draft) for tree in trees]
+        floor = math.log(self.config.min_prob) if self.config.min_prob > 0 else -math.inf
+        pruned = [tree.prune(self.config.max_nodes, multi_draft, floor) for tree in trees]
         batch = TreeBatch.from_pruned(pruned, root_positions, rows[0].ids.device)
         logits = self.verifier.score(batch)
         self.row_forwards += sum(not row.finished for row in rows)
