@@ -77,6 +77,29 @@ def git_commit():
     return commit + ("+changes" if changed else "")
 
 
+def load_average():
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def run_meta():
+    """The machine and software of a run, and the load average at its start."""
+    return dict(cpu=cpu_model(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                transformers=transformers.__version__, fusedecode=fusedecode.__version__, commit=git_commit(),
+                load_before=load_average())
+
+
+def write_results(directory, name, title, table, meta, rows):
+    """``<directory>/<name>-<date>.md`` (the table under ``title``) and ``.json`` (meta and rows)."""
+    os.makedirs(directory, exist_ok=True)
+    date = datetime.date.today().isoformat()
+    stem = os.path.join(directory, f"{name}-{date}")
+    with open(stem + ".md", "w") as handle:
+        handle.write(f"# {title} ({date})\n\n" + table + "\n")
+    with open(stem + ".json", "w") as handle:
+        json.dump({"meta": meta, "results": rows}, handle, indent=1)
+    print(f"\nwrote {stem}.md and .json ({meta['wall_seconds']:.0f} s)")
+
+
 def mcnemar_p(fixed, broken):
     """Exact two-sided McNemar p-value: how likely a split at least this uneven of the discordant
     pairs is if SRGen neither helps nor hurts."""
@@ -257,24 +280,14 @@ def main(argv=None):
     problems = arithmetic.evaluation_problems(args.problems)
     seeds = list(range(args.seeds))
     meta = dict(problems=args.problems, seeds=seeds, temperature=args.temperature, batch=args.batch,
-                max_new_tokens=args.max_new_tokens, cpu=cpu_model(), torch_threads=torch.get_num_threads(),
-                torch=torch.__version__, transformers=transformers.__version__, fusedecode=fusedecode.__version__,
-                commit=git_commit(), load_before=" ".join(f"{x:.2f}" for x in os.getloadavg()))
+                max_new_tokens=args.max_new_tokens, **run_meta())
     started = time.perf_counter()
     results = evaluate(model, tokenizer, problems, seeds, args.batch, args.temperature, args.max_new_tokens)
-    meta["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    meta["wall_seconds"] = time.perf_counter() - started
+    meta.update(load_after=load_average(), wall_seconds=time.perf_counter() - started)
     rows = summarise(results, len(problems))
     table = markdown(rows, meta)
     print(table)
-
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"srgen-cpu-{datetime.date.today().isoformat()}")
-    with open(stem + ".md", "w") as handle:
-        handle.write(f"# SRGen evaluation ({datetime.date.today().isoformat()})\n\n" + table + "\n")
-    with open(stem + ".json", "w") as handle:
-        json.dump({"meta": meta, "results": rows}, handle, indent=1)
-    print(f"\nwrote {stem}.md and .json ({meta['wall_seconds']:.0f} s)")
+    write_results(args.out, "srgen-cpu", "SRGen evaluation", table, meta, rows)
     return 0
 
 

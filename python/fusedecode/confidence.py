@@ -17,6 +17,11 @@ high means confident). Over a trace:
 
 Self-certainty Best-of-N (Kang et al., 2025): ``best_of_n``, Borda voting by self-certainty rank.
 
+Reasoning steps (re-exported from ``fusedecode.steps`` and ``fusedecode.reflection``, where their exact
+rules are written): ``cut_steps`` and ``step_statistics`` (per-step count, mean, min and tail of any
+recorded field, the steps cut at delimiter token sequences), and ``insertion_points`` (where the
+reflection insertion rule inserts in a recorded trace).
+
 Each function follows the authors' code (facebookresearch/deepconf: ``deepconf/utils.py``,
 ``deepconf/wrapper.py``; backprop07/Self-Certainty: ``src/voting_from_list.py``), tie-breaking
 included; the docstrings say where. The official DeepConf code rounds token confidences and group
@@ -30,9 +35,13 @@ from numbers import Real
 
 import numpy as np
 
+from .reflection import insertion_points
+from .steps import StepStatistics, cut_steps, step_statistics
+
 __all__ = ["group_confidences", "mean_confidence", "tail_confidence", "bottom_group_confidence",
            "lowest_group_confidence", "confidence_threshold", "filter_top", "weighted_majority_vote",
-           "majority_vote", "deepconf_vote", "best_of_n"]
+           "majority_vote", "deepconf_vote", "best_of_n", "cut_steps", "step_statistics", "StepStatistics",
+           "insertion_points"]
 
 DEEPCONF_WINDOW = 2048  # the paper's group size (tokens)
 

@@ -18,7 +18,8 @@ MODULES = ["fusedecode.hf"] + sorted(info.name for info in pkgutil.walk_packages
 # or an example turned into plain text, would otherwise pass unnoticed).
 WITH_EXAMPLES = {"fusedecode.hf.processors", "fusedecode.hf.speculative.generate", "fusedecode.hf.correction.config",
                  "fusedecode.hf.correction.trigger", "fusedecode.hf.correction.corrector",
-                 "fusedecode.hf.correction.generate", "fusedecode.hf.scoring", "fusedecode.hf.deepconf"}
+                 "fusedecode.hf.correction.generate", "fusedecode.hf.scoring", "fusedecode.hf.deepconf",
+                 "fusedecode.hf.reflection"}
 
 
 def test_every_module_with_examples_is_walked():

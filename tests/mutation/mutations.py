@@ -46,6 +46,7 @@ STEP = "python/fusedecode/hf/speculative/step.py"
 SPEC_CONFIG = "python/fusedecode/hf/speculative/config.py"
 ATTENTION = "python/fusedecode/hf/speculative/attention.py"
 TRIGGER = "python/fusedecode/hf/correction/trigger.py"
+TRIGGERS = "python/fusedecode/triggers.py"
 PROCESSORS = "python/fusedecode/hf/processors.py"
 CONFIDENCE = "python/fusedecode/confidence.py"
 VALIDATION = "python/fusedecode/_validation.py"
@@ -53,6 +54,10 @@ TILED_HEAD = "python/fusedecode/ops/_tiled_head.py"
 HEAD_TRANSFORM = "python/fusedecode/head_transform.py"
 LINEAR_CE = "python/fusedecode/ops/linear_ce.py"
 SCORING = "python/fusedecode/hf/scoring.py"
+STEPS = "python/fusedecode/steps.py"
+REFLECTION = "python/fusedecode/reflection.py"
+HF_REFLECTION = "python/fusedecode/hf/reflection.py"
+SRGEN_LOOP = "python/fusedecode/hf/correction/generate.py"
 
 NOT_TRITON = (REFERENCE, STATS_STATE, TREE_WALK, LOGIT_STATS_CPU, VERIFY_TREE_CPU)
 
@@ -66,6 +71,8 @@ T_API = "tests/test_api.py"
 T_LLS = "tests/ops/linear_logit_stats/test_linear_logit_stats.py"
 T_LCE = "tests/ops/linear_ce/test_linear_ce.py"
 T_SCORE = "tests/hf/test_score.py"
+T_STEPS = "tests/test_steps.py"
+T_HF_REFLECTION = "tests/hf/test_reflection.py"
 LOGIT_STATS_CUH = "csrc/include/fusedecode/logit_stats.cuh"
 VERIFY_TREE_CUH = "csrc/include/fusedecode/verify_tree.cuh"
 T_EMU_STATS = "tests/cuda_emulation/test_emulated_logit_stats.py"
@@ -185,8 +192,8 @@ MUTATIONS = [
     M("greedy-verified-by-sampling", STEP, "temperature=1.0 if self.do_sample else 0.0", "temperature=1.0", T_SPEC,
       "greedy generation verified by sampling"),
     # ---- SRGen trigger ------------------------------------------------------------------------------
-    M("trigger-one-step-late", TRIGGER, "torch.where(self.count >= config.window, threshold,",
-      "torch.where(self.count > config.window, threshold,", "tests/hf/test_srgen.py",
+    M("trigger-one-step-late", TRIGGERS, "torch.where(state.count >= rule.window, threshold, warmup)",
+      "torch.where(state.count > rule.window, threshold, warmup)", "tests/hf/test_srgen.py",
       "the adaptive threshold starts one step after the window is full"),
     M("trigger-one-correction-too-many", TRIGGER, "(self.corrections < config.max_corrections)",
       "(self.corrections <= config.max_corrections)", "tests/hf/test_srgen.py",
@@ -270,6 +277,38 @@ MUTATIONS = [
       "attention_mask.long().cumsum(-1)", T_SCORE, "positions counted from 1 (absolute-position models drift)"),
     M("score-only-next-token-masked", SCORING, "valid = real[:, 1:] & real[:, :-1]", "valid = real[:, 1:]", T_SCORE,
       "a position whose own token is (left) padding is scored"),
+    # ---- reasoning steps and reflection insertion ------------------------------------------------------
+    M("steps-delimiter-straddles-boundary", STEPS,
+      "ends = (matches & (table.lengths <= length.unsqueeze(1))).any(dim=1)", "ends = matches.any(dim=1)",
+      f"{T_STEPS} {T_HF_REFLECTION}", "a delimiter occurrence that starts in the previous step (or the prompt) ends a step"),
+    M("steps-tail-summed-newest-first", STEPS, "for age in range(tail - 1, -1, -1):", "for age in range(tail):",
+      T_STEPS, "the online tail is summed in another order than offline (not bit for bit equal)"),
+    M("steps-min-ignores-nan", STEPS, "torch.where(keep, torch.minimum(state.minimum, values), state.minimum)",
+      "torch.where(keep, torch.fmin(state.minimum, values), state.minimum)", T_STEPS,
+      "the online step minimum skips NaN instead of giving NaN"),
+    M("steps-last-step-never-terminated", PROCESSORS,
+      "last_ends = count > 0 and bool(index[row, count] != index[row, count - 1])", "last_ends = False",
+      T_HF_REFLECTION, "UncertaintyProcessor.steps never marks a row's last step as ended by a delimiter"),
+    M("steps-prompt-token-ingested", PROCESSORS,
+      "            self._cutter = new_cutter(input_ids.shape[0], table, input_ids.device)\n",
+      "            self._cutter, _ = cut_step(table, new_cutter(input_ids.shape[0], table, input_ids.device), "
+      "input_ids[:, -1])\n", T_HF_REFLECTION, "the prompt's last token counts as the first step's"),
+    M("reflect-retests-inserted-step", REFLECTION, "tested = ended & ~state.step_inserted & (state.forcing < 0)",
+      "tested = ended & (state.forcing < 0)", T_STEPS, "a step holding inserted tokens is tested at its end"),
+    M("reflect-tests-first-token", REFLECTION, "tested = rows & free & (state.position >= 1)",
+      "tested = rows & free & (state.position >= 0)", T_STEPS, "SRGen's rule tests the prompt's token"),
+    M("reflect-one-insertion-too-many", REFLECTION,
+      "fire = fire & (state.insertions < rules.config.max_insertions)",
+      "fire = fire & (state.insertions <= rules.config.max_insertions)", T_STEPS, "max_insertions + 1 insertions"),
+    M("reflect-inserts-at-the-delimiter", REFLECTION,
+      "state = _start_insertions(rules, state, fire, trigger, value, threshold, next_position)",
+      "state = _start_insertions(rules, state, fire, trigger, value, threshold, state.position)", T_STEPS,
+      "a step-triggered insertion is recorded at the delimiter's position instead of the next"),
+    M("reflect-ended-rows-tested", HF_REFLECTION, "        self._ended = self._ended | torch.isin(token, self._eos)\n",
+      "", T_HF_REFLECTION, "rows that emitted EOS keep being tested and recorded"),
+    M("reflect-srgen-corrects-inserted", SRGEN_LOOP,
+      "            active = active & ~_inserted_rows(choice.logits_processor, active)", "            pass",
+      T_HF_REFLECTION, "srgen corrects a step whose token the insertion forces"),
     # The CUDA kernels, executed on the CPU by the emulator of tests/cuda_emulation.
     M("cuda-one-slice-state-unwritten", LOGIT_STATS_CUH, "if (p.splits == 1 && p.partial_states != nullptr) {",
       "if (false) {", f"{T_EMU_VERIFY} -k sample",

@@ -4,6 +4,9 @@
   self-certainty, ... for every row at every step (one fused op per step, no ``[B, V]`` history).
 - ``ConfidenceStopping``: DeepConf's online early stop on the sliding mean of top-k confidence (the
   stopping step emits EOS).
+- ``ReflectionInsertion``: inserts a token sequence (a self-reflection prompt) where a trigger fires
+  (SRGen's entropy rule, or a step measure at a step's end; ``fusedecode.reflection``), a logits
+  processor + stopping criteria pair for plain ``generate`` and ``srgen``.
 - DeepConf's trace measures, threshold calibration and votes (``lowest_group_confidence``,
   ``confidence_threshold``, ``deepconf_vote``, ...) and ``best_of_n`` (Borda voting with
   self-certainty, Kang et al.): from the transformers-free ``fusedecode.confidence``, re-exported.
@@ -33,6 +36,7 @@ from ..confidence import (best_of_n, bottom_group_confidence, confidence_thresho
 from .correction import SRGenConfig, SRGenOutput, srgen
 from .deepconf import DeepConfOutput, deepconf_generate
 from .processors import ConfidenceStopping, ConfidenceStopProcessor, UncertaintyProcessor
+from .reflection import ReflectionInsertion, ReflectionProcessor
 from .scoring import score
 from .speculative import TreeConfig, TreeSpeculativeOutput, tree_speculative
 
@@ -52,7 +56,8 @@ def bundled_model_path(name="target"):
     return path
 
 
-__all__ = ["UncertaintyProcessor", "ConfidenceStopping", "ConfidenceStopProcessor", "best_of_n", "group_confidences",
+__all__ = ["UncertaintyProcessor", "ConfidenceStopping", "ConfidenceStopProcessor", "ReflectionInsertion",
+           "ReflectionProcessor", "best_of_n", "group_confidences",
            "mean_confidence", "tail_confidence", "bottom_group_confidence", "lowest_group_confidence",
            "confidence_threshold", "filter_top", "weighted_majority_vote", "majority_vote", "deepconf_vote",
            "bundled_model_path", "TreeConfig", "TreeSpeculativeOutput", "tree_speculative", "SRGenConfig",

@@ -15,6 +15,8 @@ from transformers import LogitsProcessor, StoppingCriteria
 
 from .. import logit_stats
 from ..ops.logit_stats import float_outputs
+from ..steps import DEFAULT_TAIL, DelimiterTable, check_delimiters, cut_step, new_cutter, spans_from_step_indices, \
+    statistics_of_spans
 from .._validation import MAX_TOPK, check_float, check_int, check_temperature, is_real_number
 
 # The recorded histories: every float output of logit_stats that needs no argument, plus those that
@@ -40,9 +42,15 @@ class UncertaintyProcessor(LogitsProcessor):
         temperature: divides the scores before the statistics (use the sampling temperature to
             measure the distribution tokens are drawn from, as SRGen does).
         topk: if > 0, also record DeepConf's ``topk_confidence`` over the k most likely tokens.
+        delimiters: if given, also cut each row into reasoning steps at these token sequences
+            (``fusedecode.steps``: a list of token ids or token-id sequences; a delimiter's tokens end
+            the step they complete) as the tokens arrive, on the device: ``step_index`` and
+            ``steps(...)``.
 
     Attributes (``[B, steps]`` float32 tensors on the scores' device): ``entropy``, ``varentropy``,
-    ``self_certainty``, ``logsumexp``, ``max_logprob``, and ``topk_confidence`` when ``topk > 0``.
+    ``self_certainty``, ``logsumexp``, ``max_logprob``, and ``topk_confidence`` when ``topk > 0``;
+    with ``delimiters``, ``step_index`` (``[B, steps]`` int64: the step each generated token
+    belongs to, 0 for the first).
 
     A new ``generate`` call or ``reset()`` starts a fresh history. (A call is recognised as new when
     its prompt is not exactly one token longer than the last step seen, or the batch size differs;
@@ -61,10 +69,12 @@ class UncertaintyProcessor(LogitsProcessor):
         True
     """
 
-    def __init__(self, temperature=1.0, topk=0):
+    def __init__(self, temperature=1.0, topk=0, delimiters=None):
         check_temperature(temperature)
         self.temperature = float(temperature)
         self.topk = check_int("topk", topk, 0, MAX_TOPK)
+        self.delimiters = None if delimiters is None else check_delimiters(delimiters)
+        self._delimiter_table = None
         self.reset()
 
     def reset(self):
@@ -73,6 +83,7 @@ class UncertaintyProcessor(LogitsProcessor):
         self._stacked = {}
         self._next_length = None
         self._batch = None
+        self._cutter = None
         self.prompt_length = None
 
     def __call__(self, input_ids, scores):
@@ -84,8 +95,25 @@ class UncertaintyProcessor(LogitsProcessor):
         stats = logit_stats(scores, temperature=self.temperature, topk=self.topk)
         for field in self._fields():
             self._steps[field].append(getattr(stats, field))
+        if self.delimiters is not None:
+            self._steps["step_index"].append(self._cut_steps(input_ids, scores.shape[-1]))
         self._stacked = {}
         return scores
+
+    def _cut_steps(self, input_ids, vocab):
+        """``[B]`` the step of the token about to be drawn: the token before it (none at the first
+        step, the prompt's last) is added to the row's current step, which it may end."""
+        if self._cutter is None:
+            table = self._delimiter_table
+            if table is None or table.tokens.device != input_ids.device:
+                largest = max(max(d) for d in self.delimiters)
+                if largest >= vocab:
+                    raise ValueError(f"delimiters hold token {largest}, outside the vocabulary ({vocab} tokens)")
+                table = self._delimiter_table = DelimiterTable.build(self.delimiters, input_ids.device)
+            self._cutter = new_cutter(input_ids.shape[0], table, input_ids.device)
+        else:
+            self._cutter, _ = cut_step(self._delimiter_table, self._cutter, input_ids[:, -1])
+        return self._cutter.index
 
     def _fields(self):
         return FIELDS + TOPK_FIELDS if self.topk else FIELDS
@@ -98,7 +126,9 @@ class UncertaintyProcessor(LogitsProcessor):
         """``[B, steps]`` tensor of one recorded field (stacked once, then cached)."""
         if field in TOPK_FIELDS and not self.topk:
             raise AttributeError(f"{field} is recorded only with topk > 0")
-        if field not in FIELDS + TOPK_FIELDS:
+        if field == "step_index" and self.delimiters is None:
+            raise AttributeError("step_index is recorded only with delimiters")
+        if field not in FIELDS + TOPK_FIELDS + ("step_index",):
             raise AttributeError(field)
         if field not in self._stacked:
             steps = self._steps.get(field)
@@ -108,7 +138,7 @@ class UncertaintyProcessor(LogitsProcessor):
         return self._stacked[field]
 
     def __getattr__(self, name):
-        if name in FIELDS + TOPK_FIELDS:
+        if name in FIELDS + TOPK_FIELDS + ("step_index",):
             return self.history(name)
         raise AttributeError(name)
 
@@ -133,6 +163,34 @@ class UncertaintyProcessor(LogitsProcessor):
         mask = self.token_mask(sequences, eos_token_id).cpu()
         values = self.history(field)[:, :mask.shape[1]].float().cpu()
         return [values[row][mask[row]] for row in range(values.shape[0])]
+
+    def steps(self, field, sequences, eos_token_id=None, *, tail=DEFAULT_TAIL):
+        """Each row's per-step measures of ``field`` over its real generated tokens (see
+        ``token_mask``): a list of ``fusedecode.steps.StepStatistics`` (count, mean, min, tail, ...),
+        equal to ``fusedecode.confidence.step_statistics`` of the row's ``traces(field, ...)`` and
+        generated tokens. Needs ``delimiters``; ``sequences`` is what ``generate`` returned."""
+        if self.delimiters is None:
+            raise ValueError("steps need delimiters: create the processor with UncertaintyProcessor(delimiters=...)")
+        steps = self.num_steps
+        if sequences.dim() != 2 or sequences.shape[0] != (self._batch or 0) or \
+                sequences.shape[1] != (self.prompt_length or 0) + steps:
+            raise ValueError(f"sequences must be the [B, prompt + steps] = [{self._batch}, "
+                             f"{(self.prompt_length or 0) + steps}] output of the last generate call, "
+                             f"got {tuple(sequences.shape)}")
+        values = self.traces(field, sequences, eos_token_id)
+        if not steps:
+            return [statistics_of_spans(row, spans_from_step_indices(torch.zeros(0), False), tail) for row in values]
+        index = self.history("step_index")
+        # Whether the last token ends its step: the cutter has seen every token but that one.
+        _, last_ends = cut_step(self._delimiter_table, self._cutter, sequences[:, -1].to(index.device))
+        index = torch.cat([index, (index[:, -1] + last_ends.long()).unsqueeze(1)], dim=1).cpu()
+        result = []
+        for row, row_values in enumerate(values):
+            count = row_values.shape[0]
+            last_ends = count > 0 and bool(index[row, count] != index[row, count - 1])
+            spans = spans_from_step_indices(index[row, :count], last_ends)
+            result.append(statistics_of_spans(row_values, spans, tail))
+        return result
 
     def sequence_self_certainty(self, sequences, eos_token_id=None):
         """Mean self-certainty of each sequence over its real generated tokens: ``[B]``.

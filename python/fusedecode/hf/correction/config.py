@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..._validation import check_float, check_int
+from ...triggers import SRGenTrigger
 
 
 @dataclass
@@ -65,11 +66,7 @@ class SRGenConfig:
     context_window: Optional[int] = None
 
     def __post_init__(self):
-        check_int("window", self.window, 2)  # an unbiased std needs two entries
-        check_float("k", self.k)
-        check_float("min_std", self.min_std, low=0.0)
-        check_float("min_threshold", self.min_threshold, allow_infinite=True)
-        check_float("warmup_threshold", self.warmup_threshold, allow_infinite=True)
+        self.trigger  # validates the trigger's settings
         check_int("steps", self.steps, 1)
         check_float("lr", self.lr, low=0.0)
         if self.lr == 0:
@@ -78,3 +75,8 @@ class SRGenConfig:
         check_int("max_corrections", self.max_corrections, 0)
         if self.context_window is not None:
             check_int("context_window", self.context_window, 1)
+
+    @property
+    def trigger(self):
+        """The trigger's settings, an ``SRGenTrigger`` (the rule shared with the reflection insertion)."""
+        return SRGenTrigger(self.window, self.k, self.min_std, self.min_threshold, self.warmup_threshold)

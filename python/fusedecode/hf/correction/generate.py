@@ -10,6 +10,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from .._custom_generate import (TokenStream, check_config, deprecated_streamer_keyword, pad_token_id,
                                 refuse_encoder_decoder, refuse_unsupported_generation, sampling_temperature)
 from .._transformers_compat import cache_is_filled, find_cache, output_cache_field, slices_by_next_sequence_length
+from ..reflection import ReflectionProcessor
 from .config import SRGenConfig
 from .corrector import Corrector
 from .output_head import FinalHiddenCapture, read_output_head
@@ -95,13 +96,17 @@ def _decode_loop(model, input_ids, model_kwargs, choice, corrector, record, stre
     forward = ForwardPass(model, record)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     while True:
+        prefill = forward.is_prefill
         outputs = forward(input_ids, model_kwargs)
         attention_mask = model_kwargs.get("attention_mask")  # the context's, before this step's token
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
         logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
-        corrector.step(input_ids, attention_mask, logits, unfinished.bool())
+        active = unfinished.bool()
+        if not prefill:
+            active = active & ~_inserted_rows(choice.logits_processor, active)
+        corrector.step(input_ids, attention_mask, logits, active)
         scores = choice.scores(input_ids, logits)
         record.add(scores, logits, outputs)
         next_tokens = choice.tokens(scores, unfinished)
@@ -111,6 +116,19 @@ def _decode_loop(model, input_ids, model_kwargs, choice, corrector, record, stre
         del outputs
         if unfinished.max() == 0:
             return input_ids, model_kwargs
+
+
+def _inserted_rows(logits_processor, active):
+    """``[B]`` bool: rows whose token at this step a ``ReflectionInsertion`` forces (SRGen neither tests
+    nor corrects them, as the insertion rule does not test inserted tokens), as far as known before
+    the processors run."""
+    inserted = torch.zeros_like(active)
+    for processor in logits_processor:
+        if isinstance(processor, ReflectionProcessor):
+            rows = processor.forcing_rows()
+            if rows is not None:
+                inserted = inserted | rows
+    return inserted
 
 
 class ForwardPass:

@@ -1,6 +1,9 @@
-"""``EntropyTrigger``: which rows SRGen corrects at each step, by the rule of the authors' code."""
+"""``EntropyTrigger``: which rows SRGen corrects at each step, by the rule of the authors' code (the
+rule itself is in ``fusedecode.triggers``, shared with the reflection insertion)."""
 
 import torch
+
+from ...triggers import new_entropy_window, record_entropies, srgen_thresholds
 
 
 class EntropyTrigger:
@@ -8,9 +11,8 @@ class EntropyTrigger:
 
     ``update`` is called once per generated step, the first call being the step of the prompt's
     forward pass (never tested nor recorded). The last ``window`` entropies of each row live in a ring
-    buffer; mean and std are taken only once it is full, so the ring order never matters.
-    ``threshold`` holds each row's threshold at the last ``update`` and ``corrections`` how many
-    triggers each row has been granted.
+    buffer (``fusedecode.triggers.EntropyWindow``). ``threshold`` holds each row's threshold at the
+    last ``update`` and ``corrections`` how many triggers each row has been granted.
 
     Example::
 
@@ -26,9 +28,8 @@ class EntropyTrigger:
     """
 
     def __init__(self, config, batch_size, device):
-        self.config = config
-        self.history = torch.zeros(batch_size, config.window, dtype=torch.float32, device=device)
-        self.count = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.config, self.rule = config, config.trigger
+        self.window = new_entropy_window(batch_size, config.window, device)
         self.corrections = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.threshold = torch.full((batch_size,), config.warmup_threshold, device=device)
         self.seen_prompt_step = False
@@ -42,18 +43,8 @@ class EntropyTrigger:
             self.seen_prompt_step = True
             return torch.zeros_like(active)
         entropy = entropy.float()
-        self.threshold = self._threshold()
-        slot = (self.count % config.window).unsqueeze(1)
-        written = self.history.scatter(1, slot, entropy.unsqueeze(1))
-        self.history = torch.where(active.unsqueeze(1), written, self.history)
-        self.count = self.count + active.long()
+        self.threshold = srgen_thresholds(self.window, self.rule)
+        self.window = record_entropies(self.window, entropy, active)
         correct = active & (entropy > self.threshold) & (self.corrections < config.max_corrections)
         self.corrections = self.corrections + correct.long()
         return correct
-
-    def _threshold(self):
-        """Each row's threshold from the entropies recorded so far (the current one not yet)."""
-        config = self.config
-        spread = self.history.std(dim=1).clamp(min=config.min_std)
-        threshold = (self.history.mean(dim=1) + config.k * spread).clamp(min=config.min_threshold)
-        return torch.where(self.count >= config.window, threshold, torch.full_like(threshold, config.warmup_threshold))
