@@ -186,7 +186,7 @@ def test_deepconf_stop_forces_eos_and_waits_for_masked_eos():
         batch.step()
     batch.step(removed=[0])
     by_uid, _, _ = batch.records()
-    confidence = by_uid[0]["topk_confidence"].astype(np.float64)
+    confidence = by_uid[min(by_uid)]["topk_confidence"].astype(np.float64)
     means = np.convolve(confidence, np.ones(window) / window, "valid")  # mean ending at position p + window - 1
     threshold = float(np.sort(means)[len(means) // 2]) + 1e-4
     first = window - 1 + int(np.flatnonzero(means < threshold)[0])
