@@ -353,15 +353,17 @@ def test_reflection_with_deepconf_stop_and_statistics_only_neighbours(collector)
     assert check(runner, collector, plain_key, plain)
 
 
-def test_reflection_refused_with_speculative_rows_and_outside_the_vocabulary(collector):
+def test_reflection_refused_with_speculative_rows_outside_the_vocabulary_and_with_eos(collector):
     for runner, config in ((Runner(recorder_factory(spec_tokens=2), max_num_reqs=1, spec_tokens=2),
                             reflection_config("step")),
                            (Runner(recorder_factory(), max_num_reqs=1),
-                            ReflectionConfig([VOCAB], StepTrigger(threshold=0.0), delimiters=[3]))):
+                            ReflectionConfig([VOCAB], StepTrigger(threshold=0.0), delimiters=[3])),
+                           (Runner(recorder_factory(), max_num_reqs=1),
+                            ReflectionConfig([11, EOS], StepTrigger(threshold=0.0), delimiters=[3]))):
         key, = collector.open_keys(1)
         request = Request("v", reflecting(collector, key, config, max_tokens=6), [1])
         run_to_end(runner, [request])
-        with pytest.raises(RuntimeError, match="speculative decoding|outside the vocabulary"):
+        with pytest.raises(RuntimeError, match="speculative decoding|outside the vocabulary|end the request"):
             collector.take(key, [request.output], timeout=5)
         assert PHRASE[0] not in request.output, "a refused request runs without insertion"
         collector.release([key])

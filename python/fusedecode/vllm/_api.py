@@ -182,6 +182,11 @@ def _check_reflection(llm, reflection, topk, stops):
         raise ValueError(f"reflection holds token {largest}, outside the model's vocabulary ({vocab} tokens)")
     if "topk_confidence" in reflection.fields and not topk and all(stop is None for stop in stops):
         raise ValueError("reflection measures topk_confidence: give topk >= 1")
+    if "token_logprob" in reflection.fields:
+        raise ValueError("reflection measures token_logprob, which is not known before the token is drawn")
+    ending = {llm.get_tokenizer().eos_token_id} & set(reflection.tokens)
+    if ending:
+        raise ValueError(f"reflection.tokens holds the EOS id {sorted(ending)}: an inserted EOS would end the completion")
 
 
 def generate(llm, prompts, sampling_params=None, *, temperature=None, topk=0, confidence_stop=None,

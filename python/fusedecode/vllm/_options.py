@@ -199,6 +199,9 @@ def parse_options(extra_args, sampling_temperature=1.0, ignore_eos=False, stop_t
         topk = check_topk(f"extra_args {TOPK}", extra_args.get(TOPK, 0))
 
     reflection = parse_reflection(extra_args[REFLECTION]) if extra_args.get(REFLECTION) is not None else None
+    if reflection is not None and "token_logprob" in reflection.fields:
+        raise ValueError(f"extra_args {REFLECTION}: a trigger measures token_logprob, which is not known before the "
+                         "token is drawn")
     if reflection is not None and "topk_confidence" in reflection.fields and not topk:
         raise ValueError(f"extra_args {REFLECTION}: a trigger measures topk_confidence, which needs "
                          f"extra_args {TOPK} >= 1")

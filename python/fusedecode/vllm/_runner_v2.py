@@ -112,7 +112,7 @@ class ModelRunnerV2Recorder:
         if previous is not None:
             self._leaving.append(previous)
         self._set_table(slot, 0)
-        options = self._reflection_checked(admitted_options(params))
+        options = self._reflection_checked(admitted_options(params), params)
         if options is None:
             return False
         prompt_len = int(self.req_states.prompt_len.np[slot])
@@ -123,17 +123,22 @@ class ModelRunnerV2Recorder:
             self._bind(slot, self._new_trace(slot, options, params, prompt_len, 0))
         return True
 
-    def _reflection_checked(self, options):
+    def _reflection_checked(self, options, params):
         """``options``, without reflection insertion (and its caller told why) where this engine cannot
-        run it: speculative rows, or tokens outside the vocabulary."""
+        run it: speculative rows, tokens outside the vocabulary, an inserted token that ends the
+        request."""
         config = options.reflection if options is not None else None
         if config is None:
             return options
         reason = REFLECTION_WITH_DRAFTS if self.spare_rows > 1 else None
         largest = max(config.tokens + sum(config.delimiters or (), ()))
         vocab = getattr(self.req_states, "vocab_size", None)
+        ending = {params.eos_token_id, *(params.stop_token_ids or ())} & set(config.tokens)
         if reason is None and vocab is not None and largest >= vocab:
             reason = f"extra_args {REFLECTION} holds token {largest}, outside the vocabulary ({vocab} tokens)"
+        elif reason is None and ending:
+            reason = (f"extra_args {REFLECTION}: the inserted tokens hold {sorted(ending)}, which end the request "
+                      "(EOS or a stop token)")
         if reason is None:
             return options
         self.core.outboxes.refuse(options, reason)
