@@ -93,7 +93,7 @@ def reflection_extra(config):
 
         >>> from fusedecode.triggers import StepTrigger
         >>> config = ReflectionConfig([8, 9], StepTrigger(threshold=1.0), delimiters=[5])
-        >>> reflection_extra(config)[:36]
+        >>> reflection_extra(config)[:35]
         '{"tokens":[8,9],"max_insertions":1,'
         >>> parse_reflection(reflection_extra(config)) == config
         True
