@@ -17,18 +17,11 @@ import torch
 import fusedecode
 from fusedecode import tree as fdtree
 from fusedecode.reference import logit_stats_reference
-from helpers import BACKEND_CASES, assert_close_to_reference, require_backend
+from helpers import assert_close_to_reference, require_backend
 
 F32 = torch.finfo(torch.float32)
 F16 = torch.finfo(torch.float16)
 BF16 = torch.finfo(torch.bfloat16)
-
-
-@pytest.fixture(params=BACKEND_CASES)
-def target(request):
-    device, backend = request.param
-    require_backend(device, backend)
-    return device, backend
 
 
 def to_device(value, device):

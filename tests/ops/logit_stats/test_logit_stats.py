@@ -7,16 +7,9 @@ import pytest
 import torch
 
 import fusedecode
-from helpers import BACKEND_CASES, poison, random_logits, require_backend, run_and_check
+from helpers import poison, random_logits, run_and_check
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(params=BACKEND_CASES)
-def target(request):
-    device, backend = request.param
-    require_backend(device, backend)
-    return device, backend
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])

@@ -12,7 +12,6 @@ import torch
 import fusedecode
 from distribution import (ALPHA, POWER, TV_ERROR, assert_distributed_as, assert_powerful, chi_square_critical,
                           chi_square_p_value, detectable_tv, noncentral_power, required_draws)
-from helpers import BACKEND_CASES, require_backend
 
 VOCAB = 4
 TARGET = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)  # splits into halves: the worst case
@@ -69,13 +68,6 @@ def first_two_tokens(out, generator):
     following = torch.stack([target_after(t) for t in range(VOCAB)])[first[stopped]]
     second[stopped] = torch.multinomial(following, 1, generator=generator)[:, 0]
     return first, second
-
-
-@pytest.fixture(params=BACKEND_CASES)
-def target(request):
-    device, backend = request.param
-    require_backend(device, backend)
-    return device, backend
 
 
 def test_the_sizes_have_the_stated_power():

@@ -9,14 +9,7 @@ import torch
 
 import fusedecode
 from fusedecode.tree import tree_from_paths
-from helpers import BACKEND_CASES, assert_close_to_reference, require_backend
-
-
-@pytest.fixture(params=BACKEND_CASES)
-def target(request):
-    device, backend = request.param
-    require_backend(device, backend)
-    return device, backend
+from helpers import assert_close_to_reference
 
 
 def interpreted(target):
