@@ -18,6 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from helpers import BACKEND_CASES, require_backend  # noqa: E402  (needs the path above)
 
+# Scripts and shared modules the tests run or import, never test modules themselves.
+collect_ignore = ["support"]
+
 _SEED = int(os.environ.get("FUSEDECODE_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
 

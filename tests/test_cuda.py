@@ -196,7 +196,7 @@ def test_temperature_outside_float32_in_graph_gives_nan(backend, generator):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_verify_tree_invalid_input_in_graph(backend, generator):
     # validate=False under capture: out-of-range draft tokens and parents stay memory-safe and are
-    # never accepted (compute-sanitizer runs tests/memcheck_invalid_inputs.py for the reads).
+    # never accepted (compute-sanitizer runs tests/support/memcheck_invalid_inputs.py for the reads).
     need(backend)
     vocab = 50
     logits = torch.full((2, 4, vocab), -5.0, device="cuda")

@@ -1,5 +1,5 @@
 """verify_tree's sampling is lossless, tested with the power to see a 2% total-variation error
-(tests/distribution.py has the calculation): the first emitted token, and the pair of the first two,
+(tests/support/distribution.py has the calculation): the first emitted token, and the pair of the first two,
 follow the target, for target-only and multi-draft (SpecInfer) verification on every backend.
 
 The draft disagrees strongly with the target (q is p reversed), so a wrong residual, a draft row of
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import fusedecode
-from distribution import (ALPHA, POWER, TV_ERROR, assert_distributed_as, assert_powerful, chi_square_critical,
-                          chi_square_p_value, detectable_tv, noncentral_power, required_draws)
+from support.distribution import (ALPHA, POWER, TV_ERROR, assert_distributed_as, assert_powerful, chi_square_critical,
+                                  chi_square_p_value, detectable_tv, noncentral_power, required_draws)
 
 VOCAB = 4
 TARGET = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)  # splits into halves: the worst case
