@@ -14,7 +14,7 @@ import torch
 
 import fusedecode
 from helpers import assert_close_to_reference
-from test_adversarial import LOGIT_CASES
+from support.adversarial_rows import LOGIT_CASES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILER = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")

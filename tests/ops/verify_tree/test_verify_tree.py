@@ -9,13 +9,7 @@ import torch
 
 import fusedecode
 from fusedecode.tree import tree_from_paths
-from helpers import assert_close_to_reference
-
-
-def interpreted(target):
-    """The Triton interpreter runs every program in Python: statistical tests use fewer trees there
-    (weaker, still valid); compiled backends get the full sample."""
-    return tuple(target) == ("cpu", "triton")
+from helpers import assert_close_to_reference, chi_square_pvalue, interpreted
 
 
 def verify(target, logits, tokens, parents, **kwargs):
@@ -211,31 +205,6 @@ def test_greedy_is_lossless(target, generator):
 
 # ------------------------------------------------------------------------------------------------
 # Sampling: the emitted sequence follows the target (chi-square on the first two tokens)
-
-def chi_square_pvalue(counts, expected_probs):
-    counts = counts.double()
-    total = counts.sum()
-    expected = expected_probs.double() * total
-    keep = expected > 0
-    assert counts[~keep].sum() == 0, "samples of zero-probability outcomes"
-    # Pool small cells so the chi-square approximation holds.
-    order = torch.argsort(expected[keep])
-    exp_sorted, obs_sorted = expected[keep][order], counts[keep][order]
-    pooled_e, pooled_o, acc_e, acc_o = [], [], 0.0, 0.0
-    for e, o in zip(exp_sorted.tolist(), obs_sorted.tolist()):
-        acc_e, acc_o = acc_e + e, acc_o + o
-        if acc_e >= 5:
-            pooled_e.append(acc_e)
-            pooled_o.append(acc_o)
-            acc_e = acc_o = 0.0
-    if acc_e > 0 and pooled_e:
-        pooled_e[-1] += acc_e
-        pooled_o[-1] += acc_o
-    e, o = torch.tensor(pooled_e), torch.tensor(pooled_o)
-    stat = float(((o - e) ** 2 / e).sum())
-    dof = max(len(pooled_e) - 1, 1)
-    return float(torch.special.gammaincc(torch.tensor(dof / 2.0), torch.tensor(stat / 2.0)))
-
 
 def build_sampling_batch(model, draft, temperature, batch, generator, children_per_node=(3, 2)):
     """Trees drafted i.i.d. from the draft model: root gets k1 children, each of them k2 children."""
