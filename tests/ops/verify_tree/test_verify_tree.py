@@ -31,7 +31,7 @@ def peaked_logits(argmaxes, vocab, dtype=torch.float32):
 # ------------------------------------------------------------------------------------------------
 # Hand-built fixtures (greedy)
 
-def test_chain(target):
+def test_chain_accepts_the_matching_prefix_and_emits_the_targets_token(target):
     # Root 0 -> 1 -> 2 -> 3 (tokens 5, 6, 7); the target wants 5, 6, then 9: two accepted, emit 9.
     tokens = torch.tensor([[0, 5, 6, 7]])
     parents = torch.tensor([-1, 0, 1, 2])
@@ -363,7 +363,7 @@ GOOD = dict(logits=torch.zeros(2, 3, 10), tokens=torch.zeros(2, 3, dtype=torch.i
     (dict(seed=torch.tensor([1, 2, 3])), "seed"),
     (dict(seed=torch.tensor(1, dtype=torch.int32)), "seed"),
 ])
-def test_validation_errors(change, match):
+def test_invalid_arguments_raise_value_error_naming_them(change, match):
     args = dict(GOOD)
     args.update(change)
     kwargs = {k: args.pop(k) for k in ("temperature", "draft_probs", "seed") if k in args}
