@@ -1,4 +1,5 @@
-"""Every Triton kernel compiles for sm_80 and sm_90 on this (GPU-less) machine (DESIGN section 8)."""
+"""Every Triton kernel compiles for sm_80 and sm_90 on this (GPU-less) machine
+(docs/backends.md#testing-without-a-gpu, point 2; the compile itself: tests/support/aot_compile_triton.py)."""
 
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""logit_stats on every backend against the float64 torch reference (DESIGN section 3)."""
+"""logit_stats on every backend against the float64 torch reference (docs/semantics.md#logit_stats)."""
 
 import math
 import warnings

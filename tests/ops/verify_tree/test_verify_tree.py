@@ -1,4 +1,4 @@
-"""verify_tree (DESIGN section 4) on every backend: fixtures, brute force, losslessness, statistics."""
+"""verify_tree (docs/semantics.md#verify_tree) on every backend: fixtures, brute force, losslessness, statistics."""
 
 import hashlib
 import math
