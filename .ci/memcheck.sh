@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Memory check of the cpp backend on invalid and hostile input (verify_tree with validate=False,
-# far-entry rows): tests/memcheck_invalid_inputs.py under valgrind memcheck. Fails on any invalid
+# far-entry rows): tests/support/memcheck_invalid_inputs.py under valgrind memcheck. Fails on any invalid
 # read or write, or use of uninitialised memory, with a frame in fusedecode's extension; the noise
 # of the dynamic loader, Python and torch is reported but not counted. About 3 minutes on 2 cores.
 #
@@ -13,7 +13,7 @@ LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
 # Large redzones: a read past the end of a tensor lands in them, not in the next allocation.
 PYTHONMALLOC=malloc OMP_NUM_THREADS=2 valgrind --tool=memcheck --redzone-size=1024 --error-limit=no \
-  --num-callers=40 --log-file="$LOG" "$PY" tests/memcheck_invalid_inputs.py --device cpu --trials "${MEMCHECK_TRIALS:-12}"
+  --num-callers=40 --log-file="$LOG" "$PY" tests/support/memcheck_invalid_inputs.py --device cpu --trials "${MEMCHECK_TRIALS:-12}"
 "$PY" - "$LOG" <<'PY'
 import re
 import sys

@@ -43,7 +43,7 @@ timeout ${SANITIZER_TIMEOUT:-100} compute-sanitizer --tool memcheck --error-exit
   > "$OUT/sanitizer.log" 2>&1
 echo "memcheck rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)" | tee -a "$SUMMARY"
 # Invalid input (verify_tree validate=False: draft tokens past the buffers, bad parents) and far rows.
-timeout ${SANITIZER_TIMEOUT:-100} compute-sanitizer --tool memcheck --error-exitcode 9 $PY tests/memcheck_invalid_inputs.py \
+timeout ${SANITIZER_TIMEOUT:-100} compute-sanitizer --tool memcheck --error-exitcode 9 $PY tests/support/memcheck_invalid_inputs.py \
   --device cuda >> "$OUT/sanitizer.log" 2>&1
 echo "memcheck invalid inputs rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)" | tee -a "$SUMMARY"
 

@@ -16,6 +16,11 @@ import torch
 # Test files live in per-op folders (tests/ops/<op>/); they share tests/helpers.py.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from helpers import BACKEND_CASES, require_backend  # noqa: E402  (needs the path above)
+
+# Scripts and shared modules the tests run or import, never test modules themselves.
+collect_ignore = ["support"]
+
 _SEED = int(os.environ.get("FUSEDECODE_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
 
@@ -30,6 +35,14 @@ def generator(request):
     g = torch.Generator()
     g.manual_seed(_SEED ^ zlib.crc32(request.node.nodeid.encode()))
     return g
+
+
+@pytest.fixture(params=BACKEND_CASES)
+def target(request):
+    """The (device, backend) pair a backend-parametrised test runs on; skipped where unavailable."""
+    device, backend = request.param
+    require_backend(device, backend)
+    return device, backend
 
 
 def cuda_available():

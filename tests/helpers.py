@@ -1,4 +1,5 @@
-"""Test helpers: backend parametrisation and comparison against the float64 reference."""
+"""Test helpers: backend parametrisation, comparison against the float64 reference, the goodness-of-fit
+check of the sampling tests and the invariants of a verify_tree walk on any input."""
 
 import math
 
@@ -96,3 +97,76 @@ def poison(logits, row, kind):
     else:
         logits[row, logits.shape[-1] // 2] = value
     return logits
+
+
+def interpreted(target):
+    """The Triton interpreter runs every program in Python: statistical tests use fewer trees there
+    (weaker, still valid); compiled backends get the full sample."""
+    return tuple(target) == ("cpu", "triton")
+
+
+def chi_square_pvalue(counts, expected_probs):
+    """Pearson's chi-square p-value of ``counts`` against ``expected_probs``, small cells pooled (the
+    unpowered sampling checks; the powered ones use tests/support/distribution.py)."""
+    counts = counts.double()
+    total = counts.sum()
+    expected = expected_probs.double() * total
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "samples of zero-probability outcomes"
+    # Pool small cells so the chi-square approximation holds.
+    order = torch.argsort(expected[keep])
+    exp_sorted, obs_sorted = expected[keep][order], counts[keep][order]
+    pooled_e, pooled_o, acc_e, acc_o = [], [], 0.0, 0.0
+    for e, o in zip(exp_sorted.tolist(), obs_sorted.tolist()):
+        acc_e, acc_o = acc_e + e, acc_o + o
+        if acc_e >= 5:
+            pooled_e.append(acc_e)
+            pooled_o.append(acc_o)
+            acc_e = acc_o = 0.0
+    if acc_e > 0 and pooled_e:
+        pooled_e[-1] += acc_e
+        pooled_o[-1] += acc_o
+    e, o = torch.tensor(pooled_e), torch.tensor(pooled_o)
+    stat = float(((o - e) ** 2 / e).sum())
+    dof = max(len(pooled_e) - 1, 1)
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0), torch.tensor(stat / 2.0)))
+
+
+def reachable(parents_row):
+    """The walk's rule for an invalid tree: node c is a child of r only when parents[c] == r < c, so
+    a node with an out-of-range or later parent is unreachable, and so is everything below it."""
+    nodes = len(parents_row)
+    ok = [False] * nodes
+    ok[0] = True
+    for c in range(1, nodes):
+        p = int(parents_row[c])
+        ok[c] = 0 <= p < c and ok[p]
+    return ok
+
+
+def check_walk_invariants(out, logits, tokens, parents, draft_tokens_valid_range=None):
+    """What verify_tree guarantees for any input, valid or not."""
+    batch, nodes, vocab = logits.shape
+    parents = parents.cpu().to(torch.int64).expand(batch, nodes)
+    tokens = tokens.cpu()
+    num, accepted, emitted = out.num_accepted.cpu(), out.accepted_nodes.cpu(), out.output_tokens.cpu()
+    width = accepted.shape[1]
+    assert emitted.shape == (batch, width) and num.shape == (batch,)
+    row_valid = out.stats.argmax.cpu() >= 0
+    for b in range(batch):
+        count = int(num[b])
+        assert 0 <= count < width
+        path = accepted[b, :count + 1].tolist()
+        assert path[0] == 0
+        assert (accepted[b, count + 1:] == -1).all() and (emitted[b, count + 1:] == -1).all()
+        for i in range(count):
+            parent, child = path[i], path[i + 1]
+            assert parent < child < nodes and int(parents[b, child]) == parent, (b, path)
+            token = int(tokens[b, child])
+            assert 0 <= token < vocab, f"row {b}: accepted token {token} outside [0, {vocab})"
+            assert int(emitted[b, i]) == token
+        last = int(emitted[b, count])
+        if row_valid[b, path[-1]]:
+            assert 0 <= last < vocab, f"row {b}: emitted {last}"
+        else:
+            assert last == -1

@@ -59,7 +59,7 @@ def triton_interpreter_available():
     (lambda b: fusedecode.logit_stats(torch.zeros(2, 3), topk=2.0, backend=b), TypeError, "topk"),
     (lambda b: fusedecode.logit_stats(torch.zeros(2, 3), topk=True, backend=b), TypeError, "topk"),
 ])
-def test_bad_arguments(backend, call, error, match):
+def test_bad_arguments_raise_before_backend_selection(backend, call, error, match):
     # Validation comes before backend selection, so it holds whether or not the backend is built.
     with pytest.raises(error, match=match):
         call(backend)

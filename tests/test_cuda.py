@@ -11,8 +11,8 @@ import torch
 
 import fusedecode
 from fusedecode.backends import unavailable_reason
-from helpers import assert_close_to_reference, random_logits
-from test_adversarial import LOGIT_CASES
+from helpers import assert_close_to_reference, chi_square_pvalue, random_logits
+from support.adversarial_rows import LOGIT_CASES
 
 pytestmark = pytest.mark.cuda
 
@@ -159,7 +159,7 @@ def test_verify_tree_compile_cuda(backend, generator):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("rows", [1, 5, 2048])
 def test_adversarial_rows_on_both_launch_paths(backend, rows, generator):
-    # The hostile rows of test_adversarial.py tiled to few rows (vocabulary split across CTAs /
+    # The hostile rows of tests/support/adversarial_rows.py tiled to few rows (vocabulary split across CTAs /
     # programs, last-CTA merge) and to many rows (one CTA per row).
     need(backend)
     for case in ("far_-1e20", "far_finfo_min", "one_finite_among_finfo_min", "near_float_max", "mixed_1e30",
@@ -196,7 +196,7 @@ def test_temperature_outside_float32_in_graph_gives_nan(backend, generator):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_verify_tree_invalid_input_in_graph(backend, generator):
     # validate=False under capture: out-of-range draft tokens and parents stay memory-safe and are
-    # never accepted (compute-sanitizer runs tests/memcheck_invalid_inputs.py for the reads).
+    # never accepted (compute-sanitizer runs tests/support/memcheck_invalid_inputs.py for the reads).
     need(backend)
     vocab = 50
     logits = torch.full((2, 4, vocab), -5.0, device="cuda")
@@ -225,8 +225,6 @@ def test_verify_tree_small_vocab_samples_the_target(mode, vocab, generator):
     # that pass had not written). The first emitted token follows the target (SpecInfer is lossless
     # with children drawn from q), and the walk takes the cpp backend's tokens for nearly every row
     # (same Philox draws; only draws within float32 rounding of a boundary may differ).
-    from ops.verify_tree.test_verify_tree import chi_square_pvalue
-
     need("cuda")
     batch, temperature = 4000, 0.9
     row = random_logits((vocab,), generator, scale=1.5)

@@ -1,6 +1,6 @@
 """The CUDA kernel's per-thread accumulation (csrc/include/fusedecode/thread_sums.h), compiled for
 the host and replayed the way one CTA deals a float32 row out to its threads
-(tests/cuda_host_sim.cpp), against the float64 reference on the adversarial rows. Machines without
+(tests/support/cuda_host_sim.cpp), against the float64 reference on the adversarial rows. Machines without
 a GPU thus check the CUDA numerics too (the GPU run checks the kernel itself)."""
 
 import math
@@ -14,7 +14,7 @@ import torch
 
 import fusedecode
 from helpers import assert_close_to_reference
-from test_adversarial import LOGIT_CASES
+from support.adversarial_rows import LOGIT_CASES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILER = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
@@ -28,7 +28,7 @@ def simulator(tmp_path_factory):
         pytest.skip("no source tree (csrc/) here: these tests run against an installed copy")
     binary = str(tmp_path_factory.mktemp("cuda_host_sim") / "cuda_host_sim")
     subprocess.run([COMPILER, "-O2", "-std=c++17", "-I", os.path.join(ROOT, "csrc", "include"),
-                    os.path.join(ROOT, "tests", "cuda_host_sim.cpp"), "-o", binary], check=True)
+                    os.path.join(ROOT, "tests", "support", "cuda_host_sim.cpp"), "-o", binary], check=True)
     return binary
 
 

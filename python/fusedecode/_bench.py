@@ -1,10 +1,10 @@
 """Timing helpers shared by ``benchmarks/`` and ``python -m fusedecode demo``.
 
-GPU (METHOD.md): warm-up first; inputs rotated through enough copies that they do not sit in L2;
-the calls for one measurement are captured in a CUDA graph so host overhead does not leak into the
-kernel time; CUDA events around each replay; the median over replays. The floor is the bytes read
-over the device-to-device copy bandwidth measured in the same run. CPU: median wall time of calls
-cycling through the same inputs, every implementation in the same process.
+GPU (docs/performance.md#method): warm-up first; inputs rotated through enough copies that they do
+not sit in L2; the calls for one measurement are captured in a CUDA graph so host overhead does not
+leak into the kernel time; CUDA events around each replay; the median over replays. The floor is the
+bytes read over the device-to-device copy bandwidth measured in the same run. CPU: median wall time
+of calls cycling through the same inputs, every implementation in the same process.
 """
 
 import datetime
@@ -22,8 +22,8 @@ import torch
 def minimal_torch_composite(logits):
     """What a user writes without fusedecode: separate torch ops, no masking/NaN handling, no topk.
 
-    A benchmark baseline only (it does not implement DESIGN section 3 for masked or NaN rows); the
-    reference composite is ``fusedecode.reference.logit_stats_reference``.
+    A benchmark baseline only (masked and NaN rows do not get docs/semantics.md#logit_stats's results);
+    the reference composite is ``fusedecode.reference.logit_stats_reference``.
     """
     z = logits.float()
     logsumexp = torch.logsumexp(z, dim=-1)

@@ -1,6 +1,7 @@
 """The CUDA logit_stats kernel (csrc/include/fusedecode/logit_stats.cuh), executed on the CPU by the
 emulator, against the float64 torch reference: one CTA per row and split rows (the last CTA of a
-row merges), top-k 1..64, float32/float16/bfloat16, the adversarial rows of test_adversarial.py.
+row merges), top-k 1..64, float32/float16/bfloat16, the adversarial rows of
+tests/support/adversarial_rows.py.
 
 Every call runs in the memory setups of ``emulator.RUNS`` (fenced buffers against either guard page,
 two poison bytes) and each run is checked, so a read outside a buffer or of memory no kernel wrote
@@ -15,7 +16,7 @@ import torch
 import fusedecode
 from cuda_emulation.emulator import RUNS, every_memory
 from helpers import assert_close_to_reference, float64_reference, random_logits
-from test_adversarial import LOGIT_CASES
+from support.adversarial_rows import LOGIT_CASES
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]

@@ -19,8 +19,8 @@ import fusedecode
 from cuda_emulation.emulator import RUNS, every_memory
 from cuda_emulation.exact_walk import exact_walk
 from fusedecode.tree import tree_from_paths
-from helpers import assert_close_to_reference, float64_reference, random_logits
-from test_adversarial import check_walk_invariants, reachable
+from helpers import (assert_close_to_reference, check_walk_invariants, float64_reference, random_logits,
+                     reachable)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]

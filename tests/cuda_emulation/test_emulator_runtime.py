@@ -65,7 +65,7 @@ def test_shuffle_kinds_and_widths(emulator, width, arg):
             assert got[warp * 32:(warp + 1) * 32, k].tolist() == shuffle_model(values, kind, arg, width), (kind, warp)
 
 
-def test_votes(emulator, generator):
+def test_warp_ballot_any_and_all_votes(emulator, generator):
     threads = 96
     predicate = (torch.rand(threads, generator=generator) < 0.5).to(torch.int64)
     predicate[64:] = 1  # a warp where all agree

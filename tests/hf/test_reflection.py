@@ -220,7 +220,7 @@ def test_never_firing_insertion_changes_nothing():
     assert torch.equal(inserter.processor.topk_confidence, watched.topk_confidence)
 
 
-def test_inside_srgen():
+def test_pair_inside_srgen_matches_offline_replay():
     """srgen applies the pair at every step: the insertions equal the offline replay over what the
     processor recorded (SRGen's corrected distributions where it corrected), SRGen never corrects an
     inserted token, and with a trigger that never fires srgen + pair is plain generate + pair."""

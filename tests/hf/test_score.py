@@ -134,7 +134,7 @@ def test_one_token_gives_empty_statistics():
     assert stats.entropy.shape == (2, 0) and stats.token_logprob.shape == (2, 0)
 
 
-def test_validation_errors():
+def test_bad_arguments_raise_errors_naming_them():
     model = tiny_model("llama")
     ids = torch.randint(3, VOCAB, (2, 5))
     cases = [

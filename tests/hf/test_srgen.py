@@ -490,7 +490,7 @@ def test_unknown_head_transform_is_refused():
         model.generate(**prompts(2, 5), custom_generate=srgen, max_new_tokens=3, pad_token_id=0)
 
 
-def test_bundled_model():
+def test_bundled_model_unchanged_when_never_triggered_and_accurate_when_correcting():
     from fusedecode.demo import arithmetic
 
     path = bundled_model_path("target")

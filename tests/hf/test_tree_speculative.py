@@ -197,7 +197,7 @@ def test_bundled_models_greedy_identity():
     assert out.mean_accepted_length > 6  # the bundled draft: 10.25 tokens per target forward at depth 12
 
 
-def test_invalid_arguments():
+def test_unsupported_generate_arguments_raise_naming_them():
     target = tiny_model("llama")
     inputs = prompts(2, 4)
     with pytest.raises(ValueError, match="draft_model"):

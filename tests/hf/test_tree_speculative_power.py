@@ -1,5 +1,5 @@
 """tree_speculative's sampled output has the target's distribution, end to end through generate,
-with the power to see a 2% total-variation error in the first two tokens (tests/distribution.py).
+with the power to see a 2% total-variation error in the first two tokens (tests/support/distribution.py).
 
 Target and draft are bigram models (one Llama layer whose attention and MLP write nothing, so the
 logits depend on the last token only) over four outcome tokens with known distributions: the
@@ -13,7 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
-from distribution import assert_distributed_as, assert_powerful, required_draws  # noqa: E402
+from support.distribution import assert_distributed_as, assert_powerful, required_draws  # noqa: E402
 from fusedecode.hf import TreeConfig, tree_speculative  # noqa: E402
 
 VOCAB = 8  # 0 pad, 1 bos, 2 eos, 3 a prompt token; 4..7 the outcomes

@@ -118,7 +118,7 @@ def test_greedy_stats_equal_hf_uncertainty_processor(greedy_results):
     assert worst <= HF_TOLERANCE
 
 
-def test_record_types(greedy_results):
+def test_each_field_is_float32_with_one_value_per_token(greedy_results):
     result = greedy_results[0]
     stats = result.stats[0]
     count = len(result.request_output.outputs[0].token_ids)

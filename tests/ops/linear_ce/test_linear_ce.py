@@ -293,7 +293,7 @@ def test_softcap_matches_the_model_formula_bit_for_bit(generator):
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)], ids=["fp16", "bf16"])
-def test_half_precision(backend, dtype, rtol, generator):
+def test_half_precision_loss_and_gradients_match_reference(backend, dtype, rtol, generator):
     # The chunk logits are float32 sums of exact products (the shared tiled head; before it, CPU
     # logits rounded to float16, ~4e-3 at |z| ~ 10, failed rtol 3e-3 for ~1 seed in 25). What is
     # left: the logit gradient cast to the input dtype before its matmuls (as Liger-Kernel does) and
@@ -433,7 +433,7 @@ def test_unimplemented_backends(name, generator, monkeypatch):
         fusedecode.linear_cross_entropy_entropy(hidden, weight, targets)
 
 
-def test_backend_errors(generator):
+def test_unknown_backend_and_unsupported_triton_dtype_raise(generator):
     hidden, weight, targets, _ = make_inputs(generator, tokens=2, width=4, vocab=10)
     with pytest.raises(ValueError, match="backend"):
         fusedecode.linear_cross_entropy_entropy(hidden, weight, targets, backend="fast")
@@ -499,7 +499,7 @@ def _call(hidden=None, weight=None, targets=None, **kwargs):
     (lambda: _call(softcap=math.inf), ValueError, "softcap"),
     (lambda: _call(softcap=True), TypeError, "softcap"),
 ], ids=lambda v: v if isinstance(v, str) else "")
-def test_validation_errors(call, error, match):
+def test_bad_arguments_raise_errors_naming_them(call, error, match):
     with pytest.raises(error, match=match):
         call()
 

@@ -69,7 +69,7 @@ def test_matches_materialised_logits(backend, transform, generator):
 
 @pytest.mark.parametrize("shape,vocab,chunk", [((1, 16), 333, None), ((1, 16), 1, 1), ((2, 5, 8), 129, 4),
                                                ((3, 1, 2, 8), 50, 2), ((0, 8), 40, None), ((2, 0, 8), 40, 3)])
-def test_shapes(backend, shape, vocab, chunk, generator):
+def test_leading_shapes_and_chunks_match_materialised_logits(backend, shape, vocab, chunk, generator):
     hidden, weight = make_head(generator, shape, vocab)
     stats = check(hidden, weight, backend, chunk=chunk, softcap=20.0)
     assert stats.entropy.shape == shape[:-1]
@@ -77,7 +77,7 @@ def test_shapes(backend, shape, vocab, chunk, generator):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("transform", ["plain", "all"])
-def test_half_precision(backend, dtype, transform, generator):
+def test_half_precision_head_matches_reference_on_rounded_inputs(backend, dtype, transform, generator):
     """Half-precision hidden states and weight: the logits are the float32 sums of their exact
     products (as cuBLAS makes them), compared with the reference on the same rounded inputs."""
     hidden, weight = make_head(generator, (2, 6, 64), 515, dtype=dtype)
@@ -242,7 +242,7 @@ def test_peak_memory_is_one_chunk():
 # Validation (opcheck and torch.compile: tests/ops/test_registry.py)
 
 
-def test_validation_errors():
+def test_bad_arguments_raise_errors_naming_them():
     hidden, weight = torch.randn(3, 8), torch.randn(20, 8)
     cases = [
         (dict(hidden=hidden.double()), TypeError, "hidden"),

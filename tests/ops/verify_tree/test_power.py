@@ -1,5 +1,5 @@
 """verify_tree's sampling is lossless, tested with the power to see a 2% total-variation error
-(tests/distribution.py has the calculation): the first emitted token, and the pair of the first two,
+(tests/support/distribution.py has the calculation): the first emitted token, and the pair of the first two,
 follow the target, for target-only and multi-draft (SpecInfer) verification on every backend.
 
 The draft disagrees strongly with the target (q is p reversed), so a wrong residual, a draft row of
@@ -10,9 +10,8 @@ import pytest
 import torch
 
 import fusedecode
-from distribution import (ALPHA, POWER, TV_ERROR, assert_distributed_as, assert_powerful, chi_square_critical,
-                          chi_square_p_value, detectable_tv, noncentral_power, required_draws)
-from helpers import BACKEND_CASES, require_backend
+from support.distribution import (ALPHA, POWER, TV_ERROR, assert_distributed_as, assert_powerful, chi_square_critical,
+                                  chi_square_p_value, detectable_tv, noncentral_power, required_draws)
 
 VOCAB = 4
 TARGET = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)  # splits into halves: the worst case
@@ -69,13 +68,6 @@ def first_two_tokens(out, generator):
     following = torch.stack([target_after(t) for t in range(VOCAB)])[first[stopped]]
     second[stopped] = torch.multinomial(following, 1, generator=generator)[:, 0]
     return first, second
-
-
-@pytest.fixture(params=BACKEND_CASES)
-def target(request):
-    device, backend = request.param
-    require_backend(device, backend)
-    return device, backend
 
 
 def test_the_sizes_have_the_stated_power():

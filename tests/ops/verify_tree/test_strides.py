@@ -3,18 +3,9 @@
 contiguous copy on every backend (a strided vocabulary dimension is a ValueError, see
 test_verify_tree's validation cases)."""
 
-import pytest
 import torch
 
 import fusedecode
-from helpers import BACKEND_CASES, require_backend
-
-
-@pytest.fixture(params=BACKEND_CASES)
-def target(request):
-    device, backend = request.param
-    require_backend(device, backend)
-    return device, backend
 
 
 def strided_views(probs):

@@ -1,4 +1,4 @@
-"""verify_tree (DESIGN section 4) on every backend: fixtures, brute force, losslessness, statistics."""
+"""verify_tree (docs/semantics.md#verify_tree) on every backend: fixtures, brute force, losslessness, statistics."""
 
 import hashlib
 import math
@@ -9,20 +9,7 @@ import torch
 
 import fusedecode
 from fusedecode.tree import tree_from_paths
-from helpers import BACKEND_CASES, assert_close_to_reference, require_backend
-
-
-@pytest.fixture(params=BACKEND_CASES)
-def target(request):
-    device, backend = request.param
-    require_backend(device, backend)
-    return device, backend
-
-
-def interpreted(target):
-    """The Triton interpreter runs every program in Python: statistical tests use fewer trees there
-    (weaker, still valid); compiled backends get the full sample."""
-    return tuple(target) == ("cpu", "triton")
+from helpers import assert_close_to_reference, chi_square_pvalue, interpreted
 
 
 def verify(target, logits, tokens, parents, **kwargs):
@@ -44,7 +31,7 @@ def peaked_logits(argmaxes, vocab, dtype=torch.float32):
 # ------------------------------------------------------------------------------------------------
 # Hand-built fixtures (greedy)
 
-def test_chain(target):
+def test_chain_accepts_the_matching_prefix_and_emits_the_targets_token(target):
     # Root 0 -> 1 -> 2 -> 3 (tokens 5, 6, 7); the target wants 5, 6, then 9: two accepted, emit 9.
     tokens = torch.tensor([[0, 5, 6, 7]])
     parents = torch.tensor([-1, 0, 1, 2])
@@ -219,31 +206,6 @@ def test_greedy_is_lossless(target, generator):
 # ------------------------------------------------------------------------------------------------
 # Sampling: the emitted sequence follows the target (chi-square on the first two tokens)
 
-def chi_square_pvalue(counts, expected_probs):
-    counts = counts.double()
-    total = counts.sum()
-    expected = expected_probs.double() * total
-    keep = expected > 0
-    assert counts[~keep].sum() == 0, "samples of zero-probability outcomes"
-    # Pool small cells so the chi-square approximation holds.
-    order = torch.argsort(expected[keep])
-    exp_sorted, obs_sorted = expected[keep][order], counts[keep][order]
-    pooled_e, pooled_o, acc_e, acc_o = [], [], 0.0, 0.0
-    for e, o in zip(exp_sorted.tolist(), obs_sorted.tolist()):
-        acc_e, acc_o = acc_e + e, acc_o + o
-        if acc_e >= 5:
-            pooled_e.append(acc_e)
-            pooled_o.append(acc_o)
-            acc_e = acc_o = 0.0
-    if acc_e > 0 and pooled_e:
-        pooled_e[-1] += acc_e
-        pooled_o[-1] += acc_o
-    e, o = torch.tensor(pooled_e), torch.tensor(pooled_o)
-    stat = float(((o - e) ** 2 / e).sum())
-    dof = max(len(pooled_e) - 1, 1)
-    return float(torch.special.gammaincc(torch.tensor(dof / 2.0), torch.tensor(stat / 2.0)))
-
-
 def build_sampling_batch(model, draft, temperature, batch, generator, children_per_node=(3, 2)):
     """Trees drafted i.i.d. from the draft model: root gets k1 children, each of them k2 children."""
     k1, k2 = children_per_node
@@ -401,7 +363,7 @@ GOOD = dict(logits=torch.zeros(2, 3, 10), tokens=torch.zeros(2, 3, dtype=torch.i
     (dict(seed=torch.tensor([1, 2, 3])), "seed"),
     (dict(seed=torch.tensor(1, dtype=torch.int32)), "seed"),
 ])
-def test_validation_errors(change, match):
+def test_invalid_arguments_raise_value_error_naming_them(change, match):
     args = dict(GOOD)
     args.update(change)
     kwargs = {k: args.pop(k) for k in ("temperature", "draft_probs", "seed") if k in args}

@@ -6,8 +6,8 @@ probabilities; logit_stats on rows of far entries with tokens at the edges and t
 Every tensor is its own exact-size allocation, so a read past a row at the end of a buffer leaves
 the allocation, which valgrind / AddressSanitizer (CPU) and compute-sanitizer (GPU) report.
 
-    valgrind --tool=memcheck python tests/memcheck_invalid_inputs.py --device cpu   # .ci/memcheck.sh
-    compute-sanitizer --tool memcheck python tests/memcheck_invalid_inputs.py --device cuda
+    valgrind --tool=memcheck python tests/support/memcheck_invalid_inputs.py --device cpu   # .ci/memcheck.sh
+    compute-sanitizer --tool memcheck python tests/support/memcheck_invalid_inputs.py --device cuda
 """
 
 import argparse

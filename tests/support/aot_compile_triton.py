@@ -1,6 +1,6 @@
 """Compile every Triton kernel of fusedecode ahead of time for real GPUs, with no GPU present.
 
-    python tests/aot_compile_triton.py 80 90      # sm_80 and sm_90
+    python tests/support/aot_compile_triton.py 80 90      # sm_80 and sm_90
 
 Must run without TRITON_INTERPRET (the interpreter replaces kernels by Python functions). Prints one
 line per variant (registers, spills) and exits non-zero on the first failure.
