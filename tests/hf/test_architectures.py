@@ -8,6 +8,10 @@ padding; tree sampling runs in both modes; srgen without a trigger is plain gene
 sampled with one seed) and feeds the model what plain generate feeds it; srgen's corrected logits are
 the model's own head (its transform included) applied to the hidden state plus delta. What cannot
 run is refused with a ValueError before any forward.
+
+The per-family facts these tests exercise (logit transforms, sliding windows, ALiBi and recurrent
+refusals, cache keywords) are the architecture table, python/fusedecode/hf/models/architectures.py;
+the families are tests/hf/hf_models.py's ``FAMILIES``.
 """
 
 import functools
