@@ -8,6 +8,12 @@ padding; tree sampling runs in both modes; srgen without a trigger is plain gene
 sampled with one seed) and feeds the model what plain generate feeds it; srgen's corrected logits are
 the model's own head (its transform included) applied to the hidden state plus delta. What cannot
 run is refused with a ValueError before any forward.
+
+The per-family facts these tests exercise (logit transforms, sliding windows, ALiBi and recurrent
+refusals, cache keywords) are the architecture table, python/fusedecode/hf/models/architectures.py;
+the families are tests/hf/hf_models.py's ``FAMILIES``. Every logit transform rule of the table has a
+family here whose own logits are checked against the head fusedecode reads (``HEAD_FAMILIES`` for
+the rules the matrix does not reach).
 """
 
 import functools
@@ -20,6 +26,9 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
 from fusedecode.hf import SRGenConfig, TreeConfig, UncertaintyProcessor, srgen, tree_speculative  # noqa: E402
+from fusedecode.hf.models.architectures import LOGIT_TRANSFORMS  # noqa: E402
+from fusedecode.hf.models.head import corrected_logits, read_output_head  # noqa: E402
+from fusedecode.hf.models.hidden import FinalHiddenCapture  # noqa: E402
 from fusedecode.reference import logit_stats_reference  # noqa: E402
 from hf_models import FAMILIES, PAD, VOCAB, family_available, family_model, prompts  # noqa: E402
 
@@ -273,3 +282,64 @@ def test_srgen_refuses_a_filled_cache():
     assert cache.get_seq_length() == PROMPT
     with pytest.raises(ValueError, match="filled"):
         model.generate(**inputs, max_new_tokens=3, custom_generate=srgen, pad_token_id=PAD, **{keyword: cache})
+
+
+# ---- The head's logit transforms: every rule of the architecture table against a model's own logits ----
+# Families whose logit transform rule the matrix above does not reach (their generate paths are not
+# the point): name -> (config class, model class, config fields). Their tiny models' own logits are
+# compared with the head read by fusedecode.hf.models.head.
+_HEAD_COMMON = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=4,
+                    max_position_embeddings=128)
+HEAD_FAMILIES = {
+    "recurrent_gemma": ("RecurrentGemmaConfig", "RecurrentGemmaForCausalLM",
+                        dict(_HEAD_COMMON, lru_width=32, attention_window_size=8,
+                             block_types=["recurrent", "attention"], logits_soft_cap=3.0)),
+    # MiniCPM3's logits_scaling is hidden_size / dim_model_base: 4 here.
+    "minicpm3": ("MiniCPM3Config", "MiniCPM3ForCausalLM",
+                 dict(_HEAD_COMMON, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                      head_dim=8, v_head_dim=8, dim_model_base=8)),
+    "hyperclovax": ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", dict(_HEAD_COMMON, logits_scaling=4.0)),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM",
+                   dict(_HEAD_COMMON, num_local_experts=4, num_experts_per_tok=2, logits_scaling=4.0)),
+    "vaultgemma": ("VaultGemmaConfig", "VaultGemmaForCausalLM", dict(_HEAD_COMMON, head_dim=8,
+                                                                     final_logit_softcapping=3.0)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _head_family_model(name):
+    config_class, model_class, fields = HEAD_FAMILIES[name]
+    if not hasattr(transformers, config_class) or not hasattr(transformers, model_class):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_class}")
+    config = getattr(transformers, config_class)(vocab_size=VOCAB, num_hidden_layers=2, pad_token_id=PAD,
+                                                 eos_token_id=2, bos_token_id=1, **fields)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(config).eval()
+    with torch.no_grad():  # logits well beyond the soft-cap, so that a missing cap shows
+        model.get_output_embeddings().weight.mul_(4.0)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_FAMILIES))
+def test_head_reconstruction_is_the_models_own_logits(name):
+    model = _head_family_model(name)
+    inputs = prompts(2, PROMPT, seed=6, padded_rows=0)
+    with torch.no_grad(), FinalHiddenCapture(model) as capture:
+        logits = model(**inputs).logits.float()
+        hidden = capture.take()
+    head = read_output_head(model)
+    assert head.transform.logit_scale is not None or head.transform.softcap is not None, head.describe()
+    rebuilt = corrected_logits(hidden, None, head)
+    assert torch.allclose(rebuilt, logits, rtol=1e-5, atol=1e-5), (head.describe(), (rebuilt - logits).abs().max())
+
+
+def test_every_logit_transform_rule_has_a_family():
+    """Each rule of the architecture table's LOGIT_TRANSFORMS applies to some family tested here
+    (the matrix's, whose srgen corrections are checked against the model's own head, or
+    HEAD_FAMILIES'), with the rule's config field set."""
+    configs = [model_of((name, None)).config for name in FAMILIES if family_available(name) is None]
+    configs += [_head_family_model(name).config for name in HEAD_FAMILIES]
+    for rule in LOGIT_TRANSFORMS:
+        covered = [config.model_type for config in configs if rule.applies_to(config.model_type)
+                   and getattr(config, rule.field, None) is not None]
+        assert covered, rule

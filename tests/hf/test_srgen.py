@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 from fusedecode.hf import SRGenConfig, bundled_model_path, srgen  # noqa: E402
 from fusedecode.hf.correction import SRGenOutput  # noqa: E402
-from fusedecode.hf.correction.output_head import FinalHiddenCapture, corrected_logits, read_output_head  # noqa: E402
+from fusedecode.hf.models.head import corrected_logits, read_output_head  # noqa: E402
+from fusedecode.hf.models.hidden import FinalHiddenCapture  # noqa: E402
 from fusedecode.hf.correction.trigger import EntropyTrigger  # noqa: E402
 from hf_models import prompts, tiny_model  # noqa: E402
 

@@ -24,6 +24,9 @@
 - ``score``: per-token statistics of given sequences under teacher forcing (offline Best-of-N,
   DeepConf, perplexity) through the model's own head, without ``[B, T, V]`` logits
   (``fusedecode.linear_logit_stats``); the module ``fusedecode.hf.scoring``.
+- ``fusedecode.hf.models``: what the integration knows about model architectures (the output head and
+  its logit transform, final hidden states, cache, attention layout and sliding windows,
+  ``logits_to_keep``), with the architecture table ``fusedecode.hf.models.architectures``.
 - ``bundled_model_path``: the small arithmetic target/draft models shipped with fusedecode (trained by
   ``fusedecode.demo.train_bundled``).
 """

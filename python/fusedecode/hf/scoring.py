@@ -5,7 +5,8 @@ One forward pass of the model computes only the last position's logits (``logits
 also checks the head's reconstruction); a hook on the decoder keeps the final hidden states
 (``FinalHiddenCapture``, not ``output_hidden_states``, which would keep every layer's), and
 ``fusedecode.linear_logit_stats`` turns them into statistics tile by tile through the model's own
-head (``read_output_head``: lm_head weight, bias, logit scale, soft-cap). Offline self-certainty
+head (``read_output_head``: lm_head weight, bias, logit scale, soft-cap). What it knows of the model
+(head, hidden states, ``logits_to_keep``) is ``fusedecode.hf.models``. Offline self-certainty
 Best-of-N, DeepConf offline confidence, perplexity and prompt uncertainty are the uses.
 """
 
@@ -16,7 +17,9 @@ import torch
 from .._validation import INDEX_DTYPES, MAX_TOPK, check_int, check_tensor, check_temperature
 from ..ops.linear_logit_stats import linear_logit_stats
 from ..ops.logit_stats import LogitStats
-from .correction.output_head import FinalHiddenCapture, check_head, read_output_head
+from .models.forward import logits_to_keep_keyword
+from .models.head import check_head, read_output_head
+from .models.hidden import FinalHiddenCapture
 
 __all__ = ["score"]
 
@@ -100,11 +103,8 @@ def _final_hidden(model, input_ids, attention_mask):
     """``(final hidden states [B, T, H], the last position's logits [B, V])`` of one forward pass
     that computes no other logits where the model allows it."""
     parameters = inspect.signature(model.forward).parameters
-    extra = {}
-    for keep in ("logits_to_keep", "num_logits_to_keep"):  # the name since transformers 4.50, and before
-        if keep in parameters:
-            extra[keep] = 1
-            break
+    keep = logits_to_keep_keyword(model)
+    extra = {keep: 1} if keep is not None else {}
     if attention_mask is not None:
         extra["attention_mask"] = attention_mask
         if "position_ids" in parameters:

@@ -17,12 +17,11 @@ The trigger follows the authors' code (SRGen/tnot_decorator.py, ``apply_entropy_
 ``generate_with_entropy_control`` in SRGen/base_evaluator.py of the official repository): see
 ``SRGenConfig``.
 
-The parts:
+The parts (the final hidden states and the model's head, transform included, are
+``fusedecode.hf.models``):
 
 - ``config``: ``SRGenConfig``, the trigger's and the optimisation's settings.
 - ``trigger``: ``EntropyTrigger``, which rows to correct at each step.
-- ``output_head``: the final hidden states (a hook on the decoder) and the model's head, transform
-  included.
 - ``corrector``: the context's hidden states, the optimisation of ``delta``, the corrected logits.
 - ``generate``: the ``custom_generate`` entry point ``srgen`` and its decode loop.
 """

@@ -4,7 +4,7 @@
 import torch
 
 from ... import linear_cross_entropy_entropy, logit_stats
-from .output_head import check_head, corrected_logits
+from ..models.head import check_head, corrected_logits
 from .trigger import EntropyTrigger
 
 IGNORE_INDEX = -100
@@ -101,7 +101,7 @@ class Corrector:
         """Keeps the final hidden states of the positions the forward pass just ran (the whole
         prompt on the prefill, one position after it)."""
         if self.buffer is None:
-            check_head(logits, final_hidden[:, -1], self.head)
+            check_head(logits, final_hidden[:, -1], self.head, user="srgen")
             # Padding positions may hold anything (even NaN); their targets are ignored anyway.
             self.buffer = HiddenBuffer(final_hidden.masked_fill(~attention_mask.bool().unsqueeze(-1), 0))
         else:

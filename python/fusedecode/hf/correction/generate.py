@@ -9,11 +9,13 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .._custom_generate import (TokenStream, check_config, deprecated_streamer_keyword, pad_token_id,
                                 refuse_encoder_decoder, refuse_unsupported_generation, sampling_temperature)
-from .._transformers_compat import cache_is_filled, find_cache, output_cache_field, slices_by_next_sequence_length
+from ..models.cache import cache_is_filled, find_cache, output_cache_field
+from ..models.forward import slices_by_next_sequence_length
+from ..models.head import read_output_head
+from ..models.hidden import FinalHiddenCapture
 from ..reflection import ReflectionProcessor
 from .config import SRGenConfig
 from .corrector import Corrector
-from .output_head import FinalHiddenCapture, read_output_head
 
 
 @dataclass
@@ -65,9 +67,9 @@ def srgen(model, input_ids, logits_processor, stopping_criteria, generation_conf
     _check_supported(model, generation_config, model_kwargs)
     choice = TokenChoice(generation_config, logits_processor, stopping_criteria)
     record = StepRecord(generation_config)
-    head = read_output_head(model)
+    head = read_output_head(model, user="srgen")
     stream = TokenStream(token_streamer, input_ids)
-    with FinalHiddenCapture(model) as capture:
+    with FinalHiddenCapture(model, user="srgen") as capture:
         corrector = Corrector(config, head, sampling_temperature(generation_config), input_ids, capture)
         input_ids, model_kwargs = _decode_loop(model, input_ids, model_kwargs, choice, corrector, record, stream)
     stream.end()

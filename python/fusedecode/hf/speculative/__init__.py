@@ -10,8 +10,9 @@ logits, and both KV caches keep exactly the accepted path: no re-prefill.
 The parts, in the order a step uses them:
 
 - ``config``: ``TreeConfig`` and LLMCad's adaptive threshold.
-- ``attention``: which models can run exactly, and the 4D masks (sliding windows included).
-- ``slot_cache``: a KV cache whose slots each row validates on its own (ragged acceptance).
+- ``slot_cache``: which models can run exactly (their attention layout and 4D masks, sliding
+  windows included, are ``fusedecode.hf.models.attention``), and a KV cache whose slots each row
+  validates on its own (ragged acceptance).
 - ``draft_tree``: one row's draft tree, and its pruning to what the target scores.
 - ``drafter``: the draft model's side: feeding committed tokens, growing the trees.
 - ``node_processors``: the user's logits processors at every tree node.

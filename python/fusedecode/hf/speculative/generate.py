@@ -13,10 +13,9 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from .._custom_generate import (TokenStream, check_config, eos_token_ids, pad_token_id,
                                 refuse_unsupported_generation, sampling_temperature)
 from ..processors import UncertaintyProcessor
-from .attention import check_model
 from .config import TreeConfig
 from .drafter import Drafter, Drafting
-from .slot_cache import SlotCache
+from .slot_cache import SlotCache, check_model
 from .step import PendingChain, RowState, TreeSpeculation, Verifier
 
 

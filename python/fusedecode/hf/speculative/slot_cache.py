@@ -1,15 +1,24 @@
-"""``SlotCache``: a model's KV cache in which each batch row keeps its own set of valid slots.
+"""``SlotCache``: a model's KV cache in which each batch row keeps its own set of valid slots; and
+``check_model``: which models tree speculation can run with it exactly.
 
 Each row of the batch keeps its own tree and accepts its own number of tokens (ragged acceptance), so
 the cache holds per-row validity masks: slots of rejected nodes are compacted away after each
 verification, and every forward gets the 4D mask of the row's valid slots.
 """
 
-import inspect
-
 import torch
 
-from .attention import check_model
+from .._custom_generate import refuse_encoder_decoder
+from ..models.attention import masked_attention_layout
+from ..models.forward import logits_to_keep_keyword
+
+
+def check_model(model, name):
+    """Refuse, before any forward, what tree_speculative cannot run exactly; returns the model's
+    attention layout."""
+    refuse_encoder_decoder("tree_speculative", model, name)
+    return masked_attention_layout(model, name, "tree_speculative")
+
 
 class SlotCache:
     """A DynamicCache whose slots may be invalid per row (padding, dummy queries, compacted holes).
@@ -24,7 +33,7 @@ class SlotCache:
 
         self.model = model
         self.layout = check_model(model, "the model") if layout is None else layout
-        self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.logits_to_keep = logits_to_keep_keyword(model)
         # No config: every layer keeps every slot (a config would give sliding layers a cache that
         # drops old slots, which the slot bookkeeping cannot follow; the mask applies the window).
         self.cache = DynamicCache()
@@ -49,7 +58,7 @@ class SlotCache:
             past_allowed = self.valid[:, None, :].expand(batch, count, self.length)
         allowed = torch.cat([past_allowed & self.valid[:, None, :], new_mask], dim=2)
         key_positions = torch.cat([self.positions, positions], dim=1)
-        extra = {"logits_to_keep": last} if last and self.takes_logits_to_keep else {}
+        extra = {self.logits_to_keep: last} if last and self.logits_to_keep else {}
         outputs = self.model(input_ids=tokens, attention_mask=self.layout.masks(allowed, positions, key_positions),
                              position_ids=positions, use_cache=True, return_dict=True,
                              **{self.layout.cache_keyword: self.cache}, **extra)

@@ -1,9 +1,13 @@
-"""Which models tree speculation can run exactly, and the 4D attention masks it hands them.
+"""How a model's attention layers read explicit masks: which models explicit 4D masks, explicit
+position ids and a cache that can be cut describe exactly (``masked_attention_layout``), and the
+masks themselves, sliding windows included (``AttentionLayout``).
 
-Every forward gets an explicit 4D additive attention mask and explicit position ids, which any
-decoder-only HF model built on ``create_causal_mask`` accepts. Sliding-window layers get the window
-in that mask (per layer type where a model mixes them), by the rule the model's own mask follows: a
-query at position p attends keys at positions > p - window.
+Any decoder-only HF model built on ``create_causal_mask`` accepts a 4D additive attention mask and
+explicit position ids. Sliding-window layers get the window in that mask (per layer type where a
+model mixes them), by the rule the model's own mask follows: a query at position p attends keys at
+positions > p - window. The per-family facts (layer types, ALiBi, recurrent layers, the attention
+implementations that read a 4D mask) are in ``architectures``. ``user`` arguments name the caller
+(``tree_speculative``) and ``name`` the model (``"draft_model"``) in error messages.
 """
 
 import inspect
@@ -11,16 +15,10 @@ import re
 
 import torch
 
-from .._custom_generate import refuse_encoder_decoder
-from .._transformers_compat import cache_keyword, decoder_module
+from .architectures import FULL, MASKED_ATTENTION, RECURRENT_LAYER_TYPES, SLIDING, text_config, uses_alibi
+from .cache import cache_keyword
+from .hidden import decoder_module
 
-FULL, SLIDING = "full_attention", "sliding_attention"
-# Attention implementations that read an explicit 4D mask (flash attention only takes padding).
-MASKED_ATTENTION = ("eager", "sdpa")
-# Layer types that keep a recurrent state instead of a key/value cache (Mamba and the hybrids that mix
-# them with attention). transformers >= 5.25 describes Mamba by ``layer_types`` ("linear_attention")
-# and no longer marks such models with ``_is_stateful``.
-RECURRENT_LAYER_TYPES = ("linear_attention", "mamba", "conv", "hybrid", "hybrid_sliding")
 # Decoders that take one prepared mask per layer type: ``if not isinstance(... attention_mask, dict)``.
 _TAKES_MASK_MAPPING = re.compile(r"isinstance\(\s*(?:\w+\s*:=\s*)?attention_mask\s*,\s*dict\s*\)")
 
@@ -38,29 +36,29 @@ class AttentionLayout:
     them accept as prepared masks. Raises ValueError for what cannot be expressed by such masks.
     """
 
-    def __init__(self, model, name):
+    def __init__(self, model, name, user):
         config = model.config
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = text_config(config)
         implementation = getattr(config, "_attn_implementation", None) or "eager"
         if implementation not in MASKED_ATTENTION:
-            raise ValueError(f"tree_speculative passes a 4D tree attention mask, which only the {MASKED_ATTENTION} "
+            raise ValueError(f"{user} passes a 4D tree attention mask, which only the {MASKED_ATTENTION} "
                              f"attention implementations read; {name} uses {implementation!r} (load it with "
                              "attn_implementation='sdpa')")
-        if getattr(text_config, "attention_chunk_size", None):
-            raise ValueError(f"tree_speculative does not support chunked attention ({name} has attention_chunk_size="
-                             f"{text_config.attention_chunk_size})")
+        if getattr(text, "attention_chunk_size", None):
+            raise ValueError(f"{user} does not support chunked attention ({name} has attention_chunk_size="
+                             f"{text.attention_chunk_size})")
         self.cache_keyword = cache_keyword(model)
         if self.cache_keyword is None:
-            raise ValueError(f"tree_speculative needs a model whose forward takes a key/value cache; {name} "
+            raise ValueError(f"{user} needs a model whose forward takes a key/value cache; {name} "
                              f"({type(model).__name__}) takes neither cache nor past_key_values")
-        window = getattr(text_config, "sliding_window", None)
-        layer_types = getattr(text_config, "layer_types", None)
+        window = getattr(text, "sliding_window", None)
+        layer_types = getattr(text, "layer_types", None)
         if layer_types is None:
-            uses_window = window is not None and getattr(text_config, "use_sliding_window", True) is not False
-            layer_types = [SLIDING if uses_window else FULL] * text_config.num_hidden_layers
+            uses_window = window is not None and getattr(text, "use_sliding_window", True) is not False
+            layer_types = [SLIDING if uses_window else FULL] * text.num_hidden_layers
         unknown = sorted(set(layer_types) - {FULL, SLIDING})
         if unknown:
-            raise ValueError(f"tree_speculative supports full and sliding-window attention layers; {name} has "
+            raise ValueError(f"{user} supports full and sliding-window attention layers; {name} has "
                              f"layer types {unknown}")
         if SLIDING in layer_types and not (isinstance(window, int) and window >= 1):
             raise ValueError(f"{name} has sliding-window layers but sliding_window={window!r}")
@@ -68,7 +66,7 @@ class AttentionLayout:
         self.dtype = model.dtype
         if len(self.windows) > 1 and not takes_mask_mapping(model):
             raise ValueError(f"{name} ({type(model).__name__}) mixes full and sliding-window layers but its decoder "
-                             "takes a single attention mask, so tree_speculative cannot give each layer its window")
+                             f"takes a single attention mask, so {user} cannot give each layer its window")
 
     def masks(self, allowed, query_positions, key_positions):
         """The model's ``attention_mask`` from ``allowed [B, q, S]``: a 4D additive mask ``[B, 1, q, S]``,
@@ -93,21 +91,18 @@ def takes_mask_mapping(model):
     return bool(_TAKES_MASK_MAPPING.search(source))
 
 
-def check_model(model, name):
-    """Refuse, before any forward, what tree_speculative cannot run exactly; returns the model's
-    attention layout."""
-    config = model.config
-    refuse_encoder_decoder("tree_speculative", model, name)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if (getattr(text_config, "alibi", False) or getattr(getattr(text_config, "attn_config", None), "alibi", False)
-            or getattr(text_config, "model_type", None) in ("bloom", "mpt")):
-        raise ValueError(f"tree_speculative does not support ALiBi attention ({name} is {type(model).__name__}): "
+def masked_attention_layout(model, name, user):
+    """Refuse, before any forward, a model that explicit 4D masks, explicit position ids and a
+    key/value cache cut to any set of slots cannot run exactly; returns its ``AttentionLayout``."""
+    config = text_config(model.config)
+    if uses_alibi(config):
+        raise ValueError(f"{user} does not support ALiBi attention ({name} is {type(model).__name__}): "
                          "its position bias is built from a 2D padding mask, which cannot express a token tree")
-    recurrent = set(getattr(text_config, "layer_types", None) or ()) & set(RECURRENT_LAYER_TYPES)
+    recurrent = set(getattr(config, "layer_types", None) or ()) & set(RECURRENT_LAYER_TYPES)
     if getattr(model, "_is_stateful", False) or recurrent:
-        raise ValueError(f"tree_speculative needs attention with a key/value cache it can cut to the accepted path; "
+        raise ValueError(f"{user} needs attention with a key/value cache it can cut to the accepted path; "
                          f"{name} ({type(model).__name__}) keeps a recurrent state")
     if "position_ids" not in inspect.signature(model.forward).parameters:
-        raise ValueError(f"tree_speculative needs a model whose forward takes position_ids; {name} "
+        raise ValueError(f"{user} needs a model whose forward takes position_ids; {name} "
                          f"({type(model).__name__}) does not")
-    return AttentionLayout(model, name)
+    return AttentionLayout(model, name, user)
