@@ -48,6 +48,8 @@ ATTENTION = "python/fusedecode/hf/models/attention.py"
 TRIGGER = "python/fusedecode/hf/correction/trigger.py"
 TRIGGERS = "python/fusedecode/triggers.py"
 PROCESSORS = "python/fusedecode/hf/processors.py"
+VLLM_REFLECTION = "python/fusedecode/vllm/_reflection.py"
+VLLM_API = "python/fusedecode/vllm/_api.py"
 CONFIDENCE = "python/fusedecode/confidence.py"
 VALIDATION = "python/fusedecode/_validation.py"
 TILED_HEAD = "python/fusedecode/ops/_tiled_head.py"
@@ -151,8 +153,8 @@ MUTATIONS = [
       "elif (child < N_PAD) & (count > depth):", f"{T_VERIFY} {T_ADV} -k triton",
       "Triton walk may write one entry past depth + 1"),
     # ---- tree helpers ----------------------------------------------------------------------------------
-    M("tree-mask-previous-node", TREE, "mask[:, i] |= mask[rows, p[:, i]]", "mask[:, i] |= mask[rows, i - 1]",
-      f"{T_VERIFY} {T_SPEC} tests/test_tree_helpers.py", "tree attention mask of a chain, not of the tree"),
+    M("tree-mask-one-round-short", TREE, "range(max(n - 2, 0).bit_length())", "range(max(n - 3, 0).bit_length())",
+      f"{T_VERIFY} {T_SPEC} tests/test_tree_helpers.py", "tree attention mask misses the deepest ancestors"),
     M("tree-depth-later-parent-linked", TREE, "linked = (p >= 0) & (p < index)", "linked = p >= 0", T_ADV,
       "reachable_depths follows links to later nodes (cycles)"),
     M("tree-paths-no-sharing", TREE, "                children[node][token] = child\n", "", "tests/test_tree_helpers.py",
@@ -199,8 +201,8 @@ MUTATIONS = [
       "(self.corrections <= config.max_corrections)", "tests/hf/test_srgen.py",
       "one correction more than max_corrections"),
     # ---- DeepConf online stop -----------------------------------------------------------------------
-    M("confstop-window-wrong-end", PROCESSORS, "confidence[-1 - self.window].double()",
-      "confidence[-self.window].double()", "tests/hf/test_processors.py",
+    M("confstop-window-wrong-end", PROCESSORS, "window_parts(confidence[-1 - self.window])",
+      "window_parts(confidence[-self.window])", "tests/hf/test_processors.py",
       "the sliding window drops the wrong step (its newest instead of its oldest)"),
     M("confstop-one-step-early", PROCESSORS, "        if len(confidence) < self.window:\n            return scores",
       "        if len(confidence) < self.window - 1:\n            return scores", "tests/hf/test_processors.py",
@@ -208,6 +210,16 @@ MUTATIONS = [
     M("confstop-ignores-masked-eos", PROCESSORS, "stop = below & (eos_score > -math.inf) & ~self._ended",
       "stop = below & ~self._ended", "tests/hf/test_processors.py",
       "stops a row whose EOS another processor masked (min_new_tokens)"),
+    M("window-mean-nan-leaks", CONFIDENCE, "return torch.where(nan | (positive & negative), math.nan, mean)",
+      "return torch.where(nan, math.nan, mean)", "tests/test_deepconf_rule.py",
+      "a window holding both infinities is -inf (stops) instead of NaN"),
+    # ---- vLLM reflection insertion ------------------------------------------------------------------
+    M("vllm-reflection-not-forced", VLLM_REFLECTION, "    logits.index_copy_(0, rows, torch.where(",
+      "    0 and logits.index_copy_(0, rows, torch.where(", "tests/vllm/test_runner_v2.py -k reflection",
+      "the engine records insertions but never forces their tokens"),
+    M("vllm-step-insertion-at-its-delimiter", VLLM_API, "start = record + int(records[\"forced\"][record] < 0)",
+      "start = record", "tests/vllm/test_runner_v2.py -k reflection",
+      "a step trigger's insertion is reported at the delimiter, not after it"),
     # ---- trace confidence and votes -------------------------------------------------------------------
     M("threshold-wrong-percentile", CONFIDENCE, "np.percentile(values, 100 - keep_percent)",
       "np.percentile(values, keep_percent)", "tests/hf/test_confidence.py",
