@@ -72,8 +72,6 @@ struct LogitStatsOutputs {
   }
 };
 
-constexpr int64_t kMaxTopK = 64;
-
 // Rows are addressed as (outer, inner) with two strides, so a [B, T, V] slice with arbitrary leading
 // strides is read in place.
 struct RowLayout {
@@ -97,7 +95,7 @@ inline RowLayout check_logit_stats_inputs(const at::Tensor& logits, const c10::o
   TORCH_CHECK(logits.size(2) >= 1, "logits must have V >= 1");
   TORCH_CHECK(logits.size(2) < (int64_t{1} << 31), "logits: V must be below 2^31");
   TORCH_CHECK(logits.size(2) == 1 || logits.stride(2) == 1, "logits: the last dimension must be contiguous");
-  TORCH_CHECK(topk >= 0 && topk <= kMaxTopK, "topk must be in [0, 64]");
+  TORCH_CHECK(topk >= 0 && topk <= kMaxTopK, "topk must be in [0, ", kMaxTopK, "]");
   const int64_t rows = logits.size(0) * logits.size(1);
   if (temperature.has_value()) {
     TORCH_CHECK(temperature->scalar_type() == at::kFloat && temperature->is_contiguous() &&

@@ -56,6 +56,8 @@ pybind11::dict build_info() {
   info["compiler"] = std::string(__VERSION__);
   // The Triton backend cuts rows the same way (tests/ops/verify_tree compares the two).
   info["verify_slice_tokens"] = fusedecode::kVerifySliceTokens;
+  // The largest topk the native op accepts (tests/test_op_contract.py: equal to Python's MAX_TOPK).
+  info["max_topk"] = fusedecode::kMaxTopK;
   return info;
 }
 

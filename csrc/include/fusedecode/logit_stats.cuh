@@ -25,11 +25,13 @@ namespace fusedecode {
 namespace cuda {
 
 constexpr int kWarpSize = 32;
-constexpr int kTopKCapacity = 64;
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;
 constexpr int kFoldVectors = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
+// Entries of a warp's top-k list (WarpTopK: two per lane): every topk the op accepts fits.
+constexpr int kTopKCapacity = 2 * kWarpSize;
+static_assert(kMaxTopK <= kTopKCapacity, "WarpTopK holds at most two candidates per lane");
 
 struct LogitStatsParams {
   const void* logits;

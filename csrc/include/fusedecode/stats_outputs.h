@@ -1,4 +1,4 @@
-// fusedecode: the one C++ list of logit_stats' outputs.
+// fusedecode: the one C++ list of logit_stats' outputs, and the one C++ top-k limit.
 //
 // Framework-free, like stats_state.h. Everything on the C++ side that names the outputs one by one
 // expands FUSEDECODE_LOGIT_STATS_OUTPUTS instead: StatsFields, StatsOutputPointers and the stores of
@@ -40,5 +40,11 @@ constexpr bool is_requested(RequestedBy requested_by, bool with_token_ids, bool 
   return requested_by == RequestedBy::always || (requested_by == RequestedBy::token_ids && with_token_ids) ||
          (requested_by == RequestedBy::topk && with_topk);
 }
+
+// The largest topk logit_stats accepts, on every backend: MAX_TOPK in python/fusedecode/_validation.py
+// (tests/test_op_contract.py checks the two are equal through fusedecode._C.build_info()). The CPU
+// kernel keeps this many candidates per slice; the CUDA kernel's per-warp list (two per lane) must
+// hold as many (a static_assert in logit_stats.cuh).
+constexpr int kMaxTopK = 64;
 
 }  // namespace fusedecode
