@@ -485,7 +485,12 @@ __global__ void __launch_bounds__(kThreads, 3) logit_stats_kernel(const LogitSta
 }
 
 // CTAs per row: one when rows alone fill the GPU; otherwise enough slices to put about four CTAs
-// on every SM, but never fewer than one 16-byte vector per thread in a slice.
+// on every SM, but never fewer than one 16-byte vector per thread in a slice. Four per SM is just
+// over one wave of this kernel (three resident CTAs per SM: __launch_bounds__ above). The Triton
+// launcher (choose_splits in triton_kernels/logit_stats.py) aims at the same four programs per SM
+// but already stops splitting at 2 x SMs rows: no measurement chose either threshold (both date from
+// the first version, commit 8571162; benchmarks/NOTES.md has none), so they are left apart until a
+// GPU sweep over 2-4 x SMs rows picks one for both.
 constexpr int kSplitRowCapacityPerSM = 4;
 
 inline int choose_splits(int64_t rows, int64_t vocab, int elem_bytes, int sm_count) {
