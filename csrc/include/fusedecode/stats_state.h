@@ -3,7 +3,7 @@
 // Framework-free (no torch headers): compiled by the host compiler for the CPU kernels and by nvcc
 // for the CUDA kernels, so both backends share one copy of the merge and finalize math.
 //
-// Definitions (DESIGN section 3). Per row z = x * inv_t over the finite entries F, n = |F|,
+// Definitions (docs/semantics.md#logit_stats). Per row z = x * inv_t over the finite entries F, n = |F|,
 // p = softmax(z) over F. Everything is kept relative to the row maximum max_x, never as a
 // difference of two large numbers (offsets such as 1e6 + noise, tiny temperatures):
 //   logsumexp       = max_x * inv_t + log s          s = sum exp(z - max z)
