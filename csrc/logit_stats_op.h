@@ -8,48 +8,69 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <array>
+#include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "fusedecode/stats_state.h"
 
 namespace fusedecode {
 
-// The outputs of fusedecode::logit_stats by name: the fields of OUTPUTS in
-// python/fusedecode/ops/logit_stats.py, in its order (the schema's in csrc/ops.cpp). One entry per
-// row ([outer * inner]); token_logprob and topk_confidence are empty ([0]) when not asked for.
-struct LogitStatsOutputs {
-  at::Tensor logsumexp;
-  at::Tensor entropy;
-  at::Tensor varentropy;
-  at::Tensor self_certainty;
-  at::Tensor max_logprob;
-  at::Tensor argmax;
-  at::Tensor token_logprob;
-  at::Tensor topk_confidence;
+// Tensor tuples of a schema's return value: std::tuple<at::Tensor, ...> with `n` entries.
+template <size_t n>
+using TensorTuple = decltype(std::tuple_cat(std::declval<std::array<at::Tensor, n>>()));
 
-  // The schema's return value: the only place the fields have positions.
-  using Returns =
-      std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+#define FUSEDECODE_COUNT_ONE(...) +1
+#define FUSEDECODE_COUNT_IF_ALWAYS(name, type, requested_by) FUSEDECODE_IF_ALWAYS(requested_by, +1)
+constexpr size_t kLogitStatsOutputCount = 0 FUSEDECODE_LOGIT_STATS_OUTPUTS(FUSEDECODE_COUNT_ONE);
+// Those every call computes, which verify_tree returns too.
+constexpr size_t kAlwaysStatsOutputCount = 0 FUSEDECODE_LOGIT_STATS_OUTPUTS(FUSEDECODE_COUNT_IF_ALWAYS);
+
+// The names of logit_stats' outputs in order (every one, or those every call computes: verify_tree's),
+// for the schemas in csrc/ops.cpp.
+inline std::vector<std::string> logit_stats_output_names(bool always_only) {
+  std::vector<std::string> names;
+#define FUSEDECODE_OUTPUT_NAME(name, type, requested_by) \
+  if (!always_only || RequestedBy::requested_by == RequestedBy::always) names.push_back(#name);
+  FUSEDECODE_LOGIT_STATS_OUTPUTS(FUSEDECODE_OUTPUT_NAME)
+#undef FUSEDECODE_OUTPUT_NAME
+  return names;
+}
+
+// "(Tensor a, Tensor b, ...)": the return list of a schema whose outputs are all tensors.
+inline std::string schema_returns(const std::vector<std::string>& names) {
+  std::string returns = "(";
+  for (size_t i = 0; i < names.size(); ++i) returns += (i ? ", Tensor " : "Tensor ") + names[i];
+  return returns + ")";
+}
+
+// The outputs of fusedecode::logit_stats by name (FUSEDECODE_LOGIT_STATS_OUTPUTS). One entry per
+// row ([outer * inner]); an output the call does not ask for is empty ([0]).
+struct LogitStatsOutputs {
+#define FUSEDECODE_TENSOR_MEMBER(name, type, requested_by) at::Tensor name;
+  FUSEDECODE_LOGIT_STATS_OUTPUTS(FUSEDECODE_TENSOR_MEMBER)
+#undef FUSEDECODE_TENSOR_MEMBER
+
+  // The schema's return value, in the output lists' order.
+  using Returns = TensorTuple<kLogitStatsOutputCount>;
   Returns returns() const {
-    return {logsumexp, entropy, varentropy, self_certainty, max_logprob, argmax, token_logprob, topk_confidence};
+#define FUSEDECODE_NAME_COMMA(name, type, requested_by) name,
+    return Returns{FUSEDECODE_LOGIT_STATS_OUTPUTS(FUSEDECODE_NAME_COMMA)};
+#undef FUSEDECODE_NAME_COMMA
   }
 
-  // Raw pointers for the framework-free kernels (nullptr for a field not asked for).
-  StatsOutputPointers pointers(bool with_token, bool with_topk) {
+  // Raw pointers for the framework-free kernels (nullptr for an output not asked for).
+  StatsOutputPointers pointers(bool with_token_ids, bool with_topk) {
     StatsOutputPointers out{};
-    out.logsumexp = logsumexp.data_ptr<float>();
-    out.entropy = entropy.data_ptr<float>();
-    out.varentropy = varentropy.data_ptr<float>();
-    out.self_certainty = self_certainty.data_ptr<float>();
-    out.max_logprob = max_logprob.data_ptr<float>();
-    out.argmax = argmax.data_ptr<int64_t>();
-    out.token_logprob = with_token ? token_logprob.data_ptr<float>() : nullptr;
-    out.topk_confidence = with_topk ? topk_confidence.data_ptr<float>() : nullptr;
+#define FUSEDECODE_DATA_POINTER(name, type, requested_by) \
+  out.name = is_requested(RequestedBy::requested_by, with_token_ids, with_topk) ? name.data_ptr<type>() : nullptr;
+    FUSEDECODE_LOGIT_STATS_OUTPUTS(FUSEDECODE_DATA_POINTER)
+#undef FUSEDECODE_DATA_POINTER
     return out;
   }
 };
-
-constexpr int64_t kMaxTopK = 64;
 
 // Rows are addressed as (outer, inner) with two strides, so a [B, T, V] slice with arbitrary leading
 // strides is read in place.
@@ -74,7 +95,7 @@ inline RowLayout check_logit_stats_inputs(const at::Tensor& logits, const c10::o
   TORCH_CHECK(logits.size(2) >= 1, "logits must have V >= 1");
   TORCH_CHECK(logits.size(2) < (int64_t{1} << 31), "logits: V must be below 2^31");
   TORCH_CHECK(logits.size(2) == 1 || logits.stride(2) == 1, "logits: the last dimension must be contiguous");
-  TORCH_CHECK(topk >= 0 && topk <= kMaxTopK, "topk must be in [0, 64]");
+  TORCH_CHECK(topk >= 0 && topk <= kMaxTopK, "topk must be in [0, ", kMaxTopK, "]");
   const int64_t rows = logits.size(0) * logits.size(1);
   if (temperature.has_value()) {
     TORCH_CHECK(temperature->scalar_type() == at::kFloat && temperature->is_contiguous() &&
@@ -97,19 +118,18 @@ inline RowLayout check_logit_stats_inputs(const at::Tensor& logits, const c10::o
 
 // Fresh outputs of `shape` on the logits' device: logit_stats' are one entry per row, in row order
 // ([outer * inner]; the Python layer gives them the leading shape), verify_tree's one per node [B, N].
-inline LogitStatsOutputs allocate_logit_stats_outputs(const at::Tensor& logits, at::IntArrayRef shape, bool with_token,
-                                                      bool with_topk) {
-  const auto f32 = logits.options().dtype(at::kFloat);
-  auto optional_out = [&](bool wanted) { return wanted ? at::empty(shape, f32) : at::empty({0}, f32); };
+inline LogitStatsOutputs allocate_logit_stats_outputs(const at::Tensor& logits, at::IntArrayRef shape,
+                                                      bool with_token_ids, bool with_topk) {
+  const int64_t not_asked_for[] = {0};
+  auto shape_of = [&](RequestedBy requested_by) {
+    return is_requested(requested_by, with_token_ids, with_topk) ? shape : at::IntArrayRef(not_asked_for);
+  };
   LogitStatsOutputs outputs;
-  outputs.logsumexp = at::empty(shape, f32);
-  outputs.entropy = at::empty(shape, f32);
-  outputs.varentropy = at::empty(shape, f32);
-  outputs.self_certainty = at::empty(shape, f32);
-  outputs.max_logprob = at::empty(shape, f32);
-  outputs.argmax = at::empty(shape, logits.options().dtype(at::kLong));
-  outputs.token_logprob = optional_out(with_token);
-  outputs.topk_confidence = optional_out(with_topk);
+#define FUSEDECODE_ALLOCATE(name, type, requested_by)     \
+  outputs.name = at::empty(shape_of(RequestedBy::requested_by), \
+                           logits.options().dtype(c10::CppTypeToScalarType<type>::value));
+  FUSEDECODE_LOGIT_STATS_OUTPUTS(FUSEDECODE_ALLOCATE)
+#undef FUSEDECODE_ALLOCATE
   return outputs;
 }
 

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "fusedecode/vocab_slices.h"
+#include "verify_tree_op.h"
 
 #ifndef FUSEDECODE_TORCH_VERSION
 #define FUSEDECODE_TORCH_VERSION "unknown"
@@ -17,16 +18,18 @@
 #define FUSEDECODE_CUDA_ARCHS ""
 #endif
 
+// The return lists come from the C++ output lists (FUSEDECODE_LOGIT_STATS_OUTPUTS,
+// FUSEDECODE_VERIFY_TREE_WALK_OUTPUTS); tests/ops/test_registry.py checks the registered schemas
+// against the Python op modules' SCHEMAS, built from their OUTPUTS.
 TORCH_LIBRARY(fusedecode, m) {
-  m.def(
-      "logit_stats(Tensor logits, Tensor? temperature, float temperature_scalar, Tensor? token_ids, int topk) -> "
-      "(Tensor logsumexp, Tensor entropy, Tensor varentropy, Tensor self_certainty, Tensor max_logprob, "
-      "Tensor argmax, Tensor token_logprob, Tensor topk_confidence)");
-  m.def(
-      "verify_tree(Tensor target_logits, Tensor draft_tokens, Tensor parents, float temperature, "
-      "Tensor? draft_probs, Tensor seeds, int depth) -> (Tensor num_accepted, Tensor accepted_nodes, "
-      "Tensor output_tokens, Tensor logsumexp, Tensor entropy, Tensor varentropy, Tensor self_certainty, "
-      "Tensor max_logprob, Tensor argmax)");
+  using fusedecode::schema_returns;
+  m.def(("logit_stats(Tensor logits, Tensor? temperature, float temperature_scalar, Tensor? token_ids, int topk) -> " +
+         schema_returns(fusedecode::logit_stats_output_names(/*always_only=*/false)))
+            .c_str());
+  m.def(("verify_tree(Tensor target_logits, Tensor draft_tokens, Tensor parents, float temperature, "
+         "Tensor? draft_probs, Tensor seeds, int depth) -> " +
+         schema_returns(fusedecode::verify_tree_output_names()))
+            .c_str());
 }
 
 namespace {
@@ -53,6 +56,8 @@ pybind11::dict build_info() {
   info["compiler"] = std::string(__VERSION__);
   // The Triton backend cuts rows the same way (tests/ops/verify_tree compares the two).
   info["verify_slice_tokens"] = fusedecode::kVerifySliceTokens;
+  // The largest topk the native op accepts (tests/test_op_contract.py: equal to Python's MAX_TOPK).
+  info["max_topk"] = fusedecode::kMaxTopK;
   return info;
 }
 

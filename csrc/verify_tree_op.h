@@ -5,30 +5,50 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include "fusedecode/tree_walk.h"
 #include "logit_stats_op.h"
 
 namespace fusedecode {
 
-// The outputs of fusedecode::verify_tree by name: the fields of OUTPUTS in
-// python/fusedecode/ops/verify_tree.py, in its order (the schema's in csrc/ops.cpp): the walk's, then
-// the always-computed LogitStats fields of every node row.
+// The walk's outputs of fusedecode::verify_tree, in the schema's order: num_accepted [B],
+// accepted_nodes and output_tokens [B, D+1], all int64. They come first in OUTPUTS of
+// python/fusedecode/ops/verify_tree.py, followed by logit_stats' outputs every call computes.
+#define FUSEDECODE_VERIFY_TREE_WALK_OUTPUTS(X) \
+  X(num_accepted)                              \
+  X(accepted_nodes)                            \
+  X(output_tokens)
+
+// The names of verify_tree's outputs in order, for its schema in csrc/ops.cpp.
+inline std::vector<std::string> verify_tree_output_names() {
+#define FUSEDECODE_WALK_NAME(name) #name,
+  std::vector<std::string> names{FUSEDECODE_VERIFY_TREE_WALK_OUTPUTS(FUSEDECODE_WALK_NAME)};
+#undef FUSEDECODE_WALK_NAME
+  for (const std::string& name : logit_stats_output_names(/*always_only=*/true)) names.push_back(name);
+  return names;
+}
+
+// The outputs of fusedecode::verify_tree by name.
 struct VerifyTreeOutputs {
-  at::Tensor num_accepted;    // [B] int64
-  at::Tensor accepted_nodes;  // [B, D+1] int64
-  at::Tensor output_tokens;   // [B, D+1] int64
+#define FUSEDECODE_WALK_MEMBER(name) at::Tensor name;
+  FUSEDECODE_VERIFY_TREE_WALK_OUTPUTS(FUSEDECODE_WALK_MEMBER)
+#undef FUSEDECODE_WALK_MEMBER
   // [B, N], written by the statistics pass; verify_tree asks for neither token_logprob nor
   // topk_confidence (empty, not returned).
   LogitStatsOutputs stats;
 
-  // The schema's return value: the only place the fields have positions.
-  using Returns = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                             at::Tensor, at::Tensor>;
+  // The schema's return value, in the output lists' order.
+  using Returns = TensorTuple<0 FUSEDECODE_VERIFY_TREE_WALK_OUTPUTS(FUSEDECODE_COUNT_ONE) + kAlwaysStatsOutputCount>;
   Returns returns() const {
-    return {num_accepted,  accepted_nodes,       output_tokens,     stats.logsumexp, stats.entropy,
-            stats.varentropy, stats.self_certainty, stats.max_logprob, stats.argmax};
+#define FUSEDECODE_WALK_COMMA(name) name,
+#define FUSEDECODE_ALWAYS_STATS_COMMA(name, type, requested_by) FUSEDECODE_IF_ALWAYS(requested_by, stats.name, )
+    return Returns{FUSEDECODE_VERIFY_TREE_WALK_OUTPUTS(FUSEDECODE_WALK_COMMA)
+                       FUSEDECODE_LOGIT_STATS_OUTPUTS(FUSEDECODE_ALWAYS_STATS_COMMA)};
+#undef FUSEDECODE_ALWAYS_STATS_COMMA
+#undef FUSEDECODE_WALK_COMMA
   }
 };
 

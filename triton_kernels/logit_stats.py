@@ -349,6 +349,7 @@ def _block_size(vocab, element_size):
 
 def choose_splits(rows, vocab, block, sm_count):
     """Programs per row: one when rows fill the GPU, else enough whole-block slices for ~4 per SM."""
+    # 2 x SMs here, 4 x SMs in the CUDA launcher: no measurement chose either (see choose_splits in logit_stats.cuh).
     if rows >= 2 * sm_count:
         return 1
     by_target = -(-4 * sm_count // rows)

@@ -25,11 +25,13 @@ namespace fusedecode {
 namespace cuda {
 
 constexpr int kWarpSize = 32;
-constexpr int kTopKCapacity = 64;
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;
 constexpr int kFoldVectors = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
+// Entries of a warp's top-k list (WarpTopK: two per lane): every topk the op accepts fits.
+constexpr int kTopKCapacity = 2 * kWarpSize;
+static_assert(kMaxTopK <= kTopKCapacity, "WarpTopK holds at most two candidates per lane");
 
 struct LogitStatsParams {
   const void* logits;
@@ -273,29 +275,24 @@ __device__ StatsState combine_states(const StatsState& s, CombineScratch* scratc
   return out;
 }
 
-// At least three CTAs per SM (at most 85 registers), as the kernel had before its exact-gap sums;
-// ptxas fits that without spills.
+// The kernel's steps, in the order it runs them (each __forceinline__: the kernel compiles to the
+// same machine code as one body; benchmarks/NOTES.md has the SASS counts).
+
+// Step 1, every thread: its share of the CTA's slice of the row (scalar head in slice 0, 16-byte
+// vectors, scalar tail in the last slice), as one StatsState; with kTopK its values also go
+// through the warp's top-k list `top`. Loads of the next batch are issued before the current batch
+// is reduced (register double buffering), so every thread keeps kUnroll 16-byte loads in flight
+// while it computes; the exp-weighted sums are folded into the state every kFoldVectors vectors.
 template <typename T, bool kTopK>
-__global__ void __launch_bounds__(kThreads, 3) logit_stats_kernel(const LogitStatsParams p) {
+__device__ __forceinline__ StatsState reduce_thread_share(const LogitStatsParams& p, const RowSlices<T>& cut,
+                                                          const T* row_ptr, int split, float inv_t, WarpTopK& top) {
   using Load = VecLoad<T>;
   constexpr int kVec = Load::kVec;
-  constexpr int kWarps = kThreads / kWarpSize;
   constexpr int64_t kStride = static_cast<int64_t>(kThreads) * kUnroll;
-
-  const int64_t row = static_cast<int64_t>(blockIdx.x) / p.splits;
-  const int split = static_cast<int>(static_cast<int64_t>(blockIdx.x) % p.splits);
   const int tid = threadIdx.x;
-  const int lane = tid & (kWarpSize - 1);
-  const int warp = tid / kWarpSize;
-
-  const T* row_ptr = static_cast<const T*>(p.logits) + (row / p.inner_size) * p.outer_stride +
-                     (row % p.inner_size) * p.inner_stride;
-  const float t = p.temperatures ? p.temperatures[row] : p.temperature;
-  const float inv_t = 1.f / t;
+  const int k = p.topk;
   const float scale2 = inv_t * kLog2e;
   const GapLimits limits = gap_limits(scale2, kThreadWindow);
-
-  const RowSlices<T> cut(row_ptr, p.vocab, p.splits, p.vectors_per_split);
   const int64_t head = cut.head;
   const int64_t tail_begin = cut.tail_begin();
   const int64_t vec_begin = cut.vec_begin(split);
@@ -305,12 +302,7 @@ __global__ void __launch_bounds__(kThreads, 3) logit_stats_kernel(const LogitSta
   ThreadSums sums;
   sums.reset();
   StatsState state = empty_state();
-  WarpTopK top;
-  top.reset();
-  const int k = p.topk;
 
-  // Loads of the next batch are issued before the current batch is reduced (register double
-  // buffering), so every thread keeps kUnroll 16-byte loads in flight while it computes.
   uint4 next[kUnroll];
   bool next_present[kUnroll];
   auto load_batch = [&](int64_t base) {
@@ -363,81 +355,142 @@ __global__ void __launch_bounds__(kThreads, 3) logit_stats_kernel(const LogitSta
     if (in_tail) sums.add<1>(v, static_cast<int32_t>(index), scale2, inv_t, limits);
     if (kTopK) top.offer<1>(v, in_tail, k);
   }
+  return merge_states(state, sums.fold(inv_t), inv_t);
+}
 
-  __shared__ CombineScratch scratch;
-  __shared__ float warp_lists[kTopK ? kWarps : 1][kTopKCapacity];
-  __shared__ bool is_last_block;
-  state = combine_states<true>(merge_states(state, sums.fold(inv_t), inv_t), &scratch, inv_t);
-  if constexpr (kTopK) {
-    warp_lists[warp][lane] = top.lo;
-    warp_lists[warp][kWarpSize + lane] = top.hi;
-    __syncthreads();
-  }
-  if (warp != 0) return;
-  if constexpr (kTopK) {
-    for (int w = 1; w < kWarps; ++w) {
-      const float v[2] = {warp_lists[w][lane], warp_lists[w][kWarpSize + lane]};
-      top.offer<2>(v, true, k);
-    }
-  }
+// Step 2 (kTopK): the block's k largest values into warp 0's list, through one 64-entry list per
+// warp in shared memory. First every thread shares its warp's list...
+__device__ __forceinline__ void share_warp_topk(const WarpTopK& top, float (*warp_lists)[kTopKCapacity]) {
+  const int lane = threadIdx.x & (kWarpSize - 1);
+  const int warp = threadIdx.x / kWarpSize;
+  warp_lists[warp][lane] = top.lo;
+  warp_lists[warp][kWarpSize + lane] = top.hi;
+  __syncthreads();
+}
 
-  if (p.splits == 1 && p.partial_states != nullptr) {
-    // The row is one slice: its state is the row's, kept for verify_tree's sampling pass.
-    if (lane == 0) p.partial_states[row] = state;
-  } else if (p.splits > 1) {
-    // Publish this slice; the last CTA of the row to finish merges all slices.
-    const int64_t slot = row * p.splits + split;
-    if (lane == 0) p.partial_states[slot] = state;
-    if (kTopK) {
-      p.partial_topk[slot * kTopKCapacity + lane] = top.lo;
-      p.partial_topk[slot * kTopKCapacity + kWarpSize + lane] = top.hi;
-    }
-    __threadfence();
-    __syncwarp();
-    if (lane == 0) is_last_block = atomicAdd(p.row_counters + row, 1u) == static_cast<unsigned>(p.splits - 1);
-    __syncwarp();
-    if (!is_last_block) return;
-    __threadfence();
-    state = empty_state();
-    for (int s = lane; s < p.splits; s += kWarpSize) {
-      const StatsState* src = p.partial_states + row * p.splits + s;
-      StatsState other;
-      other.ref = __ldcg(&src->ref);
-      other.sum_exp = __ldcg(&src->sum_exp);
-      other.wmean = __ldcg(&src->wmean);
-      other.wvar = __ldcg(&src->wvar);
-      other.half_gap_mean = __ldcg(&src->half_gap_mean);
-      other.max_x = __ldcg(&src->max_x);
-      other.count = __ldcg(&src->count);
-      other.argmax = __ldcg(&src->argmax);
-      state = merge_states(state, other, inv_t);
-    }
-    state = combine_states<false>(state, nullptr, inv_t);
-    if (kTopK) {
-      top.reset();
-      for (int s = 0; s < p.splits; ++s) {
-        const float* list = p.partial_topk + (row * p.splits + s) * kTopKCapacity;
-        const float v[2] = {__ldcg(list + lane), __ldcg(list + kWarpSize + lane)};
-        top.offer<2>(v, true, k);
-      }
-    }
-    if (lane == 0) p.row_counters[row] = 0u;  // ready for the next launch
+// ... then warp 0 takes in the others' lists.
+__device__ __forceinline__ void gather_warp_topk(WarpTopK& top, const float (*warp_lists)[kTopKCapacity], int k) {
+  const int lane = threadIdx.x & (kWarpSize - 1);
+  for (int w = 1; w < kThreads / kWarpSize; ++w) {
+    const float v[2] = {warp_lists[w][lane], warp_lists[w][kWarpSize + lane]};
+    top.offer<2>(v, true, k);
   }
+}
 
-  // Every lane of warp 0 holds the row's state.
-  const int keep = k < state.count ? k : state.count;
+// Step 3a (split rows), warp 0: publish this slice's state and top-k list to the workspace, then
+// count the slice in; true in every lane of the last CTA of the row to finish, which merges them.
+template <bool kTopK>
+__device__ __forceinline__ bool publish_slice(const LogitStatsParams& p, int64_t row, int split,
+                                              const StatsState& state, const WarpTopK& top, bool& is_last_block) {
+  const int lane = threadIdx.x & (kWarpSize - 1);
+  const int64_t slot = row * p.splits + split;
+  if (lane == 0) p.partial_states[slot] = state;
+  if (kTopK) {
+    p.partial_topk[slot * kTopKCapacity + lane] = top.lo;
+    p.partial_topk[slot * kTopKCapacity + kWarpSize + lane] = top.hi;
+  }
+  __threadfence();
+  __syncwarp();
+  if (lane == 0) is_last_block = atomicAdd(p.row_counters + row, 1u) == static_cast<unsigned>(p.splits - 1);
+  __syncwarp();
+  return is_last_block;
+}
+
+// A slice's state as another CTA published it (loads that bypass L1, which may hold stale lines).
+__device__ __forceinline__ StatsState load_published_state(const StatsState* src) {
+  StatsState s;
+  s.ref = __ldcg(&src->ref);
+  s.sum_exp = __ldcg(&src->sum_exp);
+  s.wmean = __ldcg(&src->wmean);
+  s.wvar = __ldcg(&src->wvar);
+  s.half_gap_mean = __ldcg(&src->half_gap_mean);
+  s.max_x = __ldcg(&src->max_x);
+  s.count = __ldcg(&src->count);
+  s.argmax = __ldcg(&src->argmax);
+  return s;
+}
+
+// Step 3b (split rows), warp 0 of the last CTA of the row: merge every published slice into the
+// row's state (returned in every lane) and, with kTopK, their lists into `top`; then reset the
+// row's counter for the next launch.
+template <bool kTopK>
+__device__ __forceinline__ StatsState merge_published_slices(const LogitStatsParams& p, int64_t row, float inv_t,
+                                                             WarpTopK& top) {
+  const int lane = threadIdx.x & (kWarpSize - 1);
+  __threadfence();
+  StatsState state = empty_state();
+  for (int s = lane; s < p.splits; s += kWarpSize) {
+    state = merge_states(state, load_published_state(p.partial_states + row * p.splits + s), inv_t);
+  }
+  state = combine_states<false>(state, nullptr, inv_t);
+  if (kTopK) {
+    top.reset();
+    for (int s = 0; s < p.splits; ++s) {
+      const float* list = p.partial_topk + (row * p.splits + s) * kTopKCapacity;
+      const float v[2] = {__ldcg(list + lane), __ldcg(list + kWarpSize + lane)};
+      top.offer<2>(v, true, p.topk);
+    }
+  }
+  if (lane == 0) p.row_counters[row] = 0u;  // ready for the next launch
+  return state;
+}
+
+// Step 4, warp 0 with the row's state in every lane: the top-k gap sum (warp-collective), then lane
+// 0 finalizes the row and stores every requested output.
+template <typename T, bool kTopK>
+__device__ __forceinline__ void store_row(const LogitStatsParams& p, int64_t row, const T* row_ptr,
+                                          const StatsState& state, float t, const WarpTopK& top) {
+  const int keep = p.topk < state.count ? p.topk : state.count;
   double topk_gap_sum = 0.0;
   if (kTopK) topk_gap_sum = top.gap_sum_first(keep, state.max_x);
-  if (lane != 0) return;
-
+  if ((threadIdx.x & (kWarpSize - 1)) != 0) return;
   const int64_t token = p.token_ids ? p.token_ids[row] : -1;
   const bool in_range = token >= 0 && token < p.vocab;
-  const float token_x = in_range ? Load::scalar(row_ptr + token) : 0.f;
+  const float token_x = in_range ? VecLoad<T>::scalar(row_ptr + token) : 0.f;
   store_row_stats(p.out, row, state, t, in_range, token_x, topk_gap_sum, keep);
 }
 
+// At least three CTAs per SM (at most 85 registers), as the kernel had before its exact-gap sums;
+// ptxas fits that without spills.
+template <typename T, bool kTopK>
+__global__ void __launch_bounds__(kThreads, 3) logit_stats_kernel(const LogitStatsParams p) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) / p.splits;
+  const int split = static_cast<int>(static_cast<int64_t>(blockIdx.x) % p.splits);
+  const T* row_ptr = static_cast<const T*>(p.logits) + (row / p.inner_size) * p.outer_stride +
+                     (row % p.inner_size) * p.inner_stride;
+  const float t = p.temperatures ? p.temperatures[row] : p.temperature;
+  const float inv_t = 1.f / t;
+  const RowSlices<T> cut(row_ptr, p.vocab, p.splits, p.vectors_per_split);
+
+  WarpTopK top;
+  top.reset();
+  const StatsState thread_state = reduce_thread_share<T, kTopK>(p, cut, row_ptr, split, inv_t, top);
+
+  __shared__ CombineScratch scratch;
+  __shared__ float warp_lists[kTopK ? kThreads / kWarpSize : 1][kTopKCapacity];
+  __shared__ bool is_last_block;
+  StatsState state = combine_states<true>(thread_state, &scratch, inv_t);
+  if constexpr (kTopK) share_warp_topk(top, warp_lists);
+  if (threadIdx.x >= kWarpSize) return;  // warp 0 finishes the row
+  if constexpr (kTopK) gather_warp_topk(top, warp_lists, p.topk);
+
+  if (p.splits == 1 && p.partial_states != nullptr) {
+    // The row is one slice: its state is the row's, kept for verify_tree's sampling pass.
+    if (threadIdx.x == 0) p.partial_states[row] = state;
+  } else if (p.splits > 1) {
+    if (!publish_slice<kTopK>(p, row, split, state, top, is_last_block)) return;
+    state = merge_published_slices<kTopK>(p, row, inv_t, top);
+  }
+  store_row<T, kTopK>(p, row, row_ptr, state, t, top);
+}
+
 // CTAs per row: one when rows alone fill the GPU; otherwise enough slices to put about four CTAs
-// on every SM, but never fewer than one 16-byte vector per thread in a slice.
+// on every SM, but never fewer than one 16-byte vector per thread in a slice. Four per SM is just
+// over one wave of this kernel (three resident CTAs per SM: __launch_bounds__ above). The Triton
+// launcher (choose_splits in triton_kernels/logit_stats.py) aims at the same four programs per SM
+// but already stops splitting at 2 x SMs rows: no measurement chose either threshold (both date from
+// the first version, commit 8571162; benchmarks/NOTES.md has none), so they are left apart until a
+// GPU sweep over 2-4 x SMs rows picks one for both.
 constexpr int kSplitRowCapacityPerSM = 4;
 
 inline int choose_splits(int64_t rows, int64_t vocab, int elem_bytes, int sm_count) {

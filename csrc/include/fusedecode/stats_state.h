@@ -3,7 +3,7 @@
 // Framework-free (no torch headers): compiled by the host compiler for the CPU kernels and by nvcc
 // for the CUDA kernels, so both backends share one copy of the merge and finalize math.
 //
-// Definitions (DESIGN section 3). Per row z = x * inv_t over the finite entries F, n = |F|,
+// Definitions (docs/semantics.md#logit_stats). Per row z = x * inv_t over the finite entries F, n = |F|,
 // p = softmax(z) over F. Everything is kept relative to the row maximum max_x, never as a
 // difference of two large numbers (offsets such as 1e6 + noise, tiny temperatures):
 //   logsumexp       = max_x * inv_t + log s          s = sum exp(z - max z)
@@ -26,6 +26,8 @@
 
 #include <cmath>
 #include <cstdint>
+
+#include "fusedecode/stats_outputs.h"
 
 #if defined(__CUDACC__)
 #define FD_HOST_DEVICE __host__ __device__ __forceinline__
@@ -185,13 +187,12 @@ FD_HOST_DEVICE StatsState merge_states(const StatsState& a, const StatsState& b,
   return out;
 }
 
+// One row's outputs (FUSEDECODE_LOGIT_STATS_OUTPUTS). finalize_state fills those every call computes;
+// store_row_stats the others, when asked for.
 struct StatsFields {
-  float logsumexp;
-  float entropy;
-  float varentropy;
-  float self_certainty;
-  float max_logprob;
-  int64_t argmax;
+#define FUSEDECODE_FIELD_MEMBER(name, type, requested_by) type name;
+  FUSEDECODE_LOGIT_STATS_OUTPUTS(FUSEDECODE_FIELD_MEMBER)
+#undef FUSEDECODE_FIELD_MEMBER
   bool valid;
 };
 
@@ -220,17 +221,21 @@ FD_HOST_DEVICE bool temperature_is_valid(float t) {
   return t > 0.f && t < FD_INFINITY && 1.f / t < FD_INFINITY;
 }
 
-// Where logit_stats writes its per-row results (token_logprob / topk_confidence: nullptr if unused).
+// Where logit_stats writes its per-row results, one pointer per output in the list's order
+// (nullptr for an output the call does not ask for).
 struct StatsOutputPointers {
-  float* logsumexp;
-  float* entropy;
-  float* varentropy;
-  float* self_certainty;
-  float* max_logprob;
-  int64_t* argmax;
-  float* token_logprob;
-  float* topk_confidence;
+#define FUSEDECODE_POINTER_MEMBER(name, type, requested_by) type* name;
+  FUSEDECODE_LOGIT_STATS_OUTPUTS(FUSEDECODE_POINTER_MEMBER)
+#undef FUSEDECODE_POINTER_MEMBER
 };
+
+// Store every output of `f` that `out` asks for (those every call computes unconditionally).
+FD_HOST_DEVICE void store_fields(const StatsOutputPointers& out, int64_t row, const StatsFields& f) {
+#define FUSEDECODE_STORE_FIELD(name, type, requested_by) \
+  if (RequestedBy::requested_by == RequestedBy::always || out.name) out.name[row] = f.name;
+  FUSEDECODE_LOGIT_STATS_OUTPUTS(FUSEDECODE_STORE_FIELD)
+#undef FUSEDECODE_STORE_FIELD
+}
 
 // Finalize one row and store every requested output. `token_x` is the raw logit of the row's token
 // (when `token_in_range`); `topk_gap_sum` is the sum of x_i - max_x over the row's `topk_kept`
@@ -238,23 +243,17 @@ struct StatsOutputPointers {
 FD_HOST_DEVICE void store_row_stats(const StatsOutputPointers& out, int64_t row, const StatsState& state, float t,
                                     bool token_in_range, float token_x, double topk_gap_sum, int topk_kept) {
   const float inv_t = 1.f / t;
-  const StatsFields f = finalize_state(state, inv_t, temperature_is_valid(t));
-  out.logsumexp[row] = f.logsumexp;
-  out.entropy[row] = f.entropy;
-  out.varentropy[row] = f.varentropy;
-  out.self_certainty[row] = f.self_certainty;
-  out.max_logprob[row] = f.max_logprob;
-  out.argmax[row] = f.argmax;
+  StatsFields f = finalize_state(state, inv_t, temperature_is_valid(t));
   if (out.token_logprob) {
-    out.token_logprob[row] =
-        (f.valid && token_in_range) ? scaled_gap(token_x, state.max_x, inv_t) + f.max_logprob : FD_NAN;
+    f.token_logprob = (f.valid && token_in_range) ? scaled_gap(token_x, state.max_x, inv_t) + f.max_logprob : FD_NAN;
   }
   if (out.topk_confidence) {
     const double mean_gap = topk_kept > 0 ? topk_gap_sum / topk_kept : 0.0;
-    out.topk_confidence[row] =
+    f.topk_confidence =
         f.valid ? static_cast<float>(static_cast<double>(-f.max_logprob) - mean_gap * static_cast<double>(inv_t))
                 : FD_NAN;
   }
+  store_fields(out, row, f);
 }
 
 }  // namespace fusedecode

@@ -1,4 +1,5 @@
-// fusedecode: the walk of one draft tree (DESIGN section 4), shared by the CPU and CUDA backends.
+// fusedecode: the walk of one draft tree (its rules: docs/semantics.md#verify_tree), shared by the
+// CPU and CUDA backends.
 //
 // `walk_tree` holds the control logic (which child is accepted, SpecInfer's residual updates, what is
 // emitted); a backend supplies a `Row` with the data-parallel pieces for one batch row:
