@@ -236,6 +236,16 @@ def test_kernels_import_no_op():
             and not b.startswith("fusedecode.triton_kernels")] == []
 
 
+def test_every_package_is_installed():
+    # setup.py lists the packages a wheel carries: a package missing there imports from the source
+    # tree (editable install) and is absent from every wheel.
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    listed = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                  and any(isinstance(target, ast.Name) and target.id == "PACKAGES" for target in node.targets))
+    packages = [module for module, (_, is_package) in source_modules().items() if is_package]
+    assert sorted(packages) == sorted(listed)
+
+
 def test_the_checks_see_what_they_guard_against():
     # A cycle, an upward edge and a hidden import planted in a made-up graph are each found.
     edges = [("fusedecode.tree", "fusedecode.backends", 1, False), ("fusedecode.backends", "fusedecode.tree", 2, True),

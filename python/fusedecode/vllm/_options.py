@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .. import _validation
+from ..ops.logit_stats import MAX_TOPK  # logit_stats' limit
 
 PREFIX = "fusedecode_"
 TEMPERATURE, TOPK = PREFIX + "temperature", PREFIX + "topk"
@@ -35,7 +36,6 @@ KEY, CHANNEL, AUTHKEY = PREFIX + "key", PREFIX + "channel", PREFIX + "authkey"
 KNOWN_KEYS = (TEMPERATURE, TOPK, WINDOW, THRESHOLD, KEY, CHANNEL, AUTHKEY)
 
 DEEPCONF_TOPK = 20  # the paper's k, used when an early stop is asked for without a topk
-MAX_TOPK = _validation.MAX_TOPK  # logit_stats' limit
 GREEDY_BELOW = 1e-5  # vLLM treats a sampling temperature below this as greedy
 AUTHKEY_BYTES = 32
 
