@@ -9,8 +9,8 @@ import torch
 from ...backends import OpBackends
 from .._outputs import Output, named_tuple, public_fields, schema_returns
 
-# The largest ``topk`` of ``topk_confidence`` (the kernels keep the k largest gaps in registers; the
-# C++ and CUDA kernels have the same bound).
+# The largest ``topk`` of ``topk_confidence``: the kernels keep a row's k largest logits on chip
+# (the C++ op and the CUDA kernel declare the same bound). The one Python definition.
 MAX_TOPK = 64
 
 # ------------------------------------------------------------------------------------------------
