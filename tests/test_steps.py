@@ -22,7 +22,8 @@ from fusedecode.steps import (DelimiterTable, accumulate, cut_step, cut_steps, n
 from fusedecode.triggers import SRGenTrigger, StepTrigger
 
 
-@pytest.mark.parametrize("name", ["fusedecode.steps", "fusedecode.triggers", "fusedecode.reflection"])
+@pytest.mark.parametrize("name", ["fusedecode.steps", "fusedecode.triggers", "fusedecode.reflection",
+                                  "fusedecode.vllm._options"])
 def test_docstring_examples(name):
     failures, tried = doctest.testmod(importlib.import_module(name), verbose=False)
     assert failures == 0 and tried > 0

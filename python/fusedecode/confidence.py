@@ -6,7 +6,13 @@ DeepConf (Fu et al., 2025, "Deep Think with Confidence"): a token's confidence i
 high means confident). Over a trace:
 
 - group confidence: the mean token confidence over a sliding window of ``window`` tokens (one group,
-  the mean of all tokens, when the trace is shorter than the window);
+  the mean of all tokens, when the trace is shorter than the window). Each window's mean is its own,
+  as the official per-window ``np.mean``: NaN if the window holds a NaN or both infinities, +-inf if
+  it holds infinities of one sign, and a non-finite value never leaks into the windows after it;
+- the online early stop (``stop_position``; ``fusedecode.hf.ConfidenceStopping`` and the vLLM
+  processor apply it token by token): the first token at which the group confidence of the last
+  ``window`` tokens, once there are ``window``, is below a threshold. The window's mean is computed
+  from its parts (``window_parts``, ``window_mean``) by all three, so they agree on every input;
 - ``mean_confidence``, ``tail_confidence`` (the last ``tail`` tokens), ``bottom_group_confidence`` (mean
   of the lowest ``bottom`` fraction of group confidences) and ``lowest_group_confidence``;
 - ``confidence_threshold``: the online stop threshold calibrated on warm-up traces, a percentile of
@@ -34,11 +40,12 @@ import math
 from numbers import Real
 
 import numpy as np
+import torch
 
 from .reflection import insertion_points
 from .steps import StepStatistics, cut_steps, step_statistics
 
-__all__ = ["group_confidences", "mean_confidence", "tail_confidence", "bottom_group_confidence",
+__all__ = ["group_confidences", "stop_position", "window_parts", "window_mean", "mean_confidence", "tail_confidence", "bottom_group_confidence",
            "lowest_group_confidence", "confidence_threshold", "filter_top", "weighted_majority_vote",
            "majority_vote", "deepconf_vote", "best_of_n", "cut_steps", "step_statistics", "StepStatistics",
            "insertion_points"]
@@ -68,6 +75,36 @@ def _fraction(name, value):
     return float(value)
 
 
+def window_parts(values):
+    """What the sum of a window of ``values`` (a float tensor, any shape) is made of: the finite values
+    (float64, 0 where not finite) and, in a last dimension of 3, int64 indicators of NaN, +inf and
+    -inf. Sums of parts over a window (prefix-sum differences, running sums) give ``window_mean``
+    its arguments; finite sums stay finite whatever else the trace holds."""
+    finite = torch.where(torch.isfinite(values), values, torch.zeros_like(values)).double()
+    counts = torch.stack([torch.isnan(values), values == math.inf, values == -math.inf], dim=-1).long()
+    return finite, counts
+
+
+def window_mean(finite_sum, counts, window):
+    """The mean of a window of ``window`` values from the sums of its ``window_parts``: NaN if it
+    holds a NaN or both infinities, +inf or -inf if it holds infinities of one sign, else the finite
+    sum over ``window`` (float64)."""
+    mean = finite_sum / window
+    nan, positive, negative = counts[..., 0] > 0, counts[..., 1] > 0, counts[..., 2] > 0
+    mean = torch.where(positive, math.inf, mean)
+    mean = torch.where(negative, -math.inf, mean)
+    return torch.where(nan | (positive & negative), math.nan, mean)
+
+
+def _full_window_means(values, window):
+    """``window_mean`` of every full window of ``values`` (1-D float64 NumPy): ``len - window + 1``."""
+    finite, counts = window_parts(torch.from_numpy(values))
+    finite_sums = torch.cat([finite.new_zeros(1), finite.cumsum(0)])
+    count_sums = torch.cat([counts.new_zeros(1, 3), counts.cumsum(0)])
+    return window_mean(finite_sums[window:] - finite_sums[:-window], count_sums[window:] - count_sums[:-window],
+                       window).numpy()
+
+
 def group_confidences(confidences, window=DEEPCONF_WINDOW):
     """Sliding-window means of token confidences: ``len - window + 1`` groups, or one group (the mean
     of every token) for a trace shorter than ``window``; empty for an empty trace. A float64 array.
@@ -83,10 +120,31 @@ def group_confidences(confidences, window=DEEPCONF_WINDOW):
     window = _positive_int("window", window)
     if values.size == 0:
         return values
+    return _full_window_means(values, min(window, values.size))
+
+
+def stop_position(confidences, window, threshold):
+    """Where DeepConf's online early stop ends a trace: the first token index g >= ``window`` - 1
+    whose group confidence (the mean of tokens g - window + 1 .. g) is below ``threshold``, or None.
+    A window whose mean is NaN never stops (a NaN inside it, or both infinities); one holding -inf
+    does. The rule of ``fusedecode.hf.ConfidenceStopping`` and of the vLLM processor's stop (where
+    the engine has not masked the stop token).
+
+    Example::
+
+        >>> stop_position([5.0, 1.0, 1.0, 4.0], window=2, threshold=2.0)
+        2
+        >>> stop_position([5.0, float("nan"), 1.0, 1.0], window=2, threshold=2.0)
+        3
+    """
+    values = _history("confidences", confidences)
+    window = _positive_int("window", window)
+    if isinstance(threshold, bool) or not isinstance(threshold, Real):
+        raise ValueError(f"threshold must be a float, got {threshold!r}")
     if values.size < window:
-        return np.array([values.mean()])
-    sums = np.cumsum(np.concatenate([[0.0], values]))
-    return (sums[window:] - sums[:-window]) / window
+        return None
+    below = np.flatnonzero(_full_window_means(values, window) < threshold)
+    return int(below[0]) + window - 1 if below.size else None
 
 
 def mean_confidence(confidences):

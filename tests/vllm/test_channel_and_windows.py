@@ -23,6 +23,7 @@ from fusedecode.vllm._windows import ConfidenceWindows, segment_cumsum
 def records(uid, positions, tokens, entropy=None):
     data = np.zeros(len(positions), RECORD)
     data["uid"], data["position"], data["token"] = uid, positions, tokens
+    data["forced"], data["insertion"] = -1, -1
     data["entropy"] = entropy if entropy is not None else np.arange(len(positions))
     return data
 
@@ -117,8 +118,9 @@ def test_field_lists_come_from_the_output_table():
     from fusedecode.vllm import TraceStats
     floats = [o.name for o in OUTPUTS if o.dtype == torch.float32]
     assert list(STAT_FIELDS) == floats == list(float_outputs("token_ids", "topk"))
-    assert list(RECORD.names) == ["uid", "position", "token"] + floats
-    assert list(TraceStats._fields) == floats + ["stopped"]
+    insertion = ["forced", "insertion", "insertion_value", "insertion_threshold"]
+    assert list(RECORD.names) == ["uid", "position", "token"] + insertion + floats
+    assert list(TraceStats._fields) == floats + ["stopped", "insertions", "steps"]
     assert set(FIELDS) | set(TOPK_FIELDS) == set(floats) - {"token_logprob"}
     assert "topk_confidence" in TOPK_FIELDS and "topk_confidence" not in FIELDS
 

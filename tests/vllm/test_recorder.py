@@ -186,7 +186,7 @@ def test_deepconf_stop_forces_eos_and_waits_for_masked_eos():
         batch.step()
     batch.step(removed=[0])
     by_uid, _, _ = batch.records()
-    confidence = by_uid[0]["topk_confidence"].astype(np.float64)
+    confidence = by_uid[min(by_uid)]["topk_confidence"].astype(np.float64)
     means = np.convolve(confidence, np.ones(window) / window, "valid")  # mean ending at position p + window - 1
     threshold = float(np.sort(means)[len(means) // 2]) + 1e-4
     first = window - 1 + int(np.flatnonzero(means < threshold)[0])
@@ -217,10 +217,48 @@ def test_deepconf_stop_forces_eos_and_waits_for_masked_eos():
     ({"fusedecode_key": "k"}, "go together"),
     ({**channel("k"), "fusedecode_channel": "relative/stats.sock"}, "absolute path"),
     ({**channel("k"), "fusedecode_authkey": "00"}, "fusedecode_authkey"),
+    ({"fusedecode_reflection": "{"}, "fusedecode_reflection is not valid JSON"),
+    ({"fusedecode_reflection": "[15]"}, "fusedecode_reflection must be a JSON object"),
+    ({"fusedecode_reflection": '{"tokens": [15]}'}, "fusedecode_reflection needs 'tokens' and 'triggers'"),
+    ({"fusedecode_reflection": '{"tokens": [15], "triggers": [], "extra": 1}'}, "fusedecode_reflection needs"),
+    ({"fusedecode_reflection": '{"tokens": [15], "triggers": [{"type": "magic"}]}'}, "'type' must be one of"),
+    ({"fusedecode_reflection": '{"tokens": [15], "triggers": [{"type": "srgen", "window": 1}]}'}, "window"),
+    ({"fusedecode_reflection": '{"tokens": [], "triggers": [{"type": "srgen"}]}'}, "tokens is empty"),
+    ({"fusedecode_reflection": '{"tokens": [-1], "triggers": [{"type": "srgen"}]}'}, "tokens must be >= 0"),
+    ({"fusedecode_reflection": '{"tokens": [1], "triggers": [{"type": "srgen"}], "max_insertions": -1}'},
+     "max_insertions"),
+    ({"fusedecode_reflection": '{"tokens": [1], "triggers": [{"type": "step", "threshold": 1.0}]}'},
+     "delimiters must be given"),
+    ({"fusedecode_reflection": '{"tokens": [1], "delimiters": [[3]], "triggers": [{"type": "step", '
+                               '"threshold": NaN}]}'}, "threshold"),
+    ({"fusedecode_reflection": '{"tokens": [1], "delimiters": [[3]], "triggers": [{"type": "step", '
+                               '"threshold": 1.0, "field": "token_logprob"}]}'}, "not known before the token"),
+    ({"fusedecode_reflection": '{"tokens": [1], "delimiters": [[3]], "triggers": [{"type": "step", '
+                               '"threshold": 1.0, "field": "topk_confidence"}]}'}, "fusedecode_topk >= 1"),
 ])
 def test_invalid_options_name_the_option(extra, match):
     with pytest.raises(ValueError, match=match):
         parse_options(extra)
+
+
+def test_reflection_option_round_trip_and_v1_refusal():
+    from fusedecode.reflection import ReflectionConfig
+    from fusedecode.triggers import SRGenTrigger, StepTrigger
+    from fusedecode.vllm._options import parse_reflection, reflection_extra
+    config = ReflectionConfig([11, 12], [SRGenTrigger(window=3), StepTrigger(0.5, field="topk_confidence",
+                                                                               measure="tail", tail=2)],
+                              max_insertions=3, delimiters=[3, [7, 8]])
+    assert parse_reflection(reflection_extra(config)) == config
+    options = parse_options({"fusedecode_reflection": reflection_extra(config), "fusedecode_topk": 4})
+    assert options.reflection == config and options.topk == 4
+    # The V1 runner cannot force in time: the request runs without insertion and its caller is told.
+    batch, output = Batch(), []
+    batch.step(added=[(0, "R", Params(fusedecode_reflection=reflection_extra(config), fusedecode_topk=4,
+                                      **channel("r")), output)])
+    batch.step()
+    headers = [header for header, _ in Sender.sent]
+    assert any("Model Runner V2" in header["errors"].get("r", "") for header in headers)
+    assert 11 not in output or batch.row("R", output.index(11)).argmax() == 11
 
 
 def test_options_defaults():

@@ -9,9 +9,14 @@ split calls), completions sharing one ``SamplingParams``, a shared temperature o
 
 import numpy as np
 import pytest
+import torch
 
+from fusedecode.reflection import ReflectionConfig, insertion_points
+from fusedecode.steps import step_statistics
+from fusedecode.triggers import SRGenTrigger, StepTrigger
 from fusedecode.vllm._api import _trace_stats
 from fusedecode.vllm._channel import StatsCollector
+from fusedecode.vllm._options import extra_args_for
 from fusedecode.vllm._runner_v2 import ModelRunnerV2Recorder
 from runner_v2_sim import (EOS, VOCAB, Params, Request, Runner, assert_stats_match, expected_stats,
                            window_rule_stop)
@@ -228,3 +233,137 @@ def test_two_tensor_parallel_ranks_report_each_row_once(collector, sharded):
     assert collector.trace_count(key) == 4, "each completion reported by exactly one rank"
     reported = [recorder.counters["records"] for recorder in runner.recorders]
     assert all(reported) and sum(reported) == sum(request.committed for request in requests)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reflection insertion (fusedecode.reflection's rule, forced inside the engine)
+
+PHRASE = (11, 12)  # the inserted tokens
+STEP_ENDS = [[3], [6], [10], [7, 8]]  # one-token delimiters and a two-token one
+
+
+def reflection_config(trigger, threshold=0.6, max_insertions=2):
+    triggers = {"step": [StepTrigger(threshold=threshold)],
+                "srgen": [SRGenTrigger(window=2, k=0.0, min_std=0.0, min_threshold=0.0, warmup_threshold=1.0)],
+                "min below": [StepTrigger(threshold=threshold, measure="min", fires_when="below")],
+                "both": [SRGenTrigger(window=3, k=0.5, min_std=0.0, min_threshold=0.0, warmup_threshold=1.5),
+                         StepTrigger(threshold=threshold, measure="tail", tail=2)]}[trigger]
+    return ReflectionConfig(PHRASE, triggers, max_insertions=max_insertions, delimiters=STEP_ENDS)
+
+
+def reflecting(collector, key, config, **options):
+    params = asking(collector, key, **options)
+    params.extra_args.update(extra_args_for(reflection=config))
+    return params
+
+
+def received_insertions(collector, key, requests, config):
+    results = collector.take(key, [request.output for request in requests], timeout=10)
+    return [_trace_stats(records, stopped, False, reflection=True, delimiters=config.delimiters)
+            for records, stopped in results]
+
+
+def check_insertions(runner, collector, key, requests, config, temperature=1.0):
+    """Every completion: statistics as without reflection, insertions where the rule (replayed
+    offline over the recorded statistics) names them, and the phrase in the tokens there."""
+    made = []
+    for request, stats in zip(requests, received_insertions(collector, key, requests, config)):
+        expected = expected_stats(runner, request.name, request.output, temperature)
+        assert_stats_match(stats, expected, request.output)
+        replay = insertion_points(request.output, {field: getattr(stats, field) for field in config.fields}, config)
+        assert stats.insertions == replay, request.name
+        for insertion in stats.insertions:
+            start = insertion.position
+            assert request.output[start:start + insertion.inserted] == list(config.tokens[:insertion.inserted])
+            # Cut short only by the end of the request.
+            assert insertion.inserted == len(config.tokens) or start + insertion.inserted == len(request.output)
+        # Steps of the records equal the offline grouping of the per-token statistics.
+        offline = step_statistics(expected.entropy.float(), request.output, config.delimiters)
+        for got, want in zip(stats.steps["entropy"], offline):
+            assert torch.allclose(got.double(), want.double(), rtol=1e-5, atol=1e-5, equal_nan=True)
+        made.append(len(stats.insertions))
+    return made
+
+
+@pytest.mark.parametrize("trigger", ["step", "srgen", "min below", "both"])
+def test_reflection_inserts_where_the_rule_says(collector, trigger):
+    """A batch of six through three slots (reused), a shared temperature other than 1: the engine's
+    insertions equal the offline rule's on the recorded statistics, the phrase is in the tokens."""
+    config = reflection_config(trigger, threshold={"min below": 0.06, "both": 1.0}.get(trigger, 0.75))
+    runner = Runner(recorder_factory(), max_num_reqs=3)
+    key, = collector.open_keys(1)
+    shared = reflecting(collector, key, config, temperature=0.7, max_tokens=18)
+    requests = [Request(f"f{i}", shared, [4, 5, i]) for i in range(6)]
+    run_to_end(runner, requests)
+    made = check_insertions(runner, collector, key, requests, config, temperature=0.7)
+    assert sum(made) >= 3 and max(made) == 2, f"the rule fired too rarely to test it: {made}"
+    assert min(made) < 2 or trigger in ("srgen", "both"), f"every completion fired twice: {made}"
+
+
+def test_reflection_changes_nothing_when_no_trigger_fires(collector):
+    key_plain, key_quiet = collector.open_keys(2)
+    never = ReflectionConfig(PHRASE, StepTrigger(threshold=1e9), delimiters=STEP_ENDS)
+    outputs = []
+    for key, params in ((key_plain, asking(collector, key_plain, max_tokens=12)),
+                        (key_quiet, reflecting(collector, key_quiet, never, max_tokens=12))):
+        runner = Runner(recorder_factory(), max_num_reqs=2)
+        requests = [Request(f"g{i}", params, [2, i]) for i in range(3)]
+        run_to_end(runner, requests)
+        outputs.append([request.output for request in requests])
+    assert outputs[0] == outputs[1]
+    assert all(stats.insertions == [] for stats in received_insertions(collector, key_quiet, requests, never))
+
+
+@pytest.mark.parametrize("where", ["same slot", "reused slot"])
+def test_reflection_survives_preemption_mid_insertion(collector, where):
+    """Preempted right after an insertion started, resumed: the phrase goes on where it stopped and
+    the rule's state (insertions made, step, SRGen's window) is the trace's own."""
+    config = ReflectionConfig((11, 12, 10, 9), StepTrigger(threshold=0.0), max_insertions=2, delimiters=STEP_ENDS)
+    key_free, key = collector.open_keys(2)
+    free = Request("m", reflecting(collector, key_free, config, max_tokens=20), [6])
+    run_to_end(Runner(recorder_factory(), max_num_reqs=2), [free])
+    first = received_insertions(collector, key_free, [free], config)[0].insertions[0].position
+    runner = Runner(recorder_factory(), max_num_reqs=2)
+    victim = Request("m", reflecting(collector, key, config, max_tokens=20), [6])
+    other = Request("o", asking(collector, key, max_tokens=4), [1])
+    runner.step(add=[victim])
+    while len(victim.output) < first + 2:
+        runner.step()
+    runner.step(preempt=[victim])
+    runner.step(add=[other] if where == "reused slot" else [])
+    runner.step(add=[victim])
+    run_to_end(runner)
+    assert victim.output == free.output, "the resumed trace inserts exactly as without preemption"
+    check_insertions(runner, collector, key, [victim], config)
+
+
+def test_reflection_with_deepconf_stop_and_statistics_only_neighbours(collector):
+    """A DeepConf stop on a row the rule wants to force wins (the trace ends); requests without
+    reflection in the same batch are never forced."""
+    config = reflection_config("srgen", max_insertions=4)
+    key, plain_key = collector.open_keys(2)
+    runner = Runner(recorder_factory(), max_num_reqs=4)
+    stopping = Request("k", reflecting(collector, key, config, topk=2, window=2, threshold=1e9, max_tokens=12), [5])
+    plain = [Request(f"p{i}", asking(collector, plain_key, max_tokens=10), [5, i]) for i in range(3)]
+    run_to_end(runner, [stopping] + plain)
+    assert stopping.output[-1] == EOS and len(stopping.output) == 2, "the stop fired at its first full window"
+    assert received(collector, key, [stopping], topk=2)[0].stopped
+    for request in plain:
+        assert request.output == [int(runner.rows_seen[(request.name, p)].argmax()) for p in range(len(request.output))]
+    assert check(runner, collector, plain_key, plain)
+
+
+def test_reflection_refused_with_speculative_rows_outside_the_vocabulary_and_with_eos(collector):
+    for runner, config in ((Runner(recorder_factory(spec_tokens=2), max_num_reqs=1, spec_tokens=2),
+                            reflection_config("step")),
+                           (Runner(recorder_factory(), max_num_reqs=1),
+                            ReflectionConfig([VOCAB], StepTrigger(threshold=0.0), delimiters=[3])),
+                           (Runner(recorder_factory(), max_num_reqs=1),
+                            ReflectionConfig([11, EOS], StepTrigger(threshold=0.0), delimiters=[3]))):
+        key, = collector.open_keys(1)
+        request = Request("v", reflecting(collector, key, config, max_tokens=6), [1])
+        run_to_end(runner, [request])
+        with pytest.raises(RuntimeError, match="speculative decoding|outside the vocabulary|end the request"):
+            collector.take(key, [request.output], timeout=5)
+        assert PHRASE[0] not in request.output, "a refused request runs without insertion"
+        collector.release([key])

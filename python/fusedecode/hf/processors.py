@@ -14,6 +14,7 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
 from .. import logit_stats
+from ..confidence import window_mean, window_parts
 from ..ops.logit_stats import MAX_TOPK, float_outputs
 from ..steps import DEFAULT_TAIL, DelimiterTable, check_delimiters, cut_step, new_cutter, spans_from_step_indices, \
     statistics_of_spans
@@ -239,7 +240,7 @@ class ConfidenceStopProcessor(UncertaintyProcessor):
 
     def reset(self):
         super().reset()
-        self.stopped = self._ended = self._window_sum = None
+        self.stopped = self._ended = self._window_sum = self._window_counts = None
 
     def __call__(self, input_ids, scores):
         super().__call__(input_ids, scores)  # a new generate call resets the state first
@@ -252,19 +253,23 @@ class ConfidenceStopProcessor(UncertaintyProcessor):
             self._ended = torch.zeros_like(self.stopped)
             self._eos = torch.tensor(self.eos_token_ids, device=input_ids.device)
             self._window_sum = torch.zeros(scores.shape[0], dtype=torch.float64, device=scores.device)
+            self._window_counts = torch.zeros(scores.shape[0], 3, dtype=torch.int64, device=scores.device)
         else:  # the token of the previous step is known now: rows that ended there are done
             self._ended = self._ended | torch.isin(input_ids[:, -1], self._eos).to(scores.device)
-        # A running sum over the window, as the official processor's deque and running total; in
-        # float64, where sums of float32 confidences of top-k >= 2 (each >= log 2) are exact.
-        self._window_sum = self._window_sum + confidence[-1].double()
+        # A running sum over the window, as the official processor's deque and running total, kept in
+        # parts (fusedecode.confidence.window_parts) so that a NaN or infinite confidence affects only
+        # the windows holding it; in float64, where sums of float32 confidences are exact.
+        finite, counts = window_parts(confidence[-1])
+        self._window_sum, self._window_counts = self._window_sum + finite, self._window_counts + counts
         if len(confidence) > self.window:
-            self._window_sum = self._window_sum - confidence[-1 - self.window].double()
+            finite, counts = window_parts(confidence[-1 - self.window])
+            self._window_sum, self._window_counts = self._window_sum - finite, self._window_counts - counts
         if len(confidence) < self.window:
             return scores
         eos = self.eos_token_ids[0]
         eos_score = scores[:, eos]
         # A row whose EOS another processor masked (min_new_tokens) is not stopped at this step.
-        below = self._window_sum / self.window < self._thresholds(scores)
+        below = window_mean(self._window_sum, self._window_counts, self.window) < self._thresholds(scores)
         stop = below & (eos_score > -math.inf) & ~self._ended
         self.stopped = self.stopped | stop
         self._ended = self._ended | stop

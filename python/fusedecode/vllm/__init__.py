@@ -7,9 +7,11 @@ This package imports without vLLM; vLLM is needed to run it (``pip install fused
   declares it in the ``vllm.logits_processors`` entry point, so every engine loads it; or pass
   ``LLM(logits_processors=["fusedecode.vllm:FusedecodeLogitsProcessor"])``. It works only for the
   requests that ask (``SamplingParams.extra_args``).
-- ``generate(llm, prompts, sampling_params, *, temperature=None, topk=0, confidence_stop=None)``: the
-  vLLM outputs plus, per completion, a ``TraceStats`` of 1-D float32 tensors over its tokens
-  (entropy, varentropy, self_certainty, logsumexp, max_logprob, token_logprob, topk_confidence).
+- ``generate(llm, prompts, sampling_params, *, temperature=None, topk=0, confidence_stop=None,
+  reflection=None, delimiters=None)``: the vLLM outputs plus, per completion, a ``TraceStats`` of 1-D
+  float32 tensors over its tokens (entropy, varentropy, self_certainty, logsumexp, max_logprob,
+  token_logprob, topk_confidence), with ``delimiters`` its per-step statistics and with
+  ``reflection`` (a ``fusedecode.reflection.ReflectionConfig``) the insertions the engine made.
 - ``ConfidenceStop(window, threshold, topk=20)``: DeepConf's early stop for ``generate``.
 - ``deepconf(llm, prompt, ...)``: DeepConf online (calibrate on warm-up traces, sample with the early
   stop, confidence-weighted vote); ``best_of_n(llm, prompt, ...)``: self-certainty Borda voting. The

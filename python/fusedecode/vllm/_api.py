@@ -8,10 +8,13 @@ from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Any, List, NamedTuple, Optional
 
+import numpy as np
 import torch
 
 from .. import confidence
-from .._validation import check_temperature
+from .._validation import check_int, check_temperature
+from ..reflection import Insertion, ReflectionConfig
+from ..steps import DEFAULT_TAIL, check_delimiters, step_statistics
 from ._channel import STAT_FIELDS, StatsCollector
 from ._options import PREFIX, check_threshold, check_topk, check_window, extra_args_for, options_of, parse_options
 from ._recorder import ASYNC_REFUSAL
@@ -22,12 +25,17 @@ ENTRY_POINT_GROUP = "vllm.logits_processors"
 
 
 # Per completion: every per-token statistic of logit_stats' output table (topk_confidence None when
-# not recorded), then whether DeepConf's early stop ended it.
-TraceStats = NamedTuple("TraceStats", [(name, Optional[torch.Tensor]) for name in STAT_FIELDS] + [("stopped", bool)])
+# not recorded), whether DeepConf's early stop ended it, its reflection insertions and its steps.
+TraceStats = NamedTuple("TraceStats", [(name, Optional[torch.Tensor]) for name in STAT_FIELDS]
+                        + [("stopped", bool), ("insertions", Optional[list]), ("steps", Optional[dict])])
+TraceStats.__new__.__defaults__ = (None, None)
 TraceStats.__doc__ = """Per-token statistics of one completion: 1-D float32 tensors over its generated tokens, as
     ``fusedecode.logit_stats`` defines them, at the measuring temperature (``token_logprob`` of the
-    emitted token; ``topk_confidence`` None when no topk was asked for), and ``stopped``: DeepConf's
-    early stop ended this completion (its last token is the forced EOS)."""
+    emitted token; ``topk_confidence`` None when no topk was asked for); ``stopped``: DeepConf's
+    early stop ended this completion (its last token is the forced EOS); ``insertions`` (with
+    ``reflection``): the list of ``fusedecode.reflection.Insertion`` the engine made, as the rule
+    recorded them; ``steps`` (with ``delimiters``): per recorded field, its
+    ``fusedecode.steps.StepStatistics`` over the completion's steps."""
 
 
 class Result(NamedTuple):
@@ -125,15 +133,65 @@ def _request(params, extra):
     return params
 
 
-def _trace_stats(records, stopped, has_topk):
+def _insertions_of(records):
+    """The insertions recorded in a completion's records. A record whose ``insertion`` names a
+    trigger starts one: at its own token when that token was forced (SRGen's rule), right after it
+    when it was free (a step trigger at the step it ends; after a completion's last token nothing
+    follows). ``Insertion.inserted`` counts its forced tokens emitted as forced."""
+    found = []
+    for record in np.flatnonzero(records["insertion"] >= 0):
+        start = record + int(records["forced"][record] < 0)
+        inserted = 0
+        for index in range(start, len(records)):
+            if records["forced"][index] < 0 or (index > start and records["insertion"][index] >= 0
+                                               and records["forced"][index] >= 0):
+                break
+            inserted += int(records["token"][index] == records["forced"][index])
+        found.append(Insertion(int(records["position"][record]) + start - record, int(records["insertion"][record]),
+                               float(records["insertion_value"][record]),
+                               float(records["insertion_threshold"][record]), inserted))
+    return found
+
+
+def _trace_stats(records, stopped, has_topk, *, reflection=False, delimiters=None, tail=DEFAULT_TAIL):
     columns = {name: torch.from_numpy(records[name].copy()) for name in STAT_FIELDS}
     if not has_topk:
         columns["topk_confidence"] = None
-    return TraceStats(stopped=bool(stopped), **columns)
+    steps = None
+    if delimiters is not None:
+        steps = {name: step_statistics(values, records["token"], delimiters, tail=tail)
+                 for name, values in columns.items() if values is not None}
+    return TraceStats(stopped=bool(stopped), insertions=_insertions_of(records) if reflection else None, steps=steps,
+                      **columns)
+
+
+def _check_reflection(llm, reflection, topk, stops):
+    """``ValueError`` if this engine or these options cannot run ``reflection`` (before anything runs)."""
+    if not isinstance(reflection, ReflectionConfig):
+        raise TypeError(f"reflection must be a fusedecode.reflection.ReflectionConfig, got {type(reflection).__name__}")
+    config = _engine_config(llm)
+    if not getattr(config, "use_v2_model_runner", False):
+        raise ValueError("reflection insertion runs on vLLM's Model Runner V2 (the default engine), not on the V1 "
+                         "model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
+    if getattr(config, "speculative_config", None) is not None:
+        raise ValueError("reflection insertion forces one token per decode step: it does not run with speculative "
+                         "decoding (drop speculative_config)")
+    vocab = config.model_config.get_vocab_size()
+    largest = max(reflection.tokens + sum(reflection.delimiters or (), ()))
+    if largest >= vocab:
+        raise ValueError(f"reflection holds token {largest}, outside the model's vocabulary ({vocab} tokens)")
+    if "topk_confidence" in reflection.fields and not topk and all(stop is None for stop in stops):
+        raise ValueError("reflection measures topk_confidence: give topk >= 1")
+    if "token_logprob" in reflection.fields:
+        raise ValueError("reflection measures token_logprob, which is not known before the token is drawn")
+    ending = {llm.get_tokenizer().eos_token_id} & set(reflection.tokens)
+    if ending:
+        raise ValueError(f"reflection.tokens holds the EOS id {sorted(ending)}: an inserted EOS would end the completion")
 
 
 def generate(llm, prompts, sampling_params=None, *, temperature=None, topk=0, confidence_stop=None,
-             timeout=120.0, use_tqdm=False, collector=None):
+             reflection=None, delimiters=None, step_tail=DEFAULT_TAIL, timeout=120.0, use_tqdm=False,
+             collector=None):
     """``llm.generate`` plus per-token statistics of every completion, recorded inside the engine.
 
     Args:
@@ -148,6 +206,12 @@ def generate(llm, prompts, sampling_params=None, *, temperature=None, topk=0, co
         topk: k of ``topk_confidence`` (0: not recorded).
         confidence_stop: a ``ConfidenceStop`` (or one per prompt) for DeepConf's early stop; its topk
             is the one recorded (``topk`` must then be 0 or the same).
+        reflection: a ``fusedecode.reflection.ReflectionConfig``: reflection insertion inside the engine
+            (the rule of ``fusedecode.hf.ReflectionInsertion``, per completion; Model Runner V2
+            without speculative decoding). Each ``TraceStats.insertions`` lists what it inserted.
+        delimiters, step_tail: cut each completion into reasoning steps (``fusedecode.steps``) at
+            these token sequences; ``TraceStats.steps`` then holds, per recorded field, its
+            ``StepStatistics`` (``tail`` measure over ``step_tail`` tokens).
         timeout: seconds to wait for the last statistics after vLLM returns.
         collector: a ``StatsCollector`` (default: the process's shared one).
 
@@ -170,14 +234,20 @@ def generate(llm, prompts, sampling_params=None, *, temperature=None, topk=0, co
             raise TypeError(f"confidence_stop must be a ConfidenceStop, got {type(stop).__name__}")
         if stop is not None and topk not in (0, stop.topk):
             raise ValueError(f"topk={topk} differs from confidence_stop.topk={stop.topk}: one k is recorded per request")
+    if delimiters is not None:
+        delimiters = check_delimiters(delimiters)
+    step_tail = check_int("step_tail", step_tail, 1)
     check_engine(llm)
+    if reflection is not None:
+        _check_reflection(llm, reflection, topk, stops)
     collector = collector if collector is not None else default_collector()
     keys = collector.open_keys(len(prompt_list))
     try:
         requests = []
         for params, stop, key in zip(params_list, stops, keys):
             extra = extra_args_for(temperature=temperature, topk=stop.topk if stop else topk,
-                                   window=stop.window if stop else None, threshold=stop.threshold if stop else None)
+                                   window=stop.window if stop else None, threshold=stop.threshold if stop else None,
+                                   reflection=reflection)
             requests.append(_request(params, {**extra, **collector.extra_args(key)}))
         for request in requests:  # what the engine will check too, before anything runs
             options_of(request)
@@ -187,7 +257,9 @@ def generate(llm, prompts, sampling_params=None, *, temperature=None, topk=0, co
         for output, key, stop in zip(outputs, keys, stops):
             received = collector.take(key, [list(c.token_ids) for c in output.outputs], timeout=timeout, poll=poll)
             has_topk = bool(stop is not None or topk)
-            results.append(Result(output, [_trace_stats(records, stopped, has_topk) for records, stopped in received]))
+            results.append(Result(output, [_trace_stats(records, stopped, has_topk, reflection=reflection is not None,
+                                                        delimiters=delimiters, tail=step_tail)
+                                           for records, stopped in received]))
         return results
     finally:
         collector.release(keys)
@@ -291,11 +363,13 @@ def best_of_n(llm, prompt, sampling_params=None, *, extract_answer, n=64, power=
     return BestOfNResult(answer=answer, votes=votes, answers=answers, self_certainties=certainties, result=result)
 
 
-def extra_args(*, temperature=None, topk=0, deepconf_window=None, deepconf_threshold=None):
+def extra_args(*, temperature=None, topk=0, deepconf_window=None, deepconf_threshold=None, reflection=None):
     """``SamplingParams.extra_args`` entries for a request you submit yourself (``llm.generate``, or
-    ``vllm_xargs`` of an OpenAI-compatible server): the early stop runs inside the engine; statistics
-    only reach the caller through ``generate``. Validated here as the engine will."""
-    extra = extra_args_for(temperature=temperature, topk=topk, window=deepconf_window, threshold=deepconf_threshold)
+    ``vllm_xargs`` of an OpenAI-compatible server): the early stop and reflection insertion (a
+    ``ReflectionConfig``, sent as a JSON string) run inside the engine; statistics and the insertion
+    records only reach the caller through ``generate``. Validated here as the engine will."""
+    extra = extra_args_for(temperature=temperature, topk=topk, window=deepconf_window, threshold=deepconf_threshold,
+                           reflection=reflection)
     parse_options(extra)
     return extra
 

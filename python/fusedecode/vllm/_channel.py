@@ -44,8 +44,13 @@ SOCKET_NAME = "stats.sock"
 # Every per-token statistic of logit_stats' output table (token_logprob of the emitted token;
 # topk_confidence NaN when not asked for).
 STAT_FIELDS = float_outputs("token_ids", "topk")
-# One record per generated token: 16 bytes of identity and one float32 per statistic (44 bytes today).
-RECORD = np.dtype([("uid", "<i8"), ("position", "<i4"), ("token", "<i4")] + [(name, "<f4") for name in STAT_FIELDS])
+# One record per generated token: 16 bytes of identity; reflection insertion: the token the rule forced
+# (-1: none) and, on an insertion's first token, the index of the trigger that fired (else -1), the
+# value that fired it and the threshold (float64, NaN elsewhere); then one float32 per statistic
+# (76 bytes today).
+RECORD = np.dtype([("uid", "<i8"), ("position", "<i4"), ("token", "<i4"), ("forced", "<i4"), ("insertion", "<i4"),
+                   ("insertion_value", "<f8"), ("insertion_threshold", "<f8")]
+                  + [(name, "<f4") for name in STAT_FIELDS])
 _HEADER_LENGTH = struct.Struct("<I")
 _MAX_MESSAGE = 1 << 30
 

@@ -13,6 +13,9 @@ key                                     meaning
                                         or 20 with an early stop
 ``fusedecode_deepconf_window``          DeepConf online early stop: tokens per group (int >= 1) ...
 ``fusedecode_deepconf_threshold``       ... and the threshold (finite float); both or neither
+``fusedecode_reflection``              reflection insertion (``fusedecode.reflection``): a
+                                        ``ReflectionConfig`` as a JSON string (or the same dict), see
+                                        ``reflection_extra``; Model Runner V2 without speculative decoding
 ``fusedecode_key``, ``fusedecode_channel``, ``fusedecode_authkey``
                                         where the statistics go (set by ``fusedecode.vllm.generate``)
 ======================================  =====================================================================
@@ -21,19 +24,23 @@ Nothing here imports vLLM: ``validate_params`` runs in the API server's process,
 unit-tested without vLLM.
 """
 
+import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 from .. import _validation
 from ..ops.logit_stats import MAX_TOPK  # logit_stats' limit
+from ..reflection import ReflectionConfig
+from ..triggers import SRGenTrigger, StepTrigger
 
 PREFIX = "fusedecode_"
 TEMPERATURE, TOPK = PREFIX + "temperature", PREFIX + "topk"
 WINDOW, THRESHOLD = PREFIX + "deepconf_window", PREFIX + "deepconf_threshold"
+REFLECTION = PREFIX + "reflection"
 KEY, CHANNEL, AUTHKEY = PREFIX + "key", PREFIX + "channel", PREFIX + "authkey"
-KNOWN_KEYS = (TEMPERATURE, TOPK, WINDOW, THRESHOLD, KEY, CHANNEL, AUTHKEY)
+KNOWN_KEYS = (TEMPERATURE, TOPK, WINDOW, THRESHOLD, REFLECTION, KEY, CHANNEL, AUTHKEY)
 
 DEEPCONF_TOPK = 20  # the paper's k, used when an early stop is asked for without a topk
 GREEDY_BELOW = 1e-5  # vLLM treats a sampling temperature below this as greedy
@@ -48,6 +55,7 @@ class RequestOptions:
     topk: int
     window: Optional[int] = None  # DeepConf early stop when set (with threshold)
     threshold: Optional[float] = None
+    reflection: Optional[ReflectionConfig] = None  # reflection insertion when set
     key: Optional[str] = None  # statistics delivery when set (with channel and authkey)
     channel: Optional[str] = None
     authkey: Optional[bytes] = None
@@ -71,6 +79,63 @@ def check_window(name, value):
 
 def check_threshold(name, value):
     return _validation.check_float(name, value)
+
+
+# A trigger's type in the JSON form of a ReflectionConfig.
+_TRIGGER_TYPES = {"srgen": SRGenTrigger, "step": StepTrigger}
+
+
+def reflection_extra(config):
+    """The ``fusedecode_reflection`` value of a ``ReflectionConfig``: a JSON string (flat, so that an
+    OpenAI-compatible server's ``vllm_xargs`` carries it too), read back by ``parse_reflection``.
+
+    Example::
+
+        >>> from fusedecode.triggers import StepTrigger
+        >>> config = ReflectionConfig([8, 9], StepTrigger(threshold=1.0), delimiters=[5])
+        >>> reflection_extra(config)[:35]
+        '{"tokens":[8,9],"max_insertions":1,'
+        >>> parse_reflection(reflection_extra(config)) == config
+        True
+    """
+    if not isinstance(config, ReflectionConfig):
+        raise _validation.ArgumentTypeError(f"reflection must be a fusedecode.reflection.ReflectionConfig, "
+                                            f"got {type(config).__name__}")
+    kinds = {cls: kind for kind, cls in _TRIGGER_TYPES.items()}
+    return json.dumps({"tokens": list(config.tokens), "max_insertions": config.max_insertions,
+                       "delimiters": None if config.delimiters is None else [list(d) for d in config.delimiters],
+                       "triggers": [{"type": kinds[type(t)], **asdict(t)} for t in config.triggers]},
+                      separators=(",", ":"))
+
+
+def parse_reflection(value, name=f"extra_args {REFLECTION}"):
+    """The ``ReflectionConfig`` of a ``fusedecode_reflection`` value (JSON string or dict); ``ValueError``
+    naming the option for anything malformed."""
+    try:
+        spec = json.loads(value) if isinstance(value, str) else value
+    except ValueError as error:
+        raise ValueError(f"{name} is not valid JSON: {error}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{name} must be a JSON object (see fusedecode.vllm.reflection_extra), got {value!r}")
+    unknown = sorted(set(spec) - {"tokens", "max_insertions", "delimiters", "triggers"})
+    if unknown or "tokens" not in spec or "triggers" not in spec:
+        raise ValueError(f"{name} needs 'tokens' and 'triggers' (optional: 'max_insertions', 'delimiters'); "
+                         f"got keys {sorted(spec)}")
+    triggers = spec["triggers"]
+    if not isinstance(triggers, list) or not all(isinstance(t, dict) for t in triggers):
+        raise ValueError(f"{name}: 'triggers' must be a list of objects, got {triggers!r}")
+    try:
+        built = []
+        for trigger in triggers:
+            settings = dict(trigger)
+            kind = _TRIGGER_TYPES.get(settings.pop("type", None))
+            if kind is None:
+                raise ValueError(f"a trigger's 'type' must be one of {sorted(_TRIGGER_TYPES)}, got {trigger!r}")
+            built.append(kind(**settings))
+        return ReflectionConfig(tokens=spec["tokens"], triggers=built, max_insertions=spec.get("max_insertions", 1),
+                                delimiters=spec.get("delimiters"))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name}: {error}") from None
 
 
 def _check_delivery(extra):
@@ -133,9 +198,16 @@ def parse_options(extra_args, sampling_temperature=1.0, ignore_eos=False, stop_t
     else:
         topk = check_topk(f"extra_args {TOPK}", extra_args.get(TOPK, 0))
 
+    reflection = parse_reflection(extra_args[REFLECTION]) if extra_args.get(REFLECTION) is not None else None
+    if reflection is not None and "token_logprob" in reflection.fields:
+        raise ValueError(f"extra_args {REFLECTION}: a trigger measures token_logprob, which is not known before the "
+                         "token is drawn")
+    if reflection is not None and "topk_confidence" in reflection.fields and not topk:
+        raise ValueError(f"extra_args {REFLECTION}: a trigger measures topk_confidence, which needs "
+                         f"extra_args {TOPK} >= 1")
     key, channel, authkey = _check_delivery(extra_args)
-    return RequestOptions(temperature=temperature, topk=topk, window=window, threshold=threshold, key=key,
-                          channel=channel, authkey=authkey)
+    return RequestOptions(temperature=temperature, topk=topk, window=window, threshold=threshold,
+                          reflection=reflection, key=key, channel=channel, authkey=authkey)
 
 
 def options_of(sampling_params):
@@ -156,7 +228,8 @@ def admitted_options(sampling_params):
         return None
 
 
-def extra_args_for(*, temperature=None, topk=0, window=None, threshold=None, key=None, channel=None, authkey=None):
+def extra_args_for(*, temperature=None, topk=0, window=None, threshold=None, reflection=None, key=None, channel=None,
+                   authkey=None):
     """The ``fusedecode_*`` entries of ``extra_args`` for these options (None and the defaults left out)."""
     extra = {}
     if temperature is not None:
@@ -165,6 +238,8 @@ def extra_args_for(*, temperature=None, topk=0, window=None, threshold=None, key
         extra[TOPK] = topk
     if window is not None or threshold is not None:
         extra[WINDOW], extra[THRESHOLD] = window, threshold
+    if reflection is not None:
+        extra[REFLECTION] = reflection_extra(reflection)
     if key is not None:
         extra[KEY], extra[CHANNEL], extra[AUTHKEY] = key, channel, authkey
     return extra

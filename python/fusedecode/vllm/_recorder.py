@@ -26,12 +26,16 @@ from fusedecode import logit_stats
 
 from ._channel import RECORD, STAT_FIELDS, StatsSender
 from ._outbox import Outboxes
+from ._reflection import Reflections
 from ._traces import TraceBook, stop_token_of
 from ._windows import ConfidenceWindows
 
-# Columns of the packed per-row tensor: identity first, then every statistic of the output table.
+# Columns of the packed per-row tensor: identity first, then reflection insertion (the forced token
+# or -1; where an insertion starts the trigger index, value and threshold), then every statistic of
+# the output table.
 _IDENTITY = ("table", "position", "token", "emitted", "stopped", "slot")
-_COLUMN = {name: index for index, name in enumerate(_IDENTITY + STAT_FIELDS)}
+_INSERTION = ("forced", "insertion", "insertion_value", "insertion_threshold")
+_COLUMN = {name: index for index, name in enumerate(_IDENTITY + _INSERTION + STAT_FIELDS)}
 
 ASYNC_REFUSAL = ("fusedecode.vllm statistics need synchronous scheduling on vLLM's V1 model runner (the emitted "
                  "token is read from the request's output list, which async scheduling fills with "
@@ -62,6 +66,7 @@ class Measured(NamedTuple):
     selected: torch.Tensor  # the rows' logits as measured (divided by per-row temperatures)
     stats: object  # LogitStats of ``selected``
     stopped: Optional[torch.Tensor]  # bool per row: the early stop forced the stop token
+    started: Optional[object] = None  # _reflection.Started per row, with reflection insertion
 
 
 class Delivered(NamedTuple):
@@ -92,6 +97,7 @@ class Recorder:
         self.pin_memory, self.refuse_statistics = pin_memory, refuse_statistics
         self.book = TraceBook(self.device, max_parked=max_parked)
         self.windows = ConfidenceWindows(self.device, spare_rows)
+        self.reflections = Reflections(self.device)
         self.outboxes = Outboxes(sender_factory)
         self.outboxes.on_drop = self._forget_sender
         self.counters = {"records": 0, "steps": 0}
@@ -106,6 +112,8 @@ class Recorder:
             sender = None
         trace = self.book.new(options, sender, stop_token_of(eos_token_id, stop_token_ids),
                               first_position=first_position, prompt_len=prompt_len)
+        if options.reflection is not None:
+            self.reflections.start(options.reflection, trace.table, first_position)
         if options.stops_early:
             self.windows.reserve(self.book.table.capacity, options.window)
         return trace
@@ -167,6 +175,11 @@ class Recorder:
             "slot": pick(group.slots) if group.slots is not None else torch.full_like(tokens, -1),
             "token_logprob": selected.gather(1, token_ids.unsqueeze(1)).squeeze(1) / divisor - logsumexp,
         }
+        started = measured.started
+        columns["forced"] = pick(started.forced) if started is not None else torch.full_like(tokens, -1)
+        columns["insertion"] = pick(started.trigger) if started is not None else torch.full_like(tokens, -1)
+        for name, part in (("insertion_value", "value"), ("insertion_threshold", "threshold")):
+            columns[name] = pick(getattr(started, part)) if started is not None else torch.full_like(logsumexp, math.nan)
         for name in STAT_FIELDS:
             if name not in columns:
                 value = getattr(stats, name)
@@ -209,6 +222,8 @@ class Recorder:
         records["uid"] = trace.uid
         records["position"] = part[:, _COLUMN["position"]]
         records["token"] = part[:, _COLUMN["token"]]
+        for name in _INSERTION:
+            records[name] = part[:, _COLUMN[name]]
         for name in STAT_FIELDS:
             records[name] = part[:, _COLUMN[name]]
         return records

@@ -19,14 +19,17 @@ re-added request is matched to its parked trace by that params object and its to
 Nothing here imports vLLM.
 """
 
+import dataclasses
 import weakref
 
 import numpy as np
 
 from ._channel import StatsSender
-from ._options import admitted_options
+from ._options import REFLECTION, admitted_options
 from ._recorder import Recorder, RowGroup
 
+REFLECTION_NEEDS_MRV2 = (f"extra_args {REFLECTION}: reflection insertion runs on Model Runner V2 (vLLM's default "
+                         "engine), not on the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
 
 
 class _Request:
@@ -119,6 +122,9 @@ class V1Recorder:
         options = admitted_options(params)
         if options is None:
             return None
+        if options.reflection is not None:  # recorded after the step, the V1 runner cannot force in time
+            self.core.outboxes.refuse(options, REFLECTION_NEEDS_MRV2)
+            options = dataclasses.replace(options, reflection=None)
         for trace in self.book.parked(id(params)):
             if trace.engine.params_ref() is params and _same_tokens(trace.engine.output, output):
                 self.book.unpark(trace)

@@ -28,13 +28,18 @@ Nothing here imports vLLM.
 """
 
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from ._channel import StatsSender
-from ._options import admitted_options
+from ._options import REFLECTION, admitted_options
 from ._recorder import Recorder, RowGroup
 from ._traces import extend_token_hash
+
+REFLECTION_WITH_DRAFTS = (f"extra_args {REFLECTION}: reflection insertion forces one token per decode step, and this "
+                          "engine runs speculative decoding (several tokens per step): drop speculative_config")
 
 
 
@@ -77,7 +82,7 @@ class ModelRunnerV2Recorder:
 
     def __init__(self, req_states, *, spare_rows=1, tp_rank=0, tp_size=1, sharded=False, pin_memory=False,
                  sender_factory=StatsSender):
-        self.req_states = req_states
+        self.req_states, self.spare_rows = req_states, spare_rows
         self.core = Recorder(req_states.device, spare_rows=spare_rows, pin_memory=pin_memory,
                              sender_factory=sender_factory, max_parked=max(64, 4 * req_states.max_num_reqs))
         self.book = self.core.book
@@ -107,7 +112,7 @@ class ModelRunnerV2Recorder:
         if previous is not None:
             self._leaving.append(previous)
         self._set_table(slot, 0)
-        options = admitted_options(params)
+        options = self._reflection_checked(admitted_options(params), params)
         if options is None:
             return False
         prompt_len = int(self.req_states.prompt_len.np[slot])
@@ -117,6 +122,27 @@ class ModelRunnerV2Recorder:
         else:
             self._bind(slot, self._new_trace(slot, options, params, prompt_len, 0))
         return True
+
+    def _reflection_checked(self, options, params):
+        """``options``, without reflection insertion (and its caller told why) where this engine cannot
+        run it: speculative rows, tokens outside the vocabulary, an inserted token that ends the
+        request."""
+        config = options.reflection if options is not None else None
+        if config is None:
+            return options
+        reason = REFLECTION_WITH_DRAFTS if self.spare_rows > 1 else None
+        largest = max(config.tokens + sum(config.delimiters or (), ()))
+        vocab = getattr(self.req_states, "vocab_size", None)
+        ending = {params.eos_token_id, *(params.stop_token_ids or ())} & set(config.tokens)
+        if reason is None and vocab is not None and largest >= vocab:
+            reason = f"extra_args {REFLECTION} holds token {largest}, outside the vocabulary ({vocab} tokens)"
+        elif reason is None and ending:
+            reason = (f"extra_args {REFLECTION}: the inserted tokens hold {sorted(ending)}, which end the request "
+                      "(EOS or a stop token)")
+        if reason is None:
+            return options
+        self.core.outboxes.refuse(options, reason)
+        return dataclasses.replace(options, reflection=None)
 
     def _new_trace(self, slot, options, params, prompt_len, first_position):
         trace = self.core.admit(options, reporting=True, eos_token_id=params.eos_token_id,
@@ -158,10 +184,14 @@ class ModelRunnerV2Recorder:
         if not self._pending:
             return
         all_token_ids, total_len = self.req_states.all_token_ids.gpu, self.req_states.total_len.gpu
-        for measured, token_index, prefill_len in self._pending:
+        for measured, token_index, prefill_len, reflecting in self._pending:
             slots = measured.group.slots
             tokens = all_token_ids[slots, token_index.clamp(max=all_token_ids.shape[1] - 1)].long()
             emitted = (measured.group.tables > 0) & (token_index < total_len[slots]) & (token_index >= prefill_len)
+            for config, members in reflecting:
+                after = self.core.reflections.after_token(config, measured.group.tables[members], tokens[members],
+                                                          emitted[members])
+                measured = measured._replace(started=_started_after(measured.started, members, after))
             self._packed.append(self.core.pack(measured, tokens, emitted.long()))
         self._pending = []
 
@@ -237,5 +267,51 @@ class ModelRunnerV2Recorder:
                              any(trace.options.stops_early and trace.stop_token is not None for trace in members),
                              slots)
             measured = self.core.measure(logits, group)
-            self._pending.append((measured, token_index, prefill_of_slot[slots].long()))
+            prefill_len = prefill_of_slot[slots].long()
+            reflecting = []
+            if rows is not None and any(trace.options.reflection is not None for trace in members):
+                measured, reflecting = self._reflect(logits, measured, token_index >= prefill_len,
+                                                     tables_of_batch[batch_rows])
+            self._pending.append((measured, token_index, prefill_len, reflecting))
         return logits
+
+    def _reflect(self, logits, measured, samples, group_tables):
+        """Reflection insertion on a group's rows (one per request: ``_reflection_checked`` keeps it
+        from speculative rows), one call per distinct config; ``samples`` ``[n]``: rows that sample a
+        generated token (not a partial prefill chunk), ``group_tables`` the rows' tables on the host.
+        Returns the measured group with its ``Started`` and ``[(config, member indices)]`` for
+        ``after_token``."""
+        group = measured.group
+        configs = [self.book.by_table[table].options.reflection for table in group_tables.tolist()]
+        samples = samples if measured.stopped is None else samples & ~measured.stopped
+        started, reflecting = None, []
+        for config in dict.fromkeys(configs):
+            if config is None:
+                continue
+            members = self.core.to_device(np.flatnonzero([c == config for c in configs]))
+            part = self.core.reflections.before_sampling(config, group.tables[members], _rows_of(measured.stats,
+                                                         members), samples[members], group.rows[members], logits)
+            started = _started_for(started, members, part, len(configs))
+            reflecting.append((config, members))
+        return measured._replace(started=started), reflecting
+
+
+def _rows_of(stats, index):
+    """The ``LogitStats`` fields of rows ``index`` (fields not recorded stay None)."""
+    return type(stats)(*(None if value is None else value.index_select(0, index) for value in stats))
+
+
+def _started_for(started, members, part, rows):
+    """``Started`` over all ``rows`` of a group, with ``members``' entries from ``part``."""
+    if started is None:
+        started = type(part)(*(torch.full((rows,), -1 if value.dtype == torch.int64 else float("nan"),
+                                          dtype=value.dtype, device=value.device) for value in part))
+    return type(part)(*(whole.index_copy(0, members, piece) for whole, piece in zip(started, part)))
+
+
+def _started_after(started, members, after):
+    """``started`` with the insertions a step trigger started after the members' tokens (those
+    tokens were free, so their entries are empty)."""
+    trigger, value, threshold = (part.index_copy(0, members, torch.where(after[0] >= 0, new, part.index_select(0, members)))
+                                 for part, new in zip(started[1:], after))
+    return started._replace(trigger=trigger, value=value, threshold=threshold)

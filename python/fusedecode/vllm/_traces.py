@@ -126,6 +126,11 @@ def _to_device(array, device):
     return tensor if device.type == "cpu" else tensor.to(device, non_blocking=False)
 
 
+# Trace uids are unique per process, not per engine: the caller tells traces apart by (worker pid,
+# uid), and two engines may run in one process (in-process engines, or tests).
+_UIDS = itertools.count()
+
+
 class TraceBook:
     """The traces of one engine: new uids, table rows, and the traces parked while their request is
     out of the batch (preempted, or finished without the worker being told), oldest forgotten first
@@ -134,7 +139,6 @@ class TraceBook:
     def __init__(self, device, max_parked=1024):
         self.table = TraceTable(device)
         self.max_parked = max_parked
-        self._uids = itertools.count()
         self._parked = OrderedDict()  # id(trace) -> (key, trace), oldest first
         self.by_table = {}  # table row -> Trace, for every trace not released
         self.counters = {"traces": 0, "finished": 0, "resumed": 0, "forgotten": 0}
@@ -142,7 +146,7 @@ class TraceBook:
     def new(self, options, sender, stop_token, *, first_position=0, prompt_len=0):
         row = self.table.take(options, stop_token, first_position, prompt_len)
         self.counters["traces"] += 1
-        trace = Trace(next(self._uids), options, sender, stop_token, row, first_position)
+        trace = Trace(next(_UIDS), options, sender, stop_token, row, first_position)
         self.by_table[row] = trace
         return trace
 

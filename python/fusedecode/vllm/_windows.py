@@ -3,11 +3,12 @@
 The rule (``fusedecode.hf.ConfidenceStopping``, ``fusedecode.confidence``): once a trace has
 ``window`` generated tokens, the token at generated position g is forced to be the stop token when
 the mean ``topk_confidence`` of positions g - window + 1 .. g (this one included) is below the
-trace's threshold, unless the engine masked the stop token (``min_tokens``). A NaN confidence makes
-every window containing it NaN, which never stops.
+trace's threshold, unless the engine masked the stop token (``min_tokens``). A window's mean is
+``fusedecode.confidence.window_mean`` of its parts: a NaN (or both infinities) in it gives NaN,
+which never stops, and a non-finite confidence affects only the windows holding it.
 
-Each trace keeps prefix sums ``P[g] = sum of its confidences up to g`` (and the count of NaN ones)
-in a ring of ``window + spare_rows`` cells, so a window sum is ``P[g] - P[g - window]``. A step may
+Each trace keeps prefix sums ``P[g]`` of its confidences' ``window_parts`` up to g (the finite sum,
+and the counts of NaN, +inf and -inf) in a ring of ``window + spare_rows`` cells, so a window sum is ``P[g] - P[g - window]``. A step may
 measure several positions of one trace (speculative decoding: one row per draft token, rows of a
 request contiguous and in order); ``spare_rows`` is the most rows one trace gets per step, so the
 cells a step writes never overwrite a cell that the windows of that step still need. Rows of a step
@@ -18,6 +19,8 @@ that the engine rejects are measured again at the next step and their cells over
 import math
 
 import torch
+
+from ..confidence import window_mean, window_parts
 
 
 def segment_cumsum(values, segments):
@@ -37,7 +40,7 @@ class ConfidenceWindows:
         self.device = torch.device(device)
         self.spare_rows = int(spare_rows)
         self._sums = torch.zeros((1, 1), dtype=torch.float64, device=self.device)
-        self._nans = torch.zeros((1, 1), dtype=torch.int64, device=self.device)
+        self._counts = torch.zeros((1, 1, 3), dtype=torch.int64, device=self.device)
         self._vocab = None
 
     def reserve(self, rows, window):
@@ -45,10 +48,10 @@ class ConfidenceWindows:
         need_rows, need_cells = max(rows, self._sums.shape[0]), max(window + self.spare_rows, self._sums.shape[1])
         if (need_rows, need_cells) != tuple(self._sums.shape):
             sums = self._sums.new_zeros((need_rows, need_cells))
-            nans = self._nans.new_zeros((need_rows, need_cells))
+            counts = self._counts.new_zeros((need_rows, need_cells, 3))
             sums[:self._sums.shape[0], :self._sums.shape[1]] = self._sums
-            nans[:self._nans.shape[0], :self._nans.shape[1]] = self._nans
-            self._sums, self._nans = sums, nans
+            counts[:self._counts.shape[0], :self._counts.shape[1]] = self._counts
+            self._sums, self._counts = sums, counts
 
     def decide(self, table, tables, positions, confidence, stop_logit):
         """Which rows stop now. ``table``: the ``TraceTable`` columns on the device; per row:
@@ -60,8 +63,7 @@ class ConfidenceWindows:
         window = table["window"][tables]
         ring = window + self.spare_rows
         first = table["first_position"][tables]
-        is_nan = torch.isnan(confidence)
-        values = torch.where(is_nan, torch.zeros_like(confidence), confidence).double()
+        values, kinds = window_parts(confidence)
 
         # The prefix sums just before each trace's first row of this step, then through its rows.
         row_index = torch.arange(len(tables), device=tables.device)
@@ -70,24 +72,26 @@ class ConfidenceWindows:
         first_row = torch.cummax(torch.where(starts, row_index, torch.zeros_like(row_index)), 0).values
         before = positions[first_row] - 1
         sums = self._read(self._sums, tables, before, first, ring) + segment_cumsum(values, tables)
-        nans = self._read(self._nans, tables, before, first, ring) + segment_cumsum(is_nan.long(), tables)
+        counts = self._read(self._counts, tables, before, first, ring) + segment_cumsum(kinds, tables)
         column = positions.clamp(min=0) % ring.clamp(min=1)
         self._sums.index_put_((tables, column), sums)
-        self._nans.index_put_((tables, column), nans)
+        self._counts.index_put_((tables, column), counts)
 
         back = positions - window
         window_sum = sums - self._read(self._sums, tables, back, first, ring)
-        window_nans = nans - self._read(self._nans, tables, back, first, ring)
+        window_counts = counts - self._read(self._counts, tables, back, first, ring)
         full = (window > 0) & (positions - first + 1 >= window)
-        mean = window_sum / window.clamp(min=1)
-        return full & (window_nans == 0) & (mean < table["threshold"][tables]) & (stop_logit > -math.inf)
+        mean = window_mean(window_sum, window_counts, window.clamp(min=1))
+        return full & (mean < table["threshold"][tables]) & (stop_logit > -math.inf)
 
     @staticmethod
     def _read(cells, tables, positions, first, ring):
         """``P[position]`` per row; 0 before the trace's first position."""
         valid = positions >= first
         column = positions.clamp(min=0) % ring.clamp(min=1)
-        return torch.where(valid, cells[tables, column], torch.zeros((), dtype=cells.dtype, device=cells.device))
+        read = cells[tables, column]
+        valid = valid.view(-1, *([1] * (read.dim() - 1)))
+        return torch.where(valid, read, torch.zeros((), dtype=cells.dtype, device=cells.device))
 
     def force(self, logits, rows, stop, stop_tokens):
         """Leave only the stop token samplable on the ``rows`` of ``logits`` where ``stop`` holds: every
