@@ -28,7 +28,9 @@ BASE_VERSION = "0.1.0"
 DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 
 PACKAGES = ["fusedecode", "fusedecode.ops", "fusedecode.triton_kernels", "fusedecode.hf", "fusedecode.hf.speculative",
-            "fusedecode.hf.correction", "fusedecode.demo", "fusedecode.vllm"]
+            "fusedecode.hf.correction", "fusedecode.hf.models", "fusedecode.demo", "fusedecode.vllm",
+            "fusedecode.ops.logit_stats", "fusedecode.ops.verify_tree", "fusedecode.ops.linear_ce",
+            "fusedecode.ops.linear_logit_stats"]
 # The bundled arithmetic models (weights, configs, tokenizers) ship inside the package, and
 PACKAGE_DATA = {"fusedecode": ["assets/*.json", "assets/*/*.json", "assets/*/*.safetensors"],
                 # the templates of `python -m fusedecode hub-export`

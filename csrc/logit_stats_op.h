@@ -1,6 +1,6 @@
 // Torch-side contract of fusedecode::logit_stats, shared by the CPU and CUDA bindings.
 //
-// The Python layer (python/fusedecode/_validation.py) is the one place that validates user input and
+// The Python layer (python/fusedecode/ops/logit_stats/checks.py) is the one place that validates user input and
 // names the offending argument. The op itself only re-checks its own contract with TORCH_CHECK,
 // because it can also be reached directly through torch.ops.fusedecode.logit_stats.
 #pragma once

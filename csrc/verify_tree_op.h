@@ -1,5 +1,5 @@
 // Torch-side contract of fusedecode::verify_tree, shared by the CPU and CUDA bindings. Arguments
-// arrive normalised by python/fusedecode/_validation.py; this re-checks the op's own contract.
+// arrive normalised by python/fusedecode/ops/verify_tree/checks.py; this re-checks the op's own contract.
 #pragma once
 
 #include <torch/library.h>

@@ -62,7 +62,7 @@ def test_adversarial_rows_without_token_or_topk(target, case, generator):
 def test_triton_launch_paths_on_adversarial_rows(generator):
     # One program per row, and vocabulary slices merged afterwards, on the same hostile rows.
     require_backend("cpu", "triton")
-    from fusedecode.triton_kernels.logit_stats import logit_stats_triton
+    from fusedecode.ops.logit_stats import run_triton
 
     for case in ("far_finfo_min", "near_float_max", "mixed_1e30", "temperature_extremes"):
         args = LOGIT_CASES[case](generator)
@@ -71,8 +71,8 @@ def test_triton_launch_paths_on_adversarial_rows(generator):
         temperature = args.get("temperature", 1.0)
         per_row = temperature.float() if isinstance(temperature, torch.Tensor) else None
         for splits in (1, 3):
-            out = logit_stats_triton(logits.view(1, rows, -1), per_row, float(temperature) if per_row is None else 1.0,
-                                     args["token_ids"], args["topk"], splits=splits)
+            out = run_triton(logits.view(1, rows, -1), per_row, float(temperature) if per_row is None else 1.0,
+                             args["token_ids"], args["topk"], splits=splits)
             stats = fusedecode.LogitStats(*(t.reshape(rows) for t in out))
             assert_close_to_reference(stats, logits, temperature=temperature, token_ids=args["token_ids"],
                                       topk=args["topk"], context=f"[{case} splits={splits}]")

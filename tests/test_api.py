@@ -187,14 +187,14 @@ def test_torch_compile_fullgraph(backend, generator):
 @pytest.mark.skipif(not triton_interpreter_available(), reason="triton interpreter unavailable (TRITON_INTERPRET)")
 @pytest.mark.parametrize("splits", [1, 2, 5])
 def test_triton_row_and_split_paths(splits, generator):
-    from fusedecode.triton_kernels.logit_stats import logit_stats_triton
+    from fusedecode.ops.logit_stats import run_triton
 
     logits = random_logits((3, 20000), generator, dtype=torch.bfloat16)
     logits[1, 5000:] = -math.inf
     logits[2, 7] = math.nan
     ids = torch.randint(0, 20000, (3,), generator=generator)
     temperature = torch.tensor([0.5, 1.0, 2.0])
-    out = logit_stats_triton(logits.view(1, 3, 20000), temperature, 1.0, ids, 7, splits=splits)
+    out = run_triton(logits.view(1, 3, 20000), temperature, 1.0, ids, 7, splits=splits)
     stats = fusedecode.LogitStats(*(t.reshape(3) for t in out))
     assert_close_to_reference(stats, logits, temperature=temperature, token_ids=ids, topk=7,
                               context=f"[splits={splits}]")

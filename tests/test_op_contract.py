@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fusedecode._native import native_build_info, native_unavailable_reason
-from fusedecode._validation import MAX_TOPK
+from fusedecode.ops.logit_stats import MAX_TOPK
 
 pytestmark = pytest.mark.skipif(native_unavailable_reason() is not None,
                                 reason=f"native extension: {native_unavailable_reason()}")

@@ -1,6 +1,6 @@
 """Triton kernels of ``logit_stats``: one pass over each row of logits.
 
-Definitions: ``python/fusedecode/ops/logit_stats.py``. Every field is computed relative to the row
+Definitions: ``python/fusedecode/ops/logit_stats/op.py``. Every field is computed relative to the row
 maximum, in the form of ``csrc/include/fusedecode/stats_state.h`` (never a difference of two large
 numbers); the outputs are written by name (``<field>_ptr`` arguments, the fields of the op's output
 table).
@@ -397,24 +397,16 @@ def _launch_slices(logits, temperature, temperature_scalar, token_ids, topk, spl
     return workspace
 
 
-def logit_stats_triton(logits, temperature, temperature_scalar, token_ids, topk, outputs=None, splits=None,
-                       sm_count=None):
+def logit_stats_triton(logits, temperature, temperature_scalar, token_ids, topk, outputs, splits=None, sm_count=None):
     """Run logit_stats on ``logits`` viewed as ``[outer, inner, V]`` (last dim contiguous) into
-    ``outputs``, the op's fields by name as ``fusedecode.ops.logit_stats.allocate_outputs`` makes
-    them. Without ``outputs`` it allocates them and returns them in the order of the op's output table
-    (the custom op's result).
+    ``outputs``: the op's fields by name, ``[rows]`` each (an empty tensor for a field not asked
+    for), allocated by the caller (the op's ``allocate_outputs``: the kernels know no output table).
 
     ``temperature`` (float32 ``[rows]`` or None), ``token_ids`` (int64 ``[rows]`` or None) and ``topk``
     as in ``torch.ops.fusedecode.logit_stats``. ``splits`` forces the number of programs per row
     (tests use it to cover both paths on any size); ``sm_count`` overrides the device's
     multiprocessor count.
     """
-    if outputs is None:
-        from ..ops.logit_stats import allocate_outputs
-
-        outputs = allocate_outputs(logits, token_ids, topk)
-        logit_stats_triton(logits, temperature, temperature_scalar, token_ids, topk, outputs, splits, sm_count)
-        return tuple(outputs.values())
     import torch
 
     outer, inner, vocab = logits.shape

@@ -1,6 +1,6 @@
 """Triton kernels of ``verify_tree``: one pass over every node's logits, then a walk per tree.
 
-Definitions: ``python/fusedecode/ops/verify_tree.py``. Pass 1 is logit_stats' split path with fixed
+Definitions: ``python/fusedecode/ops/verify_tree/op.py``. Pass 1 is logit_stats' split path with fixed
 ``SLICE_TOKENS``-token slices: every (node row, slice) program leaves a mergeable state (max, sum
 exp, ...; the workspace layout of ``triton_kernels/logit_stats.py``) and the merge kernel writes each
 node's stats. The walk kernel (one program per batch row) then follows the tree:

@@ -15,10 +15,12 @@ import sys
 
 import torch
 
+import fusedecode
+from fusedecode import _bench
+from fusedecode.reference import logit_stats_reference
+
 
 def cmd_info(_args):
-    import fusedecode
-
     info = fusedecode.build_info()
     print(f"fusedecode {info['version']}")
     width = max(len(k) for k in info)
@@ -57,8 +59,6 @@ def _sample_logits():
 
 
 def show_sample():
-    import fusedecode
-
     names, logits = _sample_logits()
     backend = "cpp" if "cpp" in fusedecode.available_backends() else "torch"
     stats = fusedecode.logit_stats(logits, topk=20, token_ids=torch.zeros(len(names), dtype=torch.long),
@@ -76,10 +76,6 @@ def show_sample():
 def cpu_benchmark(include_compile=True, min_time=0.3):
     """cpp backend vs the torch composite (the reference, "torch"), a minimal composite without
     masking/NaN handling ("torch-min") and torch.compile of the reference, on the Must-show shapes."""
-    import fusedecode
-    from fusedecode import _bench
-    from fusedecode.reference import logit_stats_reference
-
     impls = {}
     if "cpp" in fusedecode.available_backends():
         impls["cpp"] = functools.partial(fusedecode.logit_stats, backend="cpp")

@@ -18,6 +18,8 @@ import time
 
 import torch
 
+import fusedecode
+
 
 def minimal_torch_composite(logits):
     """What a user writes without fusedecode: separate torch ops, no masking/NaN handling, no topk.
@@ -161,8 +163,6 @@ def git_commit(path=None):
 
 def run_metadata(device, **extra):
     """Date, commit, device name, versions and threads of a benchmark run (plus ``extra``)."""
-    import fusedecode
-
     is_cuda = torch.device(device).type == "cuda"
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -1,4 +1,6 @@
-"""The one place where fusedecode checks user arguments, before any kernel runs (docs/errors.md).
+"""The primitives every check of fusedecode's arguments is written with, before any kernel runs
+(docs/errors.md). Each op's own argument check (``check_<op>_args``) sits in its slice,
+``ops/<op>/checks.py``, written with these.
 
 One vocabulary for every op and integration: a wrong Python type or tensor dtype raises
 ``ArgumentTypeError`` (a ``TypeError``, and also a ``ValueError`` so that code catching ValueError for
@@ -21,7 +23,6 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
-MAX_TOPK = 64
 
 # The kernels compute in float32 with inv_t = 1 / T: a temperature is valid when, rounded to float32,
 # it is finite and > 0 and its reciprocal is finite too (about 3e-39 < T < 3.4e38).
@@ -223,130 +224,3 @@ def check_no_grad(op, instead, **tensors):
         if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
             raise ValueError(f"{name} requires grad, but {op} computes no gradients ({instead}); pass {name}.detach() "
                              f"or call it under torch.no_grad()")
-
-
-# ------------------------------------------------------------------------------------------------
-# The ops' arguments
-
-
-def check_logit_stats_args(logits, temperature, token_ids, topk):
-    """``fusedecode.logit_stats``'s arguments (docs/errors.md)."""
-    check_logits("logits", logits)
-    check_temperature(temperature, rows_of=logits)
-    if token_ids is not None:
-        check_tensor("token_ids", token_ids, INDEX_DTYPES, shape=logits.shape[:-1], device=logits.device)
-        check_values_in_range("token_ids", token_ids, 0, logits.shape[-1])
-    check_int("topk", topk, 0, MAX_TOPK)
-
-
-def check_seed(seed, batch):
-    """verify_tree's ``seed``: None, a Python or NumPy integer in [0, 2^63) (out of range is an
-    error, never a silent wrap), or an int64 tensor of shape [] or [B]."""
-    if seed is None:
-        return
-    if isinstance(seed, torch.Tensor):
-        check_tensor("seed", seed, (torch.int64,), shape=[(), (batch,)])
-        return
-    check_int("seed", seed, 0, 2**63 - 1)
-
-
-def check_verify_tree_args(target_logits, draft_tokens, parents, temperature, draft_probs, seed, validate):
-    """``fusedecode.verify_tree``'s arguments (docs/errors.md). With ``validate`` (and outside
-    tracing and capture) also the values: draft tokens in [-1, V) and a valid tree."""
-    check_logits("target_logits", target_logits)
-    if target_logits.dim() != 3:
-        raise ValueError(f"target_logits must have shape [B, N, V], got {tuple(target_logits.shape)}")
-    batch, nodes, vocab = target_logits.shape
-    if nodes < 1:
-        raise ValueError("target_logits must have N >= 1 nodes (node 0 is the root)")
-    device = target_logits.device
-    check_tensor("draft_tokens", draft_tokens, INDEX_DTYPES, shape=(batch, nodes), device=device,
-                 device_of="target_logits")
-    check_tensor("parents", parents, INDEX_DTYPES, shape=[(nodes,), (batch, nodes)])
-    check_temperature(temperature, allow_zero=True)
-    if draft_probs is not None and float(temperature) == 0:
-        raise ValueError("draft_probs is given with temperature 0: greedy verification accepts the target's argmax "
-                         "and never reads the draft distribution; pass draft_probs=None for greedy, or a temperature "
-                         "> 0 for multi-draft sampling")
-    if draft_probs is not None:
-        check_tensor("draft_probs", draft_probs, FLOAT_DTYPES, dims=(3,), device=device, device_of="target_logits")
-        if draft_probs.shape[:2] != (batch, nodes):
-            raise ValueError(f"draft_probs must have shape [B, N, V] = {(batch, nodes, vocab)}, "
-                             f"got {tuple(draft_probs.shape)}")
-        if draft_probs.shape[2] != vocab:
-            raise ValueError(f"draft_probs has V = {draft_probs.shape[2]} but target_logits have V = {vocab}")
-        check_last_dim_contiguous("draft_probs", draft_probs)
-    check_seed(seed, batch)
-    if validate and values_checkable(parents) and values_checkable(draft_tokens):
-        check_tree_parents(parents.to(torch.int64))
-        if nodes > 1:
-            check_values_in_range("draft_tokens", draft_tokens[:, 1:], -1, vocab, " (entry 0 is ignored)")
-
-
-def check_linear_ce_args(hidden, weight, targets, delta, temperature, ignore_index, chunk):
-    """``linear_cross_entropy_entropy``'s arguments but the head transform (``head_transform``).
-
-    ``hidden`` is ``[T, H]`` or ``[B, T, H]`` (float64 is accepted for the torch backend), ``weight``
-    ``[V, H]`` of the same dtype, ``targets`` int64 of hidden's leading shape, ``delta`` None, ``[H]``
-    or (batched) ``[B, H]`` of hidden's dtype or float32. Target values are checked on CPU only: on a GPU it
-    would cost a synchronisation, and the kernels turn an out-of-range target into a NaN loss instead.
-    """
-    check_tensor("hidden", hidden, FLOAT_DTYPES + (torch.float64,))
-    if hidden.dim() not in (2, 3):
-        raise ValueError(f"hidden must have shape [T, H] or [B, T, H], got {tuple(hidden.shape)}")
-    *_, tokens, width = hidden.shape
-    if tokens < 1:
-        raise ValueError(f"hidden must have T >= 1 rows, got shape {tuple(hidden.shape)}")
-    if hidden.dim() == 3 and hidden.shape[0] < 1:
-        raise ValueError(f"hidden must have B >= 1 batch entries, got shape {tuple(hidden.shape)}")
-
-    check_tensor("weight", weight, (hidden.dtype,), device=hidden.device, device_of="hidden", dtype_of="hidden")
-    if weight.dim() != 2 or weight.shape[1] != width:
-        raise ValueError(f"weight must have shape [V, H] with H = {width} (hidden's last dim), got {tuple(weight.shape)}")
-    vocab = weight.shape[0]
-    if vocab < 1:
-        raise ValueError("weight must have V >= 1 rows")
-    check_tensor("targets", targets, (torch.int64,), shape=hidden.shape[:-1], device=hidden.device,
-                 device_of="hidden")
-    if delta is not None:
-        shapes = [(width,)] + ([(hidden.shape[0], width)] if hidden.dim() == 3 else [])
-        check_tensor("delta", delta, tuple(dict.fromkeys((hidden.dtype, torch.float32))), shape=shapes,
-                     device=hidden.device, device_of="hidden", dtype_of="hidden")
-
-    check_temperature(temperature)
-    check_int("ignore_index", ignore_index, -2**63, 2**63 - 1)
-    if chunk is not None:
-        check_int("chunk", chunk, 1, 2**31 - 1)
-
-    if targets.device.type == "cpu" and values_checkable(targets):
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-        if bool(bad.any()):
-            raise ValueError(f"targets must be in [0, {vocab}) or equal ignore_index={ignore_index}, "
-                             f"got {int(targets[bad][0])}")
-
-
-def check_linear_logit_stats_args(hidden, weight, temperature, token_ids, topk, chunk):
-    """``fusedecode.linear_logit_stats``'s arguments but the head transform (``head_transform``):
-    ``hidden`` ``[..., T, H]`` and ``weight`` ``[V, H]`` of one float dtype and device, then
-    ``logit_stats``'s arguments for the logits ``[..., T, V]`` they make, and ``chunk`` None or >= 1."""
-    check_tensor("hidden", hidden, FLOAT_DTYPES)
-    if hidden.dim() < 2 or hidden.shape[-1] < 1:
-        raise ValueError(f"hidden must have shape [..., T, H] with H >= 1, got {tuple(hidden.shape)}")
-    width = hidden.shape[-1]
-    check_tensor("weight", weight, (hidden.dtype,), dims=(2,), device=hidden.device, device_of="hidden",
-                 dtype_of="hidden")
-    vocab = weight.shape[0]
-    if weight.shape[1] != width or not 1 <= vocab < 2**31:
-        raise ValueError(f"weight must have shape [V, H] with H = {width} (hidden's last dim) and 1 <= V < 2^31, "
-                         f"got {tuple(weight.shape)}")
-    # The logits [..., T, V] the head makes, as logit_stats sees them: a broadcast scalar (shape and
-    # device only; nothing of that size is allocated or read).
-    logits = hidden.new_empty((), dtype=torch.float32).expand(*hidden.shape[:-1], vocab)
-    check_temperature(temperature, rows_of=logits)
-    if token_ids is not None:
-        check_tensor("token_ids", token_ids, INDEX_DTYPES, shape=logits.shape[:-1], device=hidden.device,
-                     device_of="hidden")
-        check_values_in_range("token_ids", token_ids, 0, vocab)
-    check_int("topk", topk, 0, MAX_TOPK)
-    if chunk is not None:
-        check_int("chunk", chunk, 1, 2**31 - 1)

@@ -32,7 +32,8 @@ def M(id, file, find, replace, tests, description):
     return Mutation(id, file, find, replace, tuple(selection), description)
 
 
-REFERENCE = "python/fusedecode/reference.py"
+STATS_REFERENCE = "python/fusedecode/ops/logit_stats/reference.py"
+VERIFY_REFERENCE = "python/fusedecode/ops/verify_tree/reference.py"
 STATS_STATE = "csrc/include/fusedecode/stats_state.h"
 TREE_WALK = "csrc/include/fusedecode/tree_walk.h"
 LOGIT_STATS_CPU = "csrc/cpu/logit_stats_cpu.cpp"
@@ -52,16 +53,18 @@ VLLM_REFLECTION = "python/fusedecode/vllm/_reflection.py"
 VLLM_API = "python/fusedecode/vllm/_api.py"
 CONFIDENCE = "python/fusedecode/confidence.py"
 VALIDATION = "python/fusedecode/_validation.py"
+STATS_CHECKS = "python/fusedecode/ops/logit_stats/checks.py"
+VERIFY_CHECKS = "python/fusedecode/ops/verify_tree/checks.py"
 TILED_HEAD = "python/fusedecode/ops/_tiled_head.py"
 HEAD_TRANSFORM = "python/fusedecode/head_transform.py"
-LINEAR_CE = "python/fusedecode/ops/linear_ce.py"
+LINEAR_CE = "python/fusedecode/ops/linear_ce/op.py"
 SCORING = "python/fusedecode/hf/scoring.py"
 STEPS = "python/fusedecode/steps.py"
 REFLECTION = "python/fusedecode/reflection.py"
 HF_REFLECTION = "python/fusedecode/hf/reflection.py"
 SRGEN_LOOP = "python/fusedecode/hf/correction/generate.py"
 
-NOT_TRITON = (REFERENCE, STATS_STATE, TREE_WALK, LOGIT_STATS_CPU, VERIFY_TREE_CPU)
+NOT_TRITON = (STATS_REFERENCE, VERIFY_REFERENCE, STATS_STATE, TREE_WALK, LOGIT_STATS_CPU, VERIFY_TREE_CPU)
 
 T_STATS = "tests/ops/logit_stats/test_logit_stats.py"
 T_ADV = "tests/test_adversarial.py"
@@ -82,22 +85,23 @@ T_EMU_VERIFY = "tests/cuda_emulation/test_emulated_verify_tree.py"
 
 MUTATIONS = [
     # ---- the torch reference (the oracle every backend is compared with) -------------------------
-    M("ref-entropy-sign", REFERENCE, "entropy = -(p * log_p_finite).sum(-1)", "entropy = (p * log_p_finite).sum(-1)",
+    M("ref-entropy-sign", STATS_REFERENCE, "entropy = -(p * log_p_finite).sum(-1)",
+      "entropy = (p * log_p_finite).sum(-1)",
       T_STATS, "entropy with the wrong sign"),
-    M("ref-self-certainty-no-log-n", REFERENCE, "self_certainty = log_s - mean_gap - torch.log(count_f)",
+    M("ref-self-certainty-no-log-n", STATS_REFERENCE, "self_certainty = log_s - mean_gap - torch.log(count_f)",
       "self_certainty = log_s - mean_gap", T_STATS, "self-certainty without the - log n term"),
-    M("ref-count-includes-masked", REFERENCE, "    count = finite.sum(-1)\n",
+    M("ref-count-includes-masked", STATS_REFERENCE, "    count = finite.sum(-1)\n",
       "    count = torch.full_like(finite.sum(-1), x.shape[-1])\n", T_STATS,
       "-inf (masked) entries counted in n"),
-    M("ref-topk-ignores-count", REFERENCE,
+    M("ref-topk-ignores-count", STATS_REFERENCE,
       "keep = torch.minimum(count, torch.tensor(topk, device=logits.device))",
       "keep = torch.full_like(count, topk)", T_STATS, "top-k mean over k even when the row has fewer finite entries"),
-    M("ref-temperature-not-checked", REFERENCE, "invalid = poisoned | (count == 0) | ~temperature_ok",
+    M("ref-temperature-not-checked", STATS_REFERENCE, "invalid = poisoned | (count == 0) | ~temperature_ok",
       "invalid = poisoned | (count == 0)", T_ADV, "a temperature outside float32 gives numbers, not NaN"),
-    M("ref-specinfer-residual-from-p", REFERENCE, "leftover = (residual - q).clamp_min(0)",
+    M("ref-specinfer-residual-from-p", VERIFY_REFERENCE, "leftover = (residual - q).clamp_min(0)",
       "leftover = (p - q).clamp_min(0)", f"{T_VERIFY} {T_POWER}",
       "SpecInfer residual recomputed from p instead of the previous residual"),
-    M("ref-specinfer-residual-unnormalised", REFERENCE, "            residual = leftover / total\n",
+    M("ref-specinfer-residual-unnormalised", VERIFY_REFERENCE, "            residual = leftover / total\n",
       "            residual = leftover\n", f"{T_VERIFY} {T_POWER}",
       "SpecInfer residual not renormalised"),
     # ---- the merge math shared by the cpp and CUDA kernels ------------------------------------------
@@ -244,22 +248,22 @@ MUTATIONS = [
     # ---- argument validation ------------------------------------------------------------------------
     M("val-self-parent-allowed", VALIDATION, "bad = (rows < 0) | (rows >= index)", "bad = (rows < 0) | (rows > index)",
       f"{T_VERIFY} {T_ADV}", "a node may be its own parent (a cycle)"),
-    M("val-draft-token-upper-bound", VALIDATION, 'draft_tokens[:, 1:], -1, vocab, " (entry 0 is ignored)"',
+    M("val-draft-token-upper-bound", VERIFY_CHECKS, 'draft_tokens[:, 1:], -1, vocab, " (entry 0 is ignored)"',
       'draft_tokens[:, 1:], -1, vocab + 1, " (entry 0 is ignored)"', f"{T_VERIFY} {T_ADV}",
       "a draft token equal to V passes validation"),
-    M("val-token-ids-unchecked", VALIDATION, '        check_values_in_range("token_ids", token_ids, 0, logits.shape[-1])\n',
+    M("val-token-ids-unchecked", STATS_CHECKS, '        check_values_in_range("token_ids", token_ids, 0, logits.shape[-1])\n',
       "", f"{T_STATS} {T_API}", "token_ids outside [0, V) reach the kernels"),
-    M("val-topk-unbounded", VALIDATION, 'logits.shape[-1])\n    check_int("topk", topk, 0, MAX_TOPK)',
+    M("val-topk-unbounded", STATS_CHECKS, 'logits.shape[-1])\n    check_int("topk", topk, 0, MAX_TOPK)',
       'logits.shape[-1])\n    check_int("topk", topk, 0)',
       f"{T_STATS} {T_API}", "topk above 64 accepted"),
     M("val-temperature-reciprocal", VALIDATION,
       "return t32 > 0 and math.isfinite(t32) and math.isfinite(_to_float32(1.0 / t32))",
       "return t32 > 0 and math.isfinite(t32)", T_ADV, "a temperature whose reciprocal overflows float32 accepted"),
-    M("val-draft-probs-strided", VALIDATION, '        check_last_dim_contiguous("draft_probs", draft_probs)\n', "",
+    M("val-draft-probs-strided", VERIFY_CHECKS, '        check_last_dim_contiguous("draft_probs", draft_probs)\n', "",
       T_VERIFY, "draft_probs with a strided last dimension reach the kernels"),
-    M("val-draft-probs-wider", VALIDATION, "if draft_probs.shape[2] != vocab:", "if draft_probs.shape[2] < vocab:",
+    M("val-draft-probs-wider", VERIFY_CHECKS, "if draft_probs.shape[2] != vocab:", "if draft_probs.shape[2] < vocab:",
       T_VERIFY, "draft_probs wider than the target's vocabulary accepted"),
-    M("val-seed-unbounded", VALIDATION, 'check_int("seed", seed, 0, 2**63 - 1)', 'check_int("seed", seed, 0)', T_ADV,
+    M("val-seed-unbounded", VERIFY_CHECKS, 'check_int("seed", seed, 0, 2**63 - 1)', 'check_int("seed", seed, 0)', T_ADV,
       "seeds of 2^63 and more wrap silently"),
     # ---- the tiled head (linear_logit_stats, linear_cross_entropy_entropy) and hf.score ------------
     M("head-partial-slice-dropped", TILED_HEAD, "for start in range(0, vocab, step):",

@@ -6,8 +6,8 @@ import importlib
 
 import pytest
 
-MODULES = ["fusedecode.ops.logit_stats", "fusedecode.ops.verify_tree", "fusedecode.ops.linear_ce",
-           "fusedecode.ops.linear_logit_stats", "fusedecode.tree"]
+MODULES = ["fusedecode.ops.logit_stats.op", "fusedecode.ops.verify_tree.op", "fusedecode.ops.linear_ce.op",
+           "fusedecode.ops.linear_logit_stats.op", "fusedecode.tree"]
 
 
 @pytest.mark.parametrize("name", MODULES)

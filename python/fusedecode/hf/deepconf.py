@@ -20,8 +20,9 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .._validation import MAX_TOPK, ArgumentTypeError, check_float, check_int
+from .._validation import ArgumentTypeError, check_float, check_int
 from ..confidence import DEEPCONF_WINDOW, confidence_threshold, lowest_group_confidence
+from ..ops.logit_stats import MAX_TOPK
 from ._custom_generate import class_generate, refuse_encoder_decoder
 from .processors import ConfidenceStopping, UncertaintyProcessor, check_confidence_threshold
 

@@ -15,10 +15,10 @@ from transformers import LogitsProcessor, StoppingCriteria
 
 from .. import logit_stats
 from ..confidence import window_mean, window_parts
-from ..ops.logit_stats import float_outputs
+from ..ops.logit_stats import MAX_TOPK, float_outputs
 from ..steps import DEFAULT_TAIL, DelimiterTable, check_delimiters, cut_step, new_cutter, spans_from_step_indices, \
     statistics_of_spans
-from .._validation import MAX_TOPK, check_float, check_int, check_temperature, is_real_number
+from .._validation import check_float, check_int, check_temperature, is_real_number
 
 # The recorded histories: every float output of logit_stats that needs no argument, plus those that
 # ``topk`` asks for (token_logprob needs the emitted token, unknown when the scores are seen).

@@ -14,9 +14,9 @@ import inspect
 
 import torch
 
-from .._validation import INDEX_DTYPES, MAX_TOPK, check_int, check_tensor, check_temperature
+from .._validation import INDEX_DTYPES, check_int, check_tensor, check_temperature
 from ..ops.linear_logit_stats import linear_logit_stats
-from ..ops.logit_stats import LogitStats
+from ..ops.logit_stats import MAX_TOPK, LogitStats
 from .models.forward import logits_to_keep_keyword
 from .models.head import check_head, read_output_head
 from .models.hidden import FinalHiddenCapture

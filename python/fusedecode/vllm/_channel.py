@@ -37,7 +37,7 @@ from multiprocessing.connection import Client, Listener
 import numpy as np
 
 from ..ops.logit_stats import float_outputs
-from ._options import AUTHKEY, AUTHKEY_BYTES, CHANNEL
+from ._options import AUTHKEY, AUTHKEY_BYTES, CHANNEL, KEY
 
 DIR_PREFIX = "fusedecode-vllm-"
 SOCKET_NAME = "stats.sock"
@@ -213,7 +213,6 @@ class StatsCollector:
 
     def extra_args(self, key):
         """The ``extra_args`` entries that send a request's statistics here under ``key``."""
-        from ._options import KEY
         return {KEY: key, CHANNEL: self.path, AUTHKEY: self._authkey.hex()}
 
     # -- receiving

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from .. import _validation
+from ..ops.logit_stats import MAX_TOPK  # logit_stats' limit
 from ..reflection import ReflectionConfig
 from ..triggers import SRGenTrigger, StepTrigger
 
@@ -42,7 +43,6 @@ KEY, CHANNEL, AUTHKEY = PREFIX + "key", PREFIX + "channel", PREFIX + "authkey"
 KNOWN_KEYS = (TEMPERATURE, TOPK, WINDOW, THRESHOLD, REFLECTION, KEY, CHANNEL, AUTHKEY)
 
 DEEPCONF_TOPK = 20  # the paper's k, used when an early stop is asked for without a topk
-MAX_TOPK = _validation.MAX_TOPK  # logit_stats' limit
 GREEDY_BELOW = 1e-5  # vLLM treats a sampling temperature below this as greedy
 AUTHKEY_BYTES = 32
 

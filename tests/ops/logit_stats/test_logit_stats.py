@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fusedecode
-from helpers import poison, random_logits, run_and_check
+from helpers import FLOAT_FIELDS, poison, random_logits, run_and_check
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -175,8 +175,7 @@ def test_same_logits_give_bitwise_equal_results(target, generator):
 # ------------------------------------------------------------------------------------------------
 # Gradients: every backend's backward is reference.logit_stats_backward (autograd of the reference)
 
-FLOAT_FIELDS = ("logsumexp", "entropy", "varentropy", "self_certainty", "max_logprob", "token_logprob",
-                "topk_confidence")
+FIELD_WEIGHTS = range(1, len(FLOAT_FIELDS) + 1)  # a different weight for each float field
 
 
 def _weighted_sum(stats, weights):
@@ -197,7 +196,7 @@ def _gradient_case(generator, dtype=torch.float32):
 def test_gradcheck_float64_torch_path(generator):
     """The torch path's autograd Function, run in float64, against finite differences (rows with no
     NaN: gradcheck needs a differentiable function), for the logits and a per-row temperature."""
-    from fusedecode.ops.logit_stats import _TorchBackendWithGrad
+    from fusedecode.ops.logit_stats.op import _TorchBackendWithGrad
 
     logits, temperature, token_ids = _gradient_case(generator, torch.float64)
     logits, temperature, token_ids = logits[:3], temperature[:3], token_ids[:3]
@@ -219,12 +218,12 @@ def test_gradient_of_masked_entries_and_nan_rows(generator):
     x = logits.clone().requires_grad_()
     t = temperature.clone().requires_grad_()
     _weighted_sum(fusedecode.logit_stats(x, temperature=t, token_ids=token_ids, topk=3, backend="torch"),
-                  range(1, 8)).backward()
+                  FIELD_WEIGHTS).backward()
     assert x.grad[1, 3] == 0 and torch.isfinite(x.grad[:3]).all() and torch.isfinite(t.grad[:3]).all()
     assert torch.isnan(x.grad[3]).all() and torch.isnan(t.grad[3])
     clean = logits[:3].clone().requires_grad_()
     _weighted_sum(fusedecode.logit_stats(clean, temperature=temperature[:3], token_ids=token_ids[:3], topk=3,
-                                         backend="torch"), range(1, 8)).backward()
+                                         backend="torch"), FIELD_WEIGHTS).backward()
     assert torch.equal(clean.grad, x.grad[:3])
 
 
@@ -243,7 +242,7 @@ def test_gradients_match_the_torch_path(target, dtype, generator):
             warnings.simplefilter("error", UserWarning)
             stats = fusedecode.logit_stats(x, temperature=t, token_ids=token_ids.to(device), topk=3, backend=name)
             assert stats.entropy.grad_fn is not None and "WarnNotImplemented" not in type(stats.entropy.grad_fn).__name__
-            _weighted_sum(stats, range(1, 8)).backward()
+            _weighted_sum(stats, FIELD_WEIGHTS).backward()
         assert x.grad.dtype == dtype and t.grad.dtype == dtype
         results.append((x.grad.float().cpu().clone(), t.grad.float().cpu().clone()))
     (x_ref, t_ref), (x_got, t_got) = results

@@ -5,61 +5,22 @@ refers here. Backends: ``torch`` (``reference.logit_stats_reference``, the oracl
 ``cuda`` (the native op ``fusedecode::logit_stats``: schema in ``csrc/ops.cpp``, outputs in
 ``csrc/logit_stats_op.h``, kernels in ``csrc/cpu/logit_stats_cpu.cpp`` and
 ``csrc/include/fusedecode/logit_stats.cuh``), ``triton`` (``fusedecode::logit_stats_triton``,
-kernels in ``triton_kernels/logit_stats.py``). This file is the template every op follows
-(``ops/README.md``).
+kernels in ``triton_kernels/logit_stats.py``). The output table is in ``contract.py``, the argument
+checks in ``checks.py``. This slice is the template every op follows (``ops/README.md``).
 """
 
 import operator
 
 import torch
 
-from .. import _native
-from .._validation import check_logit_stats_args
-from ..backends import OpBackends, resolve_backend, triton_import_error
-from ..reference import logit_stats_backward, logit_stats_reference
-from ._outputs import Output, allocate, by_name, named_tuple, public_fields, schema_returns
+from ... import _native
+from ...backends import resolve_backend, triton_import_error
+from .._outputs import allocate, by_name
+from .checks import check_logit_stats_args
+from .contract import BACKENDS, OUTPUTS, SCHEMAS, LogitStats, requested_outputs
+from .reference import logit_stats_backward, logit_stats_reference
 
-__all__ = ["logit_stats", "LogitStats", "float_outputs"]
-
-# ------------------------------------------------------------------------------------------------
-# Outputs: one value per row of the logits (the custom ops return them flat, ``[rows]``)
-
-ROWS = ("rows",)
-OUTPUTS = (
-    Output("logsumexp", torch.float32, ROWS),
-    Output("entropy", torch.float32, ROWS),
-    Output("varentropy", torch.float32, ROWS),
-    Output("self_certainty", torch.float32, ROWS),
-    Output("max_logprob", torch.float32, ROWS),
-    Output("argmax", torch.int64, ROWS),
-    Output("token_logprob", torch.float32, ROWS, requested_by="token_ids"),
-    Output("topk_confidence", torch.float32, ROWS, requested_by="topk"),
-)
-
-
-
-def float_outputs(*requested):
-    """Names of the float32 outputs, in table order, that are always computed or are asked for by
-    one of ``requested`` (argument names: ``"token_ids"``, ``"topk"``). The per-token statistics the
-    integrations record (``UncertaintyProcessor``, ``fusedecode.vllm``'s records and ``TraceStats``)
-    take their field lists from here."""
-    return tuple(output.name for output in OUTPUTS if output.dtype == torch.float32
-                 and (output.requested_by is None or output.requested_by in requested))
-
-
-LogitStats = named_tuple("LogitStats", public_fields(OUTPUTS), """Per-row statistics of a logits tensor ``[..., V]``; every field has shape ``[...]``.
-
-    See ``fusedecode.logit_stats`` for the exact definitions.
-    """)
-
-BACKENDS = OpBackends("logit_stats")
-# The custom ops take the logits viewed as [outer, inner, V], the temperature as a float32 tensor
-# [rows] or None plus a scalar, the token ids as int64 [rows] or None.
-ARGUMENTS = "(Tensor logits, Tensor? temperature, float temperature_scalar, Tensor? token_ids, int topk)"
-SCHEMA = f"{ARGUMENTS} -> {schema_returns(OUTPUTS)}"
-# Every custom op of this op and its schema (tests/ops/test_registry.py compares them with torch's).
-SCHEMAS = {"logit_stats": SCHEMA, "logit_stats_triton": SCHEMA}
-
+__all__ = ["logit_stats", "temperature_arguments", "allocate_outputs", "run_triton"]
 
 # ------------------------------------------------------------------------------------------------
 # The public function
@@ -190,12 +151,6 @@ def temperature_arguments(temperature):
     return None, float(temperature)
 
 
-def requested_outputs(token_ids, topk):
-    """Which optional outputs the call asks for (the ``requested_by`` conditions of ``OUTPUTS``).
-    Public, as ``temperature_arguments``: ``linear_logit_stats`` returns the same outputs."""
-    return {"token_ids": token_ids is not None, "topk": topk > 0}
-
-
 def _as_rows_3d(logits):
     """View ``[..., V]`` as ``[outer, inner, V]`` without copying when the leading dims allow it.
 
@@ -239,22 +194,30 @@ def _fake(logits, temperature, temperature_scalar, token_ids, topk):
     return tuple(allocate_outputs(logits, token_ids, topk).values())
 
 
+def run_triton(logits, temperature, temperature_scalar, token_ids, topk, splits=None):
+    """The Triton kernels on the custom op's arguments, into freshly allocated outputs; returns
+    them in table order (the custom op's result). ``splits`` forces the number of programs per row
+    (tests use it to cover both launch paths on any size). Needs Triton."""
+    from ...triton_kernels.logit_stats import logit_stats_triton  # optional dependency: Triton
+
+    outputs = allocate_outputs(logits, token_ids, topk)
+    logit_stats_triton(logits, temperature, temperature_scalar, token_ids, topk, outputs, splits)
+    return tuple(outputs.values())
+
+
 def _register_ops():
     if _native.native_module() is not None:
         torch.library.register_fake("fusedecode::logit_stats")(_fake)
         torch.library.register_autograd("fusedecode::logit_stats", _backward, setup_context=_setup_context)
     if triton_import_error() is not None:
         return
-    from ..triton_kernels.logit_stats import logit_stats_triton
 
-    def run_triton(logits, temperature, temperature_scalar, token_ids, topk):
-        outputs = allocate_outputs(logits, token_ids, topk)
-        logit_stats_triton(logits, temperature, temperature_scalar, token_ids, topk, outputs)
-        return tuple(outputs.values())
+    def run_triton_op(logits, temperature, temperature_scalar, token_ids, topk):
+        return run_triton(logits, temperature, temperature_scalar, token_ids, topk)
 
     # A custom op with an explicit fake kernel (rather than torch.library.triton_op) so that shape
     # propagation never runs the kernels, which also keeps it working under TRITON_INTERPRET=1.
-    op = torch.library.custom_op("fusedecode::logit_stats_triton", run_triton, mutates_args=(),
+    op = torch.library.custom_op("fusedecode::logit_stats_triton", run_triton_op, mutates_args=(),
                                  schema=SCHEMAS["logit_stats_triton"])
     op.register_fake(_fake)
     op.register_autograd(_backward, setup_context=_setup_context)

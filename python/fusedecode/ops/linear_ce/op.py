@@ -1,11 +1,12 @@
 """``fusedecode.linear_cross_entropy_entropy``: lm_head + cross-entropy + last-row entropy, chunk by chunk.
 
 The definitions are written once, in ``linear_cross_entropy_entropy``'s docstring below; the naive
-oracle is ``reference.linear_cross_entropy_entropy_reference``. Backends: ``torch`` and ``triton``
+oracle is ``reference.linear_cross_entropy_entropy_reference``; the output table is in
+``contract.py``, the argument checks in ``checks.py``. Backends: ``torch`` and ``triton``
 (``cpp`` and ``cuda`` are not implemented: named, they raise ``RuntimeError``), as custom ops with
 autograd, ``fusedecode::linear_ce_forward`` and ``fusedecode::linear_ce_weight_grad`` (the chunk step
 in plain torch) and their ``_triton`` twins (the chunk step in ``triton_kernels/linear_ce.py``). The
-template of ``ops/logit_stats.py`` (``ops/README.md``).
+template of ``ops/logit_stats/`` (``ops/README.md``).
 
 The fused op never holds the ``[T, V]`` logits. Rows go through in chunks: each chunk's logits are one
 matmul, then one pass (a Triton kernel, or plain torch) computes the chunk's losses and overwrites
@@ -26,42 +27,14 @@ import operator
 
 import torch
 
-from .._validation import check_linear_ce_args
-from ..backends import OpBackends, resolve_backend, triton_import_error
-from ..head_transform import check_head_transform, head_transform_slope
-from ._outputs import Output, allocate, by_name, schema_returns
-from ._tiled_head import accumulate_dtype, default_chunk, head_chunks, head_offsets, matmul, transform_chunk
+from ...backends import resolve_backend, triton_import_error
+from ...head_transform import check_head_transform, head_transform_slope
+from .._outputs import allocate, by_name
+from .._tiled_head import accumulate_dtype, default_chunk, head_chunks, head_offsets, matmul, transform_chunk
+from .checks import check_linear_ce_args
+from .contract import ACCUMULATE, BACKENDS, FORWARD_OUTPUTS, SCHEMAS
 
 __all__ = ["linear_cross_entropy_entropy", "default_chunk"]
-
-# ------------------------------------------------------------------------------------------------
-# Outputs of the forward op: the losses, then what the backward scales by the upstream gradients
-# (for upstream 1, in the accumulation dtype: float64 for float64 inputs, else float32)
-
-BATCH, ACCUMULATE = ("batch",), "accumulate"
-FORWARD_OUTPUTS = (
-    Output("ce", ACCUMULATE, BATCH),
-    Output("entropy", ACCUMULATE, BATCH),
-    Output("ce_scale", ACCUMULATE, BATCH),  # 1 / counted rows
-    Output("grad_hidden_ce", ACCUMULATE, ("batch", "tokens", "width"), requested_by="need_hidden"),
-    Output("grad_delta_ce", ACCUMULATE, ("batch", "width"), requested_by="need_delta"),
-    Output("grad_weight_ce", ACCUMULATE, ("vocab", "width"), requested_by="weight_now"),  # B == 1 only
-    Output("grad_bias_ce", ACCUMULATE, ("batch", "vocab"), requested_by="need_bias"),
-    Output("entropy_grad_logits", ACCUMULATE, ("batch", "vocab")),
-    Output("entropy_grad_hidden", ACCUMULATE, ("batch", "width"), requested_by="need_input"),
-)
-
-BACKENDS = OpBackends("linear_cross_entropy_entropy", ("triton", "torch"))
-FORWARD_ARGUMENTS = ("(Tensor hidden, Tensor weight, Tensor targets, Tensor? delta, Tensor? bias, float? logit_scale, "
-                     "float? softcap, float temperature, int ignore_index, int chunk, bool need_hidden, "
-                     "bool need_delta, bool need_weight, bool need_bias)")
-FORWARD_SCHEMA = f"{FORWARD_ARGUMENTS} -> {schema_returns(FORWARD_OUTPUTS)}"
-WEIGHT_GRAD_SCHEMA = ("(Tensor hidden, Tensor weight, Tensor targets, Tensor? delta, Tensor? bias, float? logit_scale, "
-                      "float? softcap, Tensor ce_scale, int ignore_index, int chunk) -> Tensor")
-# Every custom op of this op and its schema (tests/ops/test_registry.py compares them with torch's).
-SCHEMAS = {"linear_ce_forward": FORWARD_SCHEMA, "linear_ce_weight_grad": WEIGHT_GRAD_SCHEMA,
-           "linear_ce_forward_triton": FORWARD_SCHEMA, "linear_ce_weight_grad_triton": WEIGHT_GRAD_SCHEMA}
-
 
 # ------------------------------------------------------------------------------------------------
 # The public function
@@ -388,7 +361,7 @@ def _register_backend(forward_name, weight_grad_name, step):
 def _register_ops():
     _register_backend("linear_ce_forward", "linear_ce_weight_grad", _chunk_step_torch)
     if triton_import_error() is None:
-        from ..triton_kernels.linear_ce import chunk_step_triton
+        from ...triton_kernels.linear_ce import chunk_step_triton  # optional dependency: Triton
 
         _register_backend("linear_ce_forward_triton", "linear_ce_weight_grad_triton", chunk_step_triton)
 

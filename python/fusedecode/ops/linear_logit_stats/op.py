@@ -1,46 +1,35 @@
 """``fusedecode.linear_logit_stats``: ``logit_stats`` of a language-model head's logits, tile by tile.
 
 The definitions are written once, in ``linear_logit_stats``'s docstring below (the statistics are
-``logit_stats``'s, ``ops/logit_stats.py``); the test oracle is ``reference.logit_stats_reference`` of
-``reference.head_logits_reference``. Every backend walks the same tiled head (``ops/_tiled_head.py``:
+``logit_stats``'s, ``ops/logit_stats/``); the test oracle is ``logit_stats_reference`` of
+``head_logits_reference`` (``fusedecode.reference``). Every backend walks the same tiled head (``ops/_tiled_head.py``:
 chunks of rows, float32 logits per chunk, the head transform in place, shared with
 ``linear_cross_entropy_entropy``) and differs only in the statistics of a chunk: ``torch`` computes
-them with ``reference.logit_stats_reference``; ``cpp`` and ``cuda`` with the native
+them with ``logit_stats_reference``; ``cpp`` and ``cuda`` with the native
 ``fusedecode::logit_stats`` (custom op ``fusedecode::linear_logit_stats``, implemented here in
 Python); ``triton`` with the kernels of ``triton_kernels/logit_stats.py``, which write straight into
 the output rows (custom op ``fusedecode::linear_logit_stats_triton``). On a GPU each chunk's matmul
-is cuBLAS. The template of ``ops/logit_stats.py`` (``ops/README.md``).
+is cuBLAS. The template of ``ops/logit_stats/`` (``ops/README.md``); the schemas are in
+``contract.py``, the argument checks in ``checks.py``.
 """
 
 import operator
 
 import torch
 
-from .. import _native
-from .._validation import check_linear_logit_stats_args, check_no_grad
-from ..backends import OpBackends, resolve_backend, triton_import_error
-from ..head_transform import check_head_transform
-from ..reference import logit_stats_reference
-from ._outputs import allocate, by_name, schema_returns
-from ._tiled_head import default_chunk, head_chunks, head_offsets, output_rows, transform_chunk
-from .logit_stats import OUTPUTS, LogitStats, requested_outputs, temperature_arguments
+from ... import _native
+from ..._validation import check_no_grad
+from ...backends import resolve_backend, triton_import_error
+from ...head_transform import check_head_transform
+from .._outputs import allocate, by_name
+from .._tiled_head import default_chunk, head_chunks, head_offsets, output_rows, transform_chunk
+from ..logit_stats.contract import OUTPUTS, LogitStats, requested_outputs
+from ..logit_stats.op import temperature_arguments
+from ..logit_stats.reference import logit_stats_reference
+from .checks import check_linear_logit_stats_args
+from .contract import BACKENDS, SCHEMAS
 
 __all__ = ["linear_logit_stats"]
-
-# ------------------------------------------------------------------------------------------------
-# Outputs: logit_stats' table (``OUTPUTS``, imported with its ``requested_outputs`` conditions and
-# ``temperature_arguments``), one value per row of hidden; the custom ops return them flat, ``[rows]``.
-
-BACKENDS = OpBackends("linear_logit_stats")
-# The custom ops take hidden viewed as [rows, H], the head transform (bias [V] or None, scale and
-# soft-cap or None), the temperature as a float32 tensor [rows] or None plus a scalar, the token ids
-# as int64 [rows] or None, topk and the rows per chunk.
-ARGUMENTS = ("(Tensor hidden, Tensor weight, Tensor? bias, float? logit_scale, float? softcap, Tensor? temperature, "
-             "float temperature_scalar, Tensor? token_ids, int topk, int chunk)")
-SCHEMA = f"{ARGUMENTS} -> {schema_returns(OUTPUTS)}"
-# Every custom op of this op and its schema (tests/ops/test_registry.py compares them with torch's).
-SCHEMAS = {"linear_logit_stats": SCHEMA, "linear_logit_stats_triton": SCHEMA}
-
 
 # ------------------------------------------------------------------------------------------------
 # The public function
@@ -158,7 +147,7 @@ def _chunk_stats_native(logits, temperature, temperature_scalar, token_ids, topk
 
 
 def _chunk_stats_triton(logits, temperature, temperature_scalar, token_ids, topk, into):
-    from ..triton_kernels.logit_stats import logit_stats_triton
+    from ...triton_kernels.logit_stats import logit_stats_triton  # optional dependency: Triton
 
     logit_stats_triton(logits.unsqueeze(0), temperature, temperature_scalar, token_ids, topk, into)
 

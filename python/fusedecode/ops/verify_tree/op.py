@@ -5,53 +5,23 @@ The definitions are written once, in ``verify_tree``'s docstring below. Backends
 ``fusedecode::verify_tree``: schema in ``csrc/ops.cpp``, outputs in ``csrc/verify_tree_op.h``, the
 walk shared by both in ``csrc/include/fusedecode/tree_walk.h``), ``triton``
 (``fusedecode::verify_tree_triton``, kernels in ``triton_kernels/verify_tree.py``). The template of
-``ops/logit_stats.py`` (``ops/README.md``).
+``ops/logit_stats/`` (``ops/README.md``): output table in ``contract.py``, argument checks in ``checks.py``.
 """
 
 import torch
 
-from .. import _native
-from .._validation import check_no_grad, check_verify_tree_args, values_checkable
-from ..backends import OpBackends, resolve_backend, triton_import_error
-from ..reference import verify_tree_reference
-from ..tree import reachable_depths
-from ._outputs import Output, allocate, by_name, named_tuple, public_fields, schema_returns
-from .logit_stats import OUTPUTS as LOGIT_STATS_OUTPUTS
-from .logit_stats import LogitStats
+from ... import _native
+from ..._validation import check_no_grad, values_checkable
+from ...backends import resolve_backend, triton_import_error
+from ...tree import reachable_depths
+from .._outputs import allocate, by_name
+from ..logit_stats.contract import OUTPUTS as LOGIT_STATS_OUTPUTS
+from ..logit_stats.contract import LogitStats
+from .checks import check_verify_tree_args
+from .contract import BACKENDS, OUTPUTS, SCHEMAS, STATS, WALK, TreeVerification
+from .reference import verify_tree_reference
 
-__all__ = ["verify_tree", "TreeVerification"]
-
-# ------------------------------------------------------------------------------------------------
-# Outputs: the walk's, then logit_stats' fields that are always computed, one per node [B, N]
-
-STATS = tuple(output._replace(shape=("batch", "nodes")) for output in LOGIT_STATS_OUTPUTS
-              if output.requested_by is None)
-OUTPUTS = (
-    Output("num_accepted", torch.int64, ("batch",), fill=0),
-    Output("accepted_nodes", torch.int64, ("batch", "width"), fill=-1),  # width = D + 1
-    Output("output_tokens", torch.int64, ("batch", "width"), fill=-1),
-) + STATS
-WALK = OUTPUTS[:len(OUTPUTS) - len(STATS)]
-
-TreeVerification = named_tuple("TreeVerification", public_fields(WALK) + [("stats", LogitStats, False)], """Result of ``fusedecode.verify_tree`` for a batch of B draft trees of depth D.
-
-    - ``num_accepted`` ``[B]`` int64: accepted draft tokens (the root excluded).
-    - ``accepted_nodes`` ``[B, D+1]`` int64: 0, then the accepted node indices in order; -1 padded.
-    - ``output_tokens`` ``[B, D+1]`` int64: the accepted tokens then the bonus/correction token;
-      -1 padded (``num_accepted + 1`` valid entries; the last is -1 when that node's row is NaN).
-    - ``stats``: ``LogitStats`` of every node's row ``[B, N]`` at the verification temperature
-      (1.0 when greedy), from the same pass.
-    """)
-
-BACKENDS = OpBackends("verify_tree")
-# The custom ops take the arguments as the op's preparation step leaves them: int64 tokens and
-# parents [B, N] and seeds [B] on the logits' device, the temperature as a float, the depth D.
-ARGUMENTS = ("(Tensor target_logits, Tensor draft_tokens, Tensor parents, float temperature, Tensor? draft_probs, "
-             "Tensor seeds, int depth)")
-SCHEMA = f"{ARGUMENTS} -> {schema_returns(OUTPUTS)}"
-# Every custom op of this op and its schema (tests/ops/test_registry.py compares them with torch's).
-SCHEMAS = {"verify_tree": SCHEMA, "verify_tree_triton": SCHEMA}
-
+__all__ = ["verify_tree", "allocate_outputs"]
 
 # ------------------------------------------------------------------------------------------------
 # The public function
@@ -180,7 +150,7 @@ def _register_ops():
         torch.library.register_fake("fusedecode::verify_tree")(_fake)
     if triton_import_error() is not None:
         return
-    from ..triton_kernels.verify_tree import verify_tree_triton
+    from ...triton_kernels.verify_tree import verify_tree_triton  # optional dependency: Triton
 
     def run_triton(target_logits, draft_tokens, parents, temperature, draft_probs, seeds, depth):
         outputs = allocate_outputs(target_logits, depth)
