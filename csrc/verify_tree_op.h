@@ -16,7 +16,7 @@ namespace fusedecode {
 
 // The walk's outputs of fusedecode::verify_tree, in the schema's order: num_accepted [B],
 // accepted_nodes and output_tokens [B, D+1], all int64. They come first in OUTPUTS of
-// python/fusedecode/ops/verify_tree.py, followed by logit_stats' outputs every call computes.
+// python/fusedecode/ops/verify_tree/contract.py, followed by logit_stats' outputs every call computes.
 #define FUSEDECODE_VERIFY_TREE_WALK_OUTPUTS(X) \
   X(num_accepted)                              \
   X(accepted_nodes)                            \

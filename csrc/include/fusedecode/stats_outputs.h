@@ -17,7 +17,7 @@ namespace fusedecode {
 enum class RequestedBy { always, token_ids, topk };
 
 // X(name, element type, requested_by), in the schema's order: the order of OUTPUTS in
-// python/fusedecode/ops/logit_stats.py. tests/ops/test_registry.py compares the registered schemas,
+// python/fusedecode/ops/logit_stats/contract.py. tests/ops/test_registry.py compares the registered schemas,
 // which are built from this list, with the Python table, so neither side can change alone.
 #define FUSEDECODE_LOGIT_STATS_OUTPUTS(X) \
   X(logsumexp, float, always)             \
@@ -41,7 +41,7 @@ constexpr bool is_requested(RequestedBy requested_by, bool with_token_ids, bool 
          (requested_by == RequestedBy::topk && with_topk);
 }
 
-// The largest topk logit_stats accepts, on every backend: MAX_TOPK in python/fusedecode/_validation.py
+// The largest topk logit_stats accepts, on every backend: MAX_TOPK in python/fusedecode/ops/logit_stats/contract.py
 // (tests/test_op_contract.py checks the two are equal through fusedecode._C.build_info()). The CPU
 // kernel keeps this many candidates per slice; the CUDA kernel's per-warp list (two per lane) must
 // hold as many (a static_assert in logit_stats.cuh).
