@@ -13,11 +13,16 @@ import pytest
 import torch
 
 import fusedecode
+from fusedecode.ops.logit_stats import OUTPUTS
 from helpers import assert_close_to_reference
 from support.adversarial_rows import LOGIT_CASES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILER = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+# One row of the simulator's output: the outputs every call computes, in table order, unpadded (the
+# simulator writes them in the order of the C++ list, which tests/ops/test_registry.py keeps equal).
+ALWAYS_OUTPUTS = [output for output in OUTPUTS if output.requested_by is None]
+ROW_RECORD = np.dtype([(output.name, torch.empty(0, dtype=output.dtype).numpy().dtype) for output in ALWAYS_OUTPUTS])
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +45,10 @@ def simulate(binary, tmp_path, logits, temperature):
         handle.write(temperature.numpy().astype(np.float32).tobytes())
         handle.write(logits.numpy().astype(np.float32).tobytes())
     subprocess.run([binary, path_in, path_out], check=True)
-    raw = np.fromfile(path_out, dtype=np.uint8).reshape(rows, 28)
-    floats = raw[:, :20].copy().view(np.float32)
-    argmax = raw[:, 20:].copy().view(np.int64)[:, 0]
-    fields = [torch.from_numpy(floats[:, i].copy()) for i in range(5)]
-    return fusedecode.LogitStats(*fields, torch.from_numpy(argmax.copy()))
+    records = np.fromfile(path_out, dtype=ROW_RECORD)
+    assert records.shape == (rows,), f"the simulator wrote {records.shape[0]} records for {rows} rows"
+    return fusedecode.LogitStats(**{output.name: torch.from_numpy(records[output.name].copy())
+                                    for output in ALWAYS_OUTPUTS})
 
 
 @pytest.mark.parametrize("case", list(LOGIT_CASES))

@@ -11,10 +11,14 @@ a result built from memory no kernel wrote is garbage in at least one run.
 """
 
 import ctypes
+import functools
+import os
+import re
 from typing import NamedTuple
 
 import torch
 
+from cuda_emulation.build import KERNEL_HEADERS
 from fusedecode.ops.logit_stats import OUTPUTS as LOGIT_STATS_OUTPUTS
 from fusedecode.ops.verify_tree import OUTPUTS as VERIFY_TREE_OUTPUTS
 
@@ -49,28 +53,87 @@ RUNS = (Memory(at_end=False, poison=0xFF), Memory(at_end=True, poison=0x7F))
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
-# The statistics every call writes, in the order of StatsOutputPointers (csrc/include/fusedecode/stats_state.h).
-_STATS_FIELDS = ("logsumexp", "entropy", "varentropy", "self_certainty", "max_logprob", "argmax")
+
+# The C++ list of logit_stats' outputs, which the drivers expand into their call structs and
+# StatsOutputPointers: the ctypes structs below are built from the same lines, so the three agree
+# by construction. tests/cuda_emulation/test_emulator_runtime.py checks it against the Python table.
+STATS_OUTPUTS_HEADER = os.path.join(KERNEL_HEADERS, "stats_outputs.h")
+_LIST_DEFINITION = "#define FUSEDECODE_LOGIT_STATS_OUTPUTS(X)"
+_LIST_ENTRY = re.compile(r"X\(\s*(\w+)\s*,\s*([\w:]+)\s*,\s*(\w+)\s*\)")
 
 
-class _LogitStatsCall(ctypes.Structure):
-    """LogitStatsCall of drivers/logit_stats_driver.cpp, field for field."""
+class CppOutput(NamedTuple):
+    """One X(name, type, requested_by) line of FUSEDECODE_LOGIT_STATS_OUTPUTS."""
 
-    _fields_ = [("dtype", ctypes.c_int32), ("topk", ctypes.c_int32), ("logits", _P), ("outer_size", _I64),
-                ("inner_size", _I64), ("outer_stride", _I64), ("inner_stride", _I64), ("vocab", _I64),
-                ("temperatures", _P), ("temperature", ctypes.c_double), ("token_ids", _P), ("splits", _I64),
-                ("vectors_per_split", _I64)] + [(name, _P) for name in _STATS_FIELDS] + \
-        [("token_logprob", _P), ("topk_confidence", _P)]
+    name: str
+    type: str  # the C++ element type: float, int64_t
+    requested_by: str  # always, token_ids or topk (RequestedBy)
 
 
-class _VerifyTreeCall(ctypes.Structure):
-    """VerifyTreeCall of drivers/verify_tree_driver.cpp, field for field."""
+@functools.lru_cache(maxsize=None)
+def cpp_stats_outputs(header=STATS_OUTPUTS_HEADER):
+    """FUSEDECODE_LOGIT_STATS_OUTPUTS of ``header``, in order: the macro's continuation lines, each
+    holding one X(...) entry (anything else there is an error, so that no entry is skipped)."""
+    with open(header, encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.rstrip().rstrip("\\").rstrip() == _LIST_DEFINITION]
+    if len(starts) != 1:
+        raise ValueError(f"{header}: expected one line '{_LIST_DEFINITION} \\', found {len(starts)}")
+    entries = []
+    index = starts[0]
+    while lines[index].rstrip().endswith("\\"):
+        index += 1
+        line = lines[index].rstrip().rstrip("\\").strip()
+        match = _LIST_ENTRY.fullmatch(line)
+        if match is None:
+            raise ValueError(f"{header}:{index + 1}: not an X(name, type, requested_by) entry: {line!r}")
+        entries.append(CppOutput(*match.groups()))
+    if not entries:
+        raise ValueError(f"{header}: FUSEDECODE_LOGIT_STATS_OUTPUTS lists no output")
+    return tuple(entries)
 
-    _fields_ = [("dtype", ctypes.c_int32), ("prob_dtype", ctypes.c_int32), ("logits", _P), ("batch", _I64),
-                ("nodes", _I64), ("vocab", _I64), ("stride_b", _I64), ("stride_n", _I64), ("tokens", _P),
-                ("parents", _P), ("seeds", _P), ("temperature", ctypes.c_double), ("draft_probs", _P),
-                ("q_stride_b", _I64), ("q_stride_n", _I64)] + [(name, _P) for name in _STATS_FIELDS] + \
-        [("num_accepted", _P), ("accepted_nodes", _P), ("output_tokens", _P), ("width", _I64)]
+
+class _CallTypes(NamedTuple):
+    logit_stats: type
+    verify_tree: type
+
+
+def _strict_call(structure, **members):
+    """``structure(**members)``, refusing a name that is not one of its members (ctypes would keep
+    it as a plain attribute and leave the member a null pointer)."""
+    unknown = set(members) - {name for name, _ in structure._fields_}
+    if unknown:
+        raise TypeError(f"{structure.__name__} has no member(s) {sorted(unknown)}")
+    return structure(**members)
+
+
+@functools.lru_cache(maxsize=None)
+def call_types():
+    """The ctypes twins of the drivers' LogitStatsCall and VerifyTreeCall, member for member: their
+    output pointers are the C++ list's entries (all of them; verify_tree only those every call
+    computes), where the drivers expand FUSEDECODE_LOGIT_STATS_OUTPUTS."""
+    outputs = cpp_stats_outputs()
+    every_output = [(o.name, _P) for o in outputs]
+    always_outputs = [(o.name, _P) for o in outputs if o.requested_by == "always"]
+
+    class LogitStatsCall(ctypes.Structure):
+        """LogitStatsCall of drivers/logit_stats_driver.cpp."""
+
+        _fields_ = [("dtype", ctypes.c_int32), ("topk", ctypes.c_int32), ("logits", _P), ("outer_size", _I64),
+                    ("inner_size", _I64), ("outer_stride", _I64), ("inner_stride", _I64), ("vocab", _I64),
+                    ("temperatures", _P), ("temperature", ctypes.c_double), ("token_ids", _P), ("splits", _I64),
+                    ("vectors_per_split", _I64)] + every_output
+
+    class VerifyTreeCall(ctypes.Structure):
+        """VerifyTreeCall of drivers/verify_tree_driver.cpp."""
+
+        _fields_ = [("dtype", ctypes.c_int32), ("prob_dtype", ctypes.c_int32), ("logits", _P), ("batch", _I64),
+                    ("nodes", _I64), ("vocab", _I64), ("stride_b", _I64), ("stride_n", _I64), ("tokens", _P),
+                    ("parents", _P), ("seeds", _P), ("temperature", ctypes.c_double), ("draft_probs", _P),
+                    ("q_stride_b", _I64), ("q_stride_n", _I64)] + always_outputs + \
+            [("num_accepted", _P), ("accepted_nodes", _P), ("output_tokens", _P), ("width", _I64)]
+
+    return _CallTypes(LogitStatsCall, VerifyTreeCall)
 
 
 class _ProbeCall(ctypes.Structure):
@@ -150,8 +213,9 @@ class Emulator:
         library.fdemu_fenced_alloc.argtypes = [ctypes.c_uint64, ctypes.c_int]
         library.fdemu_fenced_alloc.restype = _P
         library.fdemu_fenced_free.argtypes = [_P]
-        library.fdemu_logit_stats.argtypes = [ctypes.POINTER(_LogitStatsCall)]
-        library.fdemu_verify_tree.argtypes = [ctypes.POINTER(_VerifyTreeCall)]
+        self.call_types = call_types()
+        library.fdemu_logit_stats.argtypes = [ctypes.POINTER(self.call_types.logit_stats)]
+        library.fdemu_verify_tree.argtypes = [ctypes.POINTER(self.call_types.verify_tree)]
         library.fdemu_probe.argtypes = [ctypes.POINTER(_ProbeCall)]
         library.fdemu_convert.argtypes = [ctypes.c_int, _P, _P, _I64]
         library.fdemu_philox_uniform.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32]
@@ -195,7 +259,8 @@ class Emulator:
             ids = arena.copy(token_ids.to(torch.int64).contiguous()) if token_ids is not None else None
             outputs = {o.name: arena.output((rows,), o.dtype, o.fill) if o.requested_by is None or
                        requested[o.requested_by] else None for o in LOGIT_STATS_OUTPUTS}
-            call = _LogitStatsCall(
+            call = _strict_call(
+                self.call_types.logit_stats,
                 dtype=DTYPE_CODES[logits.dtype], topk=topk, logits=x.data_ptr(), outer_size=outer,
                 inner_size=inner, outer_stride=x.stride(0), inner_stride=x.stride(1), vocab=vocab,
                 temperatures=_pointer(per_row), temperature=0.0 if per_row is not None else float(temperature),
@@ -221,7 +286,8 @@ class Emulator:
             seed_rows = arena.copy(seeds.to(torch.int64).contiguous())
             outputs = {o.name: arena.output(tuple(sizes[d] for d in o.shape), o.dtype, o.fill)
                        for o in VERIFY_TREE_OUTPUTS}
-            call = _VerifyTreeCall(
+            call = _strict_call(
+                self.call_types.verify_tree,
                 dtype=DTYPE_CODES[logits.dtype], prob_dtype=DTYPE_CODES[q.dtype] if q is not None else 0,
                 logits=x.data_ptr(), batch=batch, nodes=nodes, vocab=vocab, stride_b=x.stride(0),
                 stride_n=x.stride(1), tokens=token_rows.data_ptr(), parents=parent_rows.data_ptr(),

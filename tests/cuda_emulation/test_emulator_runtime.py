@@ -2,12 +2,15 @@
 or guessing), its 16-bit conversions and its source translation. The kernels are in
 drivers/probes.cu."""
 
+import os
 import re
 
 import pytest
 import torch
 
+from cuda_emulation import emulator as emulator_module
 from cuda_emulation.emulator import EmulatorError, Memory
+from fusedecode.ops.logit_stats import OUTPUTS as LOGIT_STATS_OUTPUTS
 from cuda_emulation.translate import TranslationError, translate
 
 # Probe numbers of drivers/probes.cu.
@@ -237,8 +240,6 @@ def test_translate_rejects_what_it_cannot_emulate(source):
 def test_kernel_headers_use_only_what_the_translation_handles():
     # Every `<<<` and `__shared__` of the CUDA headers is rewritten (an untranslated __shared__
     # would not compile: the compatibility header turns it into an error).
-    import os
-
     from cuda_emulation.build import KERNEL_HEADERS
 
     if not os.path.isdir(KERNEL_HEADERS):
@@ -248,3 +249,40 @@ def test_kernel_headers_use_only_what_the_translation_handles():
             text = translate(handle.read(), name)
         code = "\n".join(line.split("//")[0] for line in text.splitlines())
         assert "<<<" not in code and not re.search(r"\b__shared__\b", code), name
+
+
+# ------------------------------------------------------------------------------------------------
+# The call structs: the drivers and emulator.py expand the C++ output list, the emulator allocates
+# from the Python table
+
+CPP_ELEMENT_TYPES = {"float": torch.float32, "int64_t": torch.int64}
+
+
+def test_cpp_output_list_equals_the_python_table():
+    if not os.path.exists(emulator_module.STATS_OUTPUTS_HEADER):
+        pytest.skip("no source tree")
+    cpp = [(o.name, CPP_ELEMENT_TYPES[o.type], None if o.requested_by == "always" else o.requested_by)
+           for o in emulator_module.cpp_stats_outputs()]
+    assert cpp == [(o.name, o.dtype, o.requested_by) for o in LOGIT_STATS_OUTPUTS]
+
+
+def test_output_list_parser_refuses_what_is_not_an_entry(tmp_path):
+    # A line of the macro that is not one X(...) entry (a comment, two entries) stops the parse
+    # instead of dropping an output from the call structs.
+    good = "#define FUSEDECODE_LOGIT_STATS_OUTPUTS(X) \\\n  X(a, float, always) \\\n  X(b, int64_t, topk)\n"
+    header = tmp_path / "good.h"
+    header.write_text(good)
+    assert emulator_module.cpp_stats_outputs(str(header)) == (("a", "float", "always"), ("b", "int64_t", "topk"))
+    for bad in ("  X(a, float, always) X(c, float, always) \\\n", "  /* X(a, float, always) */ \\\n",
+                "  Y(a, float, always) \\\n"):
+        header = tmp_path / "bad.h"
+        header.write_text("#define FUSEDECODE_LOGIT_STATS_OUTPUTS(X) \\\n" + bad + "  X(b, int64_t, topk)\n")
+        with pytest.raises(ValueError, match="not an X"):
+            emulator_module.cpp_stats_outputs(str(header))
+
+
+def test_a_name_the_call_struct_lacks_is_refused():
+    if not os.path.exists(emulator_module.STATS_OUTPUTS_HEADER):
+        pytest.skip("no source tree")
+    with pytest.raises(TypeError, match="no member"):
+        emulator_module._strict_call(emulator_module.call_types().logit_stats, entropy=0, entrpy=0)

@@ -7,8 +7,9 @@
 // same math. Rows are assumed 16-byte aligned (no scalar head).
 //
 // Input (binary): int64 rows, int64 vocab, then rows float32 temperatures, then rows * vocab floats.
-// Output (binary): per row float32 logsumexp, entropy, varentropy, self_certainty, max_logprob and
-// int64 argmax.
+// Output (binary): per row, the outputs every call computes (the FUSEDECODE_IF_ALWAYS entries of
+// FUSEDECODE_LOGIT_STATS_OUTPUTS), each in its own type, in the list's order, unpadded.
+#include "fusedecode/stats_outputs.h"
 #include "fusedecode/stats_state.h"
 #include "fusedecode/thread_sums.h"
 
@@ -82,9 +83,10 @@ int main(int argc, char** argv) {
     const float t = temperatures[r];
     const StatsState state = reduce_row(logits.data() + r * vocab, vocab, t);
     const fusedecode::StatsFields f = fusedecode::finalize_state(state, 1.f / t, fusedecode::temperature_is_valid(t));
-    const float values[5] = {f.logsumexp, f.entropy, f.varentropy, f.self_certainty, f.max_logprob};
-    std::fwrite(values, sizeof(float), 5, out);
-    std::fwrite(&f.argmax, sizeof(int64_t), 1, out);
+#define WRITE_ALWAYS_OUTPUT(name, type, requested_by) \
+  FUSEDECODE_IF_ALWAYS(requested_by, std::fwrite(&f.name, sizeof(type), 1, out);)
+    FUSEDECODE_LOGIT_STATS_OUTPUTS(WRITE_ALWAYS_OUTPUT)
+#undef WRITE_ALWAYS_OUTPUT
   }
   std::fclose(out);
   return 0;

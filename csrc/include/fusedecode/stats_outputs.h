@@ -4,8 +4,11 @@
 // expands FUSEDECODE_LOGIT_STATS_OUTPUTS instead: StatsFields, StatsOutputPointers and the stores of
 // store_row_stats (stats_state.h); LogitStatsOutputs, its allocation, returns() and pointers()
 // (csrc/logit_stats_op.h); the statistics verify_tree returns (csrc/verify_tree_op.h); the return
-// lists of both schemas (csrc/ops.cpp). A new output is one line here plus its math (finalize_state
-// or store_row_stats, and the kernels when it needs new sums).
+// lists of both schemas (csrc/ops.cpp); in the tests, the call structs of the CUDA emulation's
+// drivers and the output of tests/support/cuda_host_sim.cpp (tests/cuda_emulation/emulator.py reads
+// the X(...) lines below: one entry per line). A new output is one line here plus its math
+// (finalize_state, whose invalid row sets it too, or store_row_stats, and the kernels when it needs
+// new sums).
 #pragma once
 
 #include <cstdint>

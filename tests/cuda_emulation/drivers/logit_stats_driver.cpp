@@ -3,6 +3,7 @@
 // the torch binding (csrc/cuda/logit_stats_cuda.cu) does around them, with the number of CTAs per
 // row chosen by the caller instead of from the GPU's size.
 #include "fusedecode/logit_stats.cuh"
+#include "fusedecode/stats_outputs.h"
 
 #include "driver.h"
 
@@ -19,14 +20,11 @@ struct LogitStatsCall {
   const int64_t* token_ids;  // [rows] or nullptr
   int64_t splits;
   int64_t vectors_per_split;
-  float* logsumexp;
-  float* entropy;
-  float* varentropy;
-  float* self_certainty;
-  float* max_logprob;
-  int64_t* argmax;
-  float* token_logprob;    // or nullptr
-  float* topk_confidence;  // or nullptr
+  // One pointer per output of FUSEDECODE_LOGIT_STATS_OUTPUTS, in its order (emulator.py reads the
+  // same list); nullptr for an output the call does not ask for.
+#define FDEMU_OUTPUT_POINTER(name, type, requested_by) type* name;
+  FUSEDECODE_LOGIT_STATS_OUTPUTS(FDEMU_OUTPUT_POINTER)
+#undef FDEMU_OUTPUT_POINTER
 };
 
 void run_logit_stats(const LogitStatsCall& call) {
@@ -42,8 +40,9 @@ void run_logit_stats(const LogitStatsCall& call) {
   p.temperature = static_cast<float>(call.temperature);
   p.token_ids = call.token_ids;
   p.topk = call.topk;
-  p.out = StatsOutputPointers{call.logsumexp,     call.entropy, call.varentropy,    call.self_certainty,
-                              call.max_logprob,   call.argmax,  call.token_logprob, call.topk_confidence};
+#define FDEMU_PASS_OUTPUT(name, type, requested_by) p.out.name = call.name;
+  FUSEDECODE_LOGIT_STATS_OUTPUTS(FDEMU_PASS_OUTPUT)
+#undef FDEMU_PASS_OUTPUT
   p.splits = static_cast<int>(call.splits);
   p.vectors_per_split = call.vectors_per_split;
   const int64_t rows = call.outer_size * call.inner_size;

@@ -3,6 +3,7 @@
 // (csrc/cuda/verify_tree_cuda.cu) runs, after what the binding does before it: outputs allocated by
 // the caller, the workspace allocated here with undefined (poisoned) contents.
 #include "fusedecode/verify_tree.cuh"
+#include "fusedecode/stats_outputs.h"
 
 #include "driver.h"
 
@@ -20,12 +21,11 @@ struct VerifyTreeCall {
   double temperature;
   const void* draft_probs;  // or nullptr
   int64_t q_stride_b, q_stride_n;
-  float* logsumexp;
-  float* entropy;
-  float* varentropy;
-  float* self_certainty;
-  float* max_logprob;
-  int64_t* argmax;
+  // One pointer per output of FUSEDECODE_LOGIT_STATS_OUTPUTS that every call computes, in its order
+  // (emulator.py reads the same list): the per-node statistics verify_tree returns.
+#define FDEMU_ALWAYS_OUTPUT_POINTER(name, type, requested_by) FUSEDECODE_IF_ALWAYS(requested_by, type* name;)
+  FUSEDECODE_LOGIT_STATS_OUTPUTS(FDEMU_ALWAYS_OUTPUT_POINTER)
+#undef FDEMU_ALWAYS_OUTPUT_POINTER
   int64_t* num_accepted;
   int64_t* accepted_nodes;
   int64_t* output_tokens;
@@ -48,8 +48,10 @@ void run_verify_tree(const VerifyTreeCall& call) {
   a.draft_probs = call.draft_probs;
   a.q_stride_b = call.q_stride_b;
   a.q_stride_n = call.q_stride_n;
-  a.stats = StatsOutputPointers{call.logsumexp,   call.entropy, call.varentropy, call.self_certainty,
-                                call.max_logprob, call.argmax,  nullptr,         nullptr};
+  a.stats = StatsOutputPointers{};  // the outputs verify_tree does not compute stay nullptr
+#define FDEMU_PASS_ALWAYS_OUTPUT(name, type, requested_by) FUSEDECODE_IF_ALWAYS(requested_by, a.stats.name = call.name;)
+  FUSEDECODE_LOGIT_STATS_OUTPUTS(FDEMU_PASS_ALWAYS_OUTPUT)
+#undef FDEMU_PASS_ALWAYS_OUTPUT
   a.num_accepted = call.num_accepted;
   a.accepted_nodes = call.accepted_nodes;
   a.output_tokens = call.output_tokens;
