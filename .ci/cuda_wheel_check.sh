@@ -54,6 +54,8 @@ python3 -m venv "$WORK/venv"
 "$WORK/venv/bin/python" -m pip install -q "$WHEEL" pytest "transformers==5.17.0"
 cp -r "$ROOT/tests" "$WORK/tests"
 cp -r "$ROOT/examples" "$WORK/examples"  # the Hub custom_generate folders tests/hf/test_hub.py loads
+mkdir -p "$WORK/benchmarks"  # the evaluation scripts tests/hf/test_reflection.py runs against the wheel
+cp "$ROOT"/benchmarks/eval_*.py "$WORK/benchmarks/"
 cd "$WORK"
 "$WORK/venv/bin/python" - <<'PY'
 import fusedecode
