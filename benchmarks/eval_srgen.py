@@ -40,6 +40,7 @@ import transformers
 
 import fusedecode
 from fusedecode.demo import arithmetic
+from fusedecode.demo.demo import cpu_name
 from fusedecode.hf import SRGenConfig, bundled_model_path, srgen
 
 SENSITIVE = SRGenConfig(window=10, k=2.0, min_std=0.1, min_threshold=0.3, warmup_threshold=0.3)
@@ -51,17 +52,6 @@ VARIANTS = (
     ("srgen, sensitive", SENSITIVE),
     ("srgen, sensitive, lr 0.1", dataclasses.replace(SENSITIVE, lr=0.1)),
 )
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def git_commit():
@@ -83,7 +73,7 @@ def load_average():
 
 def run_meta():
     """The machine and software of a run, and the load average at its start."""
-    return dict(cpu=cpu_model(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+    return dict(cpu=cpu_name(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
                 transformers=transformers.__version__, fusedecode=fusedecode.__version__, commit=git_commit(),
                 load_before=load_average())
 
