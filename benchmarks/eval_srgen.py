@@ -30,7 +30,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
