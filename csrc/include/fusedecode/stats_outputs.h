@@ -6,9 +6,9 @@
 // (csrc/logit_stats_op.h); the statistics verify_tree returns (csrc/verify_tree_op.h); the return
 // lists of both schemas (csrc/ops.cpp); in the tests, the call structs of the CUDA emulation's
 // drivers and the output of tests/support/cuda_host_sim.cpp (tests/cuda_emulation/emulator.py reads
-// the X(...) lines below: one entry per line). A new output is one line here plus its math
-// (finalize_state, whose invalid row sets it too, or store_row_stats, and the kernels when it needs
-// new sums).
+// the X(...) lines below: one entry per line), and finalize_state's invalid row (NaN, -1 for an
+// index). A new output is one line here plus its math (finalize_state or store_row_stats, and the
+// kernels when it needs new sums).
 #pragma once
 
 #include <cstdint>

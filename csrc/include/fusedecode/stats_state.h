@@ -196,14 +196,19 @@ struct StatsFields {
   bool valid;
 };
 
+// What an invalid row (NaN in, no finite logit, a bad temperature) holds, by element type: NaN for a
+// statistic, -1 for an index.
+FD_HOST_DEVICE void set_invalid(float& value) { value = FD_NAN; }
+FD_HOST_DEVICE void set_invalid(int64_t& value) { value = -1; }
+
 // `temperature_ok` is false for a per-row temperature outside the valid range (temperature_is_valid).
 FD_HOST_DEVICE StatsFields finalize_state(const StatsState& s, float inv_t, bool temperature_ok) {
   StatsFields f;
-  const float nan = FD_NAN;
   f.valid = temperature_ok && s.count > 0 && !(s.sum_exp != s.sum_exp);
-  if (!f.valid) {
-    f.logsumexp = f.entropy = f.varentropy = f.self_certainty = f.max_logprob = nan;
-    f.argmax = -1;
+  if (!f.valid) {  // every output every call computes; store_row_stats sets the others
+#define FUSEDECODE_SET_INVALID(name, type, requested_by) FUSEDECODE_IF_ALWAYS(requested_by, set_invalid(f.name);)
+    FUSEDECODE_LOGIT_STATS_OUTPUTS(FUSEDECODE_SET_INVALID)
+#undef FUSEDECODE_SET_INVALID
     return f;
   }
   const float log_s = logf(s.sum_exp);
