@@ -167,9 +167,10 @@ def test_same_logits_give_bitwise_equal_results(target, generator):
     logits = random_logits((3, 70000), generator, dtype=torch.bfloat16, device=device)
     first = fusedecode.logit_stats(logits, backend=backend, topk=7)
     second = fusedecode.logit_stats(logits, backend=backend, topk=7)
-    assert first.token_logprob is None
-    for a, b in zip(first[:6] + (first.topk_confidence,), second[:6] + (second.topk_confidence,)):
-        assert torch.equal(a, b)
+    assert first.token_logprob is None and second.token_logprob is None
+    for name, a, b in zip(first._fields, first, second):  # every output, a new one included
+        assert (a is None) == (b is None), name
+        assert a is None or torch.equal(a, b), name
 
 
 # ------------------------------------------------------------------------------------------------
