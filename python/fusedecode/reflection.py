@@ -123,6 +123,12 @@ class ReflectionConfig:
         return tuple(fields)
 
     @property
+    def largest_token(self):
+        """The largest token id the config names (inserted tokens and delimiters): what an engine's
+        vocabulary must hold."""
+        return max(self.tokens + sum(self.delimiters or (), ()))
+
+    @property
     def srgen(self):
         """The ``SRGenTrigger`` among the triggers, or None."""
         return next((t for t in self.triggers if isinstance(t, SRGenTrigger)), None)

@@ -177,7 +177,7 @@ def _check_reflection(llm, reflection, topk, stops):
         raise ValueError("reflection insertion forces one token per decode step: it does not run with speculative "
                          "decoding (drop speculative_config)")
     vocab = config.model_config.get_vocab_size()
-    largest = max(reflection.tokens + sum(reflection.delimiters or (), ()))
+    largest = reflection.largest_token
     if largest >= vocab:
         raise ValueError(f"reflection holds token {largest}, outside the model's vocabulary ({vocab} tokens)")
     if "topk_confidence" in reflection.fields and not topk and all(stop is None for stop in stops):

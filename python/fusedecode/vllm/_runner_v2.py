@@ -131,7 +131,7 @@ class ModelRunnerV2Recorder:
         if config is None:
             return options
         reason = REFLECTION_WITH_DRAFTS if self.spare_rows > 1 else None
-        largest = max(config.tokens + sum(config.delimiters or (), ()))
+        largest = config.largest_token
         vocab = getattr(self.req_states, "vocab_size", None)
         ending = {params.eos_token_id, *(params.stop_token_ids or ())} & set(config.tokens)
         if reason is None and vocab is not None and largest >= vocab:
